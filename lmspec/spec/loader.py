@@ -1,0 +1,418 @@
+"""Loading specs: safe YAML with source positions, `extends` composition, `--set` overrides.
+
+Every failure — YAML syntax, duplicate keys, schema violations, a bad pattern, a circular
+`extends`, an override on a path that does not exist — becomes one `SpecError` with the file,
+line and column of the offending text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from lmspec.spec.errors import SpecError
+from lmspec.spec.pattern import PatternError
+from lmspec.spec.schema import Spec
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Pos:
+    """Where a mapping entry came from: its key, and the start of its value."""
+
+    file: str
+    line: int
+    col: int
+    value_line: int
+    value_col: int
+    value_style: str | None  # None for plain scalars, '"' or "'" for quoted ones
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    spec: Spec
+    positions: dict[Path_, Pos]
+    path: str
+    data: dict
+
+
+def _fmt_path(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _construct(node: yaml.Node, file: str, path: Path_, positions: dict[Path_, Pos]) -> Any:
+    """Build plain Python data from a composed YAML node, recording positions per path."""
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise SpecError(
+                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(path),
+                    "expected plain keys, got a YAML merge key '<<' (use extends:)",
+                )
+            key = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), key_node) if isinstance(
+                key_node, yaml.ScalarNode
+            ) else None
+            if not isinstance(key, str):
+                raise SpecError(
+                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(path),
+                    "expected a string key, got a complex key",
+                )
+            child = (*path, key)
+            if key in out:
+                first = positions[child]
+                raise SpecError(
+                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(child),
+                    f"expected each key once, got a duplicate of the key on line {first.line}",
+                )
+            positions[child] = Pos(
+                file,
+                key_node.start_mark.line + 1,
+                key_node.start_mark.column + 1,
+                value_node.start_mark.line + 1,
+                value_node.start_mark.column + 1,
+                getattr(value_node, "style", None) if isinstance(value_node, yaml.ScalarNode) else None,
+            )
+            out[key] = _construct(value_node, file, child, positions)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            child = (*path, i)
+            positions[child] = Pos(
+                file, item.start_mark.line + 1, item.start_mark.column + 1,
+                item.start_mark.line + 1, item.start_mark.column + 1,
+                getattr(item, "style", None) if isinstance(item, yaml.ScalarNode) else None,
+            )
+            items.append(_construct(item, file, child, positions))
+        return items
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        problem = (e.problem or "invalid YAML").strip()
+        raise SpecError(file, line, col, "", f"YAML syntax: {problem}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(file, 0, 0, "", f"YAML syntax: {e}") from None
+    positions: dict[Path_, Pos] = {}
+    if node is None:
+        return {}, positions
+    return _construct(node, file, (), positions), positions
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    """Mappings merge key by key; anything else in `over` replaces what `base` had."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _deep_merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, Pos]]:
+    shown = str(path)
+    if path.resolve() in stack:
+        chain = " -> ".join(str(p.name) for p in (*stack, path.resolve()))
+        raise SpecError(shown, 1, 1, "extends", f"expected an acyclic chain of extends, got a cycle: {chain}")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(shown, 0, 0, "", "expected a spec file, got a path that does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise SpecError(shown, 0, 0, "", f"expected a readable UTF-8 text file, got {type(e).__name__}") from None
+    data, positions = _parse_yaml(text, shown)
+    if not isinstance(data, dict):
+        raise SpecError(shown, 1, 1, "", f"expected a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, positions
+    pos = positions[("extends",)]
+    if not isinstance(parent, str):
+        raise SpecError(shown, pos.line, pos.col, "extends", f"expected a file path, got {parent!r}")
+    parent_path = (path.parent / parent)
+    try:
+        base, base_positions = _load_file(parent_path, (*stack, path.resolve()))
+    except SpecError as e:
+        if e.line == 0 and e.file == str(parent_path):
+            raise SpecError(shown, pos.value_line, pos.value_col, "extends", f"expected an existing spec file, got {parent!r}") from None
+        raise
+    merged = _deep_merge(base, data)
+    base_positions.update(positions)
+    return merged, base_positions
+
+
+# ---------------------------------------------------------------------------------------------
+# --set overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_for(path: Path_, data: Any) -> type[BaseModel] | None:
+    """The Pydantic model that describes the mapping at `path`, following the data for unions."""
+    cls: Any = Spec
+    node = data
+    for part in path:
+        ann = _field_annotation(cls, part, node)
+        if ann is None:
+            return None
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+        )
+        cls = _resolve(ann, node)
+        if cls is None:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _strip(ann: Any) -> Any:
+    while typing.get_origin(ann) is typing.Annotated:
+        ann = typing.get_args(ann)[0]
+    return ann
+
+
+def _resolve(ann: Any, node: Any) -> Any:
+    ann = _strip(ann)
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        options = [_strip(a) for a in typing.get_args(ann) if a is not type(None)]
+        models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if isinstance(node, dict) and "kind" in node:
+            for m in models:
+                kind = m.model_fields.get("kind")
+                if kind is not None and kind.default == node["kind"]:
+                    return m
+        if len(options) == 1:
+            return _resolve(options[0], node)
+        return models[0] if len(models) == 1 else ann
+    return ann
+
+
+def _field_annotation(cls: Any, part: str | int, node: Any) -> Any:
+    cls = _resolve(cls, node)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        return field.annotation if field is not None else None
+    origin = typing.get_origin(cls)
+    if origin is dict:
+        return typing.get_args(cls)[1]
+    if origin in (list, tuple) and isinstance(part, int):
+        return typing.get_args(cls)[0]
+    return None
+
+
+def allowed_keys(path: Path_, data: Any) -> list[str]:
+    model = _model_for(path, data)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def apply_override(data: dict, assignment: str) -> dict:
+    """Apply one `path.to.field=value` (value parsed as YAML) to `data`; the path must exist."""
+    where = "--set"
+    if "=" not in assignment:
+        raise SpecError(where, 0, 0, assignment, "expected path.to.field=value, got no '='")
+    dotted, raw = assignment.split("=", 1)
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise SpecError(where, 0, 0, dotted, f"expected a YAML value, got {raw!r}") from None
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        here = tuple(parts[:i])
+        if isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise SpecError(
+                    where, 0, 0, dotted, f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {part!r}"
+                )
+        elif isinstance(node, dict):
+            if part not in node:
+                keys = allowed_keys(here, data)
+                if not (last and part in keys):
+                    options = sorted(set(keys) | set(node))
+                    raise SpecError(
+                        where, 0, 0, dotted,
+                        f"expected an existing field at {_fmt_path((*here, part))}, got {part!r}"
+                        + suggest(str(part), options),
+                    )
+        else:
+            raise SpecError(where, 0, 0, dotted, f"expected a mapping or list at {_fmt_path(here)}, got a value")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation errors -> SpecError
+# ---------------------------------------------------------------------------------------------
+
+_EXPECTED = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _position_for(loc: Path_, positions: dict[Path_, Pos], default_file: str) -> Pos | None:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in positions:
+            return positions[loc[:n]]
+    return None
+
+
+def _clean_loc(loc: tuple, data: Any) -> Path_:
+    """Drop Pydantic's union-branch tags (e.g. 'sliding', 'function-after[...]') from a location."""
+    out: list[str | int] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int):
+            out.append(part)
+            node = node[part] if part < len(node) else None
+        elif isinstance(node, dict) and isinstance(part, str) and not (
+            part.startswith("function-") or part in ("global", "sliding", "dense", "moe")
+            and part == node.get("kind")
+        ):
+            out.append(part)
+            node = None
+    return tuple(out)
+
+
+def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) -> SpecError:
+    loc = _clean_loc(tuple(err["loc"]), data)
+    field = _fmt_path(loc)
+    pos = _position_for(loc, positions, file)
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else "?"
+        options = allowed_keys(loc[:-1], data)
+        message = f"expected one of the known fields, got unknown key {key!r}" + suggest(key, options)
+    elif kind == "missing":
+        parent = _position_for(loc[:-1], positions, file)
+        message = "expected this required field, got nothing"
+        pos = parent
+    elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        ctx = err.get("ctx", {})
+        message = f"expected kind one of {ctx.get('expected_tags', '?')}, got {ctx.get('tag', 'no kind')!r}"
+    elif kind == "literal_error":
+        message = f"expected {err['ctx']['expected']}, got {got!r}"
+    elif kind in _EXPECTED:
+        message = f"expected {_EXPECTED[kind]}, got {got!r}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(err["ctx"].values()))
+        message = f"expected a value {sym} {bound}, got {got!r}"
+    elif kind in ("too_short", "too_long"):
+        message = f"expected {err['msg'].lower().replace('list should have', 'at least').replace('dictionary should have', 'at least')}"
+    elif kind == "value_error":
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, PatternError):
+            layers = positions.get(("model", "layers"))
+            if layers is not None:
+                quote = 1 if layers.value_style in ('"', "'") else 0
+                return SpecError(
+                    layers.file, layers.value_line, layers.value_col + quote + cause.offset,
+                    "model.layers", cause.short,
+                )
+            return SpecError(file, 0, 0, "model.layers", cause.short)
+        message = str(cause) if cause is not None else err["msg"]
+        # Validators name the sub-field they reject as "sub.field: message"; locate it precisely.
+        head, sep, rest = message.partition(": ")
+        if sep and " " not in head:
+            sub = tuple(int(p) if p.isdigit() else p for p in head.split("."))
+            for candidate in ((*loc, *sub), sub):
+                if candidate in positions:
+                    return SpecError(positions[candidate].file, positions[candidate].line, positions[candidate].col,
+                                     _fmt_path(candidate), rest)
+            field = _fmt_path((*loc, *sub))
+            message = rest
+    else:
+        message = f"expected {err['msg'][0].lower() + err['msg'][1:]}, got {got!r}"
+    if pos is None:
+        return SpecError(file, 0, 0, field, message)
+    return SpecError(pos.file, pos.line, pos.col, field, message)
+
+
+def validate(data: dict, positions: dict[Path_, Pos], file: str) -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        raise _translate(errors[0], data, positions, file) from None
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSpec:
+    """Load, compose, override and validate a spec file; raise SpecError on any user error."""
+    path = Path(path)
+    data, positions = _load_file(path, ())
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    spec = validate(data, positions, str(path))
+    return LoadedSpec(spec=spec, positions=positions, path=str(path), data=data)
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Load a spec file (with `extends` and `--set` overrides) into a validated `Spec`."""
+    return load(path, overrides).spec
+
+
+def loads_spec(text: str, name: str = "<string>") -> Spec:
+    """Validate a spec given as YAML text (no `extends`)."""
+    data, positions = _parse_yaml(text, name)
+    if not isinstance(data, dict):
+        raise SpecError(name, 1, 1, "", f"expected a mapping at the top level, got {type(data).__name__}")
+    return validate(data, positions, name)
+
+
+def dump_spec(spec: Spec) -> str:
+    """Canonical YAML for a spec: every field explicit, keys in schema order."""
+    return yaml.safe_dump(spec_to_data(spec), sort_keys=False, allow_unicode=True)
+
+
+def spec_to_data(spec: Spec) -> dict:
+    return json.loads(spec.model_dump_json())
+
+
+def spec_hash(spec: Spec) -> str:
+    """Content hash of the canonical spec (sha256 of its JSON with sorted keys)."""
+    canonical = json.dumps(spec_to_data(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
