@@ -64,7 +64,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from lmspec.compiler.stats import print_stats
+    from lmspec.compiler.accounting import print_stats
 
     return print_stats(_load(args), as_json=args.json, context=args.context)
 
