@@ -1,6 +1,15 @@
-"""Compiler stage: lower a Spec to a graph IR and run passes over it."""
+"""Compiler stage: lower a Spec to a graph IR, run passes over it, account and draw it.
 
-from lmspec.compiler.graph import Graph, LayerInfo
-from lmspec.compiler.lower import lower, run_passes
+`lower(spec) -> Graph`, `run_passes(graph, disable=())`, `verify(graph)`,
+`stats_from_graph(graph, context=None) -> dict`. See `graph.py` for the IR and `passes/` for the
+pipeline. Nothing here imports torch at import time (`fx_fusion` imports it when called).
+"""
 
-__all__ = ["Graph", "LayerInfo", "lower", "run_passes"]
+from lmspec.compiler.graph import Graph, GraphError, LayerInfo, verify
+from lmspec.compiler.lower import PassContext, lower, run_passes
+from lmspec.compiler.stats import compile_graph, stats_from_graph
+
+__all__ = [
+    "Graph", "GraphError", "LayerInfo", "PassContext", "compile_graph", "lower", "run_passes",
+    "stats_from_graph", "verify",
+]

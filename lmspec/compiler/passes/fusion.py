@@ -1,0 +1,159 @@
+"""Fusion: replace groups of ops by the units the kernels implement, one node per unit.
+
+Why: each unit is one kernel (or one backend call) that keeps the intermediate in registers or
+never materialises it, so the generated model calls the unit instead of its members.
+- `add_rmsnorm`: a residual add feeding an RMSNorm (the next norm after every attention and FFN
+  output; the final norms). Two outputs: 0 = normed, 1 = the sum, which stays the residual stream.
+- `swiglu`: gate and up projections of the same input feeding `silu(gate) * up` (dense FFNs and
+  shared experts; routed experts are already one grouped `experts` op).
+- `router`: logits, sigmoid/softmax scores, correction bias, top-k, renormalisation and scaling.
+- `lm_head_ce`: the LM head feeding cross-entropy, so (tokens x vocab) logits are never stored.
+The fused node keeps `members` ([(id, op), ...]), the union of their parameters and buffers, their
+summed accounting, and the input/output edges of the group. `graph.fused_units` becomes the set of
+units applied (`ctx.units`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lmspec.compiler.graph import Graph
+
+if TYPE_CHECKING:
+    from lmspec.compiler.passes import PassContext
+
+_SUMMED = ("n_params", "flops", "flops_per_key", "flops_at_context")
+
+
+def _fuse(
+    graph: Graph, members: list[str], *, new_id: str, op: str, principal: str,
+    inputs: list[tuple[str, int]], ports: dict[str, int], attrs: dict[str, Any] | None = None,
+) -> str:
+    """Replace `members` with one `op` node fed by `inputs` ((producer, port) in argument order).
+
+    `ports` maps each member whose value leaves the group to the fused node's output port; the
+    fused node takes `principal`'s path, field, scope, dtype and shape.
+    """
+    g = graph.nx
+    group = set(members)
+    outgoing = [
+        (ports[m], user, data["arg"])
+        for m in members for _, user, data in g.out_edges(m, data=True) if user not in group
+    ]
+    p = g.nodes[principal]
+    node = {
+        "op": op, "shape": p["shape"], "dtype": p["dtype"], "path": p["path"], "field": p["field"],
+        "scope": p["scope"], "params": {}, "buffers": {}, "attrs": {},
+        "members": [(m, g.nodes[m]["op"]) for m in members],
+    }
+    for m in members:
+        d = g.nodes[m]
+        node["params"].update(d["params"])
+        node["buffers"].update(d["buffers"])
+        node["attrs"].update(d["attrs"])
+        for key in _SUMMED:
+            if key in d:
+                node[key] = node.get(key, 0) + d[key]
+    node["attrs"].update(attrs or {})
+    g.remove_nodes_from(members)
+    g.add_node(new_id, **node)
+    for arg, (src, port) in enumerate(inputs):
+        g.add_edge(src, new_id, arg=arg, port=port)
+    for port, user, arg in outgoing:
+        g.add_edge(new_id, user, arg=arg, port=port)
+    return new_id
+
+
+def _in(graph: Graph, node_id: str, arg: int) -> tuple[str, int]:
+    """(producer, port) feeding argument `arg` of `node_id`."""
+    for src, _, data in graph.nx.in_edges(node_id, data=True):
+        if data["arg"] == arg:
+            return src, data["port"]
+    raise KeyError(f"{node_id} has no argument {arg}")
+
+
+def _op(graph: Graph, node_id: str) -> str:
+    return graph.nx.nodes[node_id]["op"]
+
+
+def fuse_add_rmsnorm(graph: Graph) -> int:
+    count = 0
+    for norm in graph.nodes_of("rmsnorm"):
+        add, _ = _in(graph, norm, 0)
+        if _op(graph, add) != "add":
+            continue
+        _fuse(graph, [add, norm], new_id=norm, op="add_rmsnorm", principal=norm,
+              inputs=[_in(graph, add, 0), _in(graph, add, 1)], ports={norm: 0, add: 1})
+        count += 1
+    return count
+
+
+def fuse_swiglu(graph: Graph) -> int:
+    count = 0
+    for act in graph.nodes_of("silu_mul"):
+        gate, up = _in(graph, act, 0)[0], _in(graph, act, 1)[0]
+        if not all(_op(graph, n) == "linear" and graph.users(n) == [act] for n in (gate, up)):
+            continue
+        src = _in(graph, gate, 0)
+        if _in(graph, up, 0) != src:
+            continue
+        new_id = graph.nx.nodes[act]["path"] + ".swiglu"
+        _fuse(graph, [gate, up, act], new_id=new_id, op="swiglu", principal=act, inputs=[src], ports={act: 0})
+        count += 1
+    return count
+
+
+def fuse_router(graph: Graph) -> int:
+    count = 0
+    for topk in graph.nodes_of("topk"):
+        scores, _ = _in(graph, topk, 1)
+        logits, _ = _in(graph, scores, 0)
+        if _op(graph, logits) != "linear":
+            continue
+        members = [logits, scores]
+        selection, _ = _in(graph, topk, 0)
+        if selection != scores:
+            if _op(graph, selection) != "correction_bias" or _in(graph, selection, 0)[0] != scores:
+                continue
+            members.append(selection)
+        members.append(topk)
+        last = topk
+        while True:  # renormalize / routed_scale follow one by one
+            users = graph.users(last)
+            if len(users) != 1 or _op(graph, users[0]) not in ("renormalize", "routed_scale"):
+                break
+            last = users[0]
+            members.append(last)
+        _fuse(graph, members, new_id=logits, op="router", principal=last, inputs=[_in(graph, logits, 0)],
+              ports={last: 0}, attrs={"score_function": _op(graph, scores),
+                                      "renormalize": any(_op(graph, m) == "renormalize" for m in members)})
+        count += 1
+    return count
+
+
+def fuse_lm_head_ce(graph: Graph) -> int:
+    count = 0
+    for ce in graph.nodes_of("cross_entropy"):
+        head, _ = _in(graph, ce, 0)
+        if _op(graph, head) != "linear" or graph.users(head) != [ce]:
+            continue
+        _fuse(graph, [head, ce], new_id=ce, op="lm_head_ce", principal=ce,
+              inputs=[_in(graph, head, 0), _in(graph, ce, 1)], ports={ce: 0})
+        count += 1
+    return count
+
+
+_UNITS = {
+    "add_rmsnorm": fuse_add_rmsnorm,
+    "swiglu": fuse_swiglu,
+    "router": fuse_router,
+    "lm_head_ce": fuse_lm_head_ce,
+}
+
+
+def fusion(graph: Graph, ctx: PassContext) -> Graph:
+    for unit in ctx.units:
+        n = _UNITS[unit](graph)
+        graph.nx.graph.setdefault("fused_counts", {})[unit] = n
+    graph.fused_units = set(ctx.units)
+    return graph
