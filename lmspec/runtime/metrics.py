@@ -60,3 +60,93 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def without_timing(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+class ConsoleReporter:
+    """Progress on the terminal: a rich bar on a TTY, else a log line every `log_every_s` seconds.
+
+    The bar shows stage, tokens, loss, tokens/s and ETA; log lines carry the same numbers plus the latest
+    held-out loss, so a batch job's log reads as a record of the run.
+    """
+
+    def __init__(self, *, enabled: bool = True, bar: bool | None = None, log_every_s: float = 10.0) -> None:
+        import sys
+
+        self.enabled = enabled
+        self.use_bar = enabled and (bar if bar is not None else sys.stderr.isatty())
+        self.log_every_s = log_every_s
+        self._progress = None
+        self._task = None
+        self._last_log = 0.0
+        self._total = 0.0
+        self._t0 = 0.0
+        self._done0 = 0.0
+
+    def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None:
+            self._progress.console.print(msg, highlight=False)
+        else:
+            print(msg, flush=True)
+
+    def start(self, total_tokens: float, done: float = 0.0) -> None:
+        import time
+
+        self._total, self._t0, self._done0 = total_tokens, time.perf_counter(), done
+        self._last_log = self._t0
+        if not self.use_bar:
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.fields[stage]}[/]"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f} tok"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total_tokens, completed=done, stage="", loss="-", tps="-")
+
+    def stage(self, sched) -> None:
+        theta = ", ".join(f"{k} {v:g}" for k, v in sched.rope_theta.items())
+        self.log(
+            f"stage {sched.stage + 1} {sched.stage_name}: seq_len {sched.seq_len}, rope_theta {{{theta}}}, "
+            f"mtp_loss_weight {sched.mtp_loss_weight:g}, bias_update {sched.bias_update:g}, "
+            f"seq_aux_coef {sched.seq_aux_coef:g}"
+        )
+
+    def update(self, row: dict[str, Any]) -> None:
+        import time
+
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = (row["tokens"] - self._done0) / max(now - self._t0, 1e-9)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(
+                self._task, completed=min(row["tokens"], self._total), stage=row["stage"],
+                loss=f"{row['loss']:.3f}", tps=f"{rate:,.0f}",
+            )
+            if "val_loss" in row:
+                self.log(f"step {row['step']}: held-out loss {row['val_loss']:.4f}, {row['val_bpb']:.3f} bits/byte")
+            return
+        if "val_loss" in row or now - self._last_log >= self.log_every_s:
+            self._last_log = now
+            eta = (self._total - row["tokens"]) / max(rate, 1e-9)
+            val = f" | val {row['val_loss']:.4f} ({row['val_bpb']:.3f} bpb)" if "val_loss" in row else ""
+            self.log(
+                f"step {row['step']:>6} | {row['stage']} | {row['tokens']:>12,}/{self._total:,.0f} tok | "
+                f"loss {row['loss']:.4f} | lr {row['lr']:.2e} | bs {row['batch_size']} | {rate:,.0f} tok/s | "
+                f"ETA {eta:,.0f} s{val}"
+            )
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

@@ -163,3 +163,13 @@ def scale_schedule(spec: Spec, factor: float) -> Spec:
             )
         )
     return spec.model_copy(update={"training": training.model_copy(update={"stages": stages})})
+
+
+def plan_steps(spec: Spec) -> int:
+    """How many optimizer steps the schedule takes: each step consumes batch_size * seq_len tokens."""
+    total, tokens, steps = _training(spec).total_tokens, 0.0, 0
+    while tokens < total:
+        s = schedule_at(spec, tokens)
+        tokens += s.batch_size * s.seq_len
+        steps += 1
+    return steps
