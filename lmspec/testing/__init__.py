@@ -1,1 +1,37 @@
-"""testing stage."""
+"""Property testing of kernels against float64 references, for lmspec's own kernels and users' specs.
+
+- ``compare``: ``TOLERANCES`` (the one tolerance table), ``assert_matches_reference``, ``poisoned_allocations``.
+- ``strategies``: Hypothesis strategies drawing kernel cases from a spec's constants.
+- ``checks``: one forward+backward check per kernel family.
+- ``suite``: ``run_kernel_suite(constants, examples) -> list[KernelRow]`` and ``print_kernel_table``.
+
+Importing this package registers the Hypothesis profiles ``lmspec`` and ``lmspec-ci`` (chosen when ``CI``
+is set) and loads the right one.
+"""
+
+from lmspec.testing.compare import (
+    TOLERANCES,
+    ReferenceMismatch,
+    assert_matches_reference,
+    poisoned_allocations,
+    relative_error,
+    tolerance,
+)
+from lmspec.testing.profiles import register_profiles
+from lmspec.testing.suite import KernelRow, print_kernel_table, run_kernel_suite
+
+PROFILE = register_profiles()
+
+__all__ = [
+    "PROFILE",
+    "TOLERANCES",
+    "KernelRow",
+    "ReferenceMismatch",
+    "assert_matches_reference",
+    "poisoned_allocations",
+    "print_kernel_table",
+    "register_profiles",
+    "relative_error",
+    "run_kernel_suite",
+    "tolerance",
+]

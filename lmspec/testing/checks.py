@@ -1,0 +1,249 @@
+"""One check per kernel: run the kernel (outputs poisoned) and its float64 reference, forward and every gradient.
+
+Each ``check_*(backend, case)`` returns ``{result name: relative error}`` and raises AssertionError (with a
+readable report) on the first result outside the dtype's tolerance. ``backend`` is a ``TritonBackend``
+(or any backend with the same surface); the reference is ``lmspec.runtime.ops.torch_backend`` in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lmspec.runtime.ops import torch_backend as ref
+from lmspec.testing.compare import assert_matches_reference, poisoned_allocations
+from lmspec.testing.strategies import (
+    DTYPES,
+    AttentionCase,
+    CECase,
+    DecodeCase,
+    MoECase,
+    RMSNormCase,
+    RopeCase,
+    SwiGLUCase,
+)
+
+
+def _leaves(
+    tensors: Sequence[torch.Tensor | None], dtype: torch.dtype | None = None
+) -> list[torch.Tensor | None]:
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        t = t.detach().clone() if dtype is None else t.detach().to(dtype)
+        out.append(t.requires_grad_() if t.is_floating_point() else t)
+    return out
+
+
+def _grads(
+    outputs: Sequence[torch.Tensor], cotangents: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor | None]
+):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]
+    grads = torch.autograd.grad([o for o, _ in pairs], wanted, [c for _, c in pairs], allow_unused=True)
+    it = iter(grads)
+    return [None if (t is None or not t.requires_grad) else next(it) for t in inputs]
+
+
+def _compare(
+    names: Sequence[str],
+    got: Sequence[torch.Tensor | None],
+    want: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+    floors: dict[str, float] | None = None,
+) -> dict[str, float]:
+    errors: dict[str, float] = {}
+    for name, g, w in zip(names, got, want, strict=True):
+        if w is None:
+            continue
+        if g is None:
+            g = torch.zeros_like(w)
+        floor = (floors or {}).get(name, 0.0) * math.sqrt(max(1, w.numel()))
+        errors[name] = assert_matches_reference(g, w, dtype, name=name, floor=floor)
+    return errors
+
+
+def _run_both(
+    kernel: Callable[..., Any],
+    reference: Callable[..., Any],
+    inputs: Sequence[torch.Tensor | None],
+    dtype: torch.dtype,
+    seed: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Any], list[Any]]:
+    """Forward and backward through kernel (poisoned allocations) and float64 reference, same cotangents."""
+    k_in = _leaves(inputs)
+    r_in = _leaves(inputs, torch.float64)
+    with poisoned_allocations():
+        k_out = kernel(*k_in)
+    k_out = list(k_out) if isinstance(k_out, tuple) else [k_out]
+    r_out = reference(*r_in)
+    r_out = list(r_out) if isinstance(r_out, tuple) else [r_out]
+    g = torch.Generator().manual_seed(seed ^ 0x5EED)
+    cot = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in r_out]
+    with poisoned_allocations():
+        k_grads = _grads(k_out, [c.to(o.dtype) for c, o in zip(cot, k_out, strict=True)], k_in)
+    r_grads = _grads(r_out, cot, r_in)
+    return k_out, r_out, k_grads, r_grads
+
+
+def check_attention(backend: Any, case: AttentionCase) -> dict[str, float]:
+    """Flash attention forward, dq, dk, dv and dsinks."""
+    v = case.variant
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    kw = {
+        "scale": v["qk_head_dim"] ** -0.5,
+        "value_scale": float(v.get("value_scale", 1.0)),
+        "window_keys": v.get("window_keys"),
+    }
+    ins = [x["q"], x["k"], x["v"], x["sinks"]]
+    k_out, r_out, kg, rg = _run_both(
+        lambda q, k, vv, s: backend.attention(q, k, vv, s, **kw),
+        lambda q, k, vv, s: ref.attention(q, k, vv, s, **kw),
+        ins,
+        dtype,
+        case.seed,
+    )
+    # dq and dk vanish exactly when every query sees a single key and there is no sink.
+    floors = {"dq": 1e-3, "dk": 1e-3}
+    return _compare(["out", "dq", "dk", "dv", "dsinks"], k_out + kg, r_out + rg, dtype, floors)
+
+
+def check_decode_attention(backend: Any, case: DecodeCase) -> dict[str, float]:
+    """Positional (cache) attention forward, with split-K, ring-buffer slots and empty slots."""
+    v = case.variant
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    kw = {
+        "scale": v["qk_head_dim"] ** -0.5,
+        "value_scale": float(v.get("value_scale", 1.0)),
+        "window_keys": v.get("window_keys"),
+        "q_pos": x["q_pos"],
+        "k_pos": x["k_pos"],
+    }
+    variant = {
+        "window_keys": v.get("window_keys"),
+        "sink": bool(v.get("sink")),
+        "qk_head_dim": v["qk_head_dim"],
+        "v_head_dim": v["v_head_dim"],
+        "value_scale": kw["value_scale"],
+    }
+    module = backend._find("decode_attention", **variant)
+    with poisoned_allocations():
+        out = module.attention(x["q"], x["k"], x["v"], x["sinks"], num_splits=case.num_splits, **kw)
+    r = [None if t is None else t.to(torch.float64) for t in (x["q"], x["k"], x["v"], x["sinks"])]
+    want = ref.attention(*r, **kw)
+    return _compare(["out"], [out], [want], dtype)
+
+
+def check_rmsnorm(backend: Any, case: RMSNormCase, eps: float) -> dict[str, float]:
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    k_out, r_out, kg, rg = _run_both(
+        lambda a, r, w: backend.add_rmsnorm(a, r, w, eps),
+        lambda a, r, w: ref.add_rmsnorm(a, r, w, eps),
+        [x["x"], x["residual"], x["weight"]],
+        dtype,
+        case.seed,
+    )
+    return _compare(["out", "sum", "dx", "dresidual", "dweight"], k_out + kg, r_out + rg, dtype)
+
+
+def check_swiglu(backend: Any, case: SwiGLUCase) -> dict[str, float]:
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    k_out, r_out, kg, rg = _run_both(backend.swiglu, ref.swiglu, [x["gate"], x["up"]], dtype, case.seed)
+    return _compare(["out", "dgate", "dup"], k_out + kg, r_out + rg, dtype)
+
+
+def check_rope(backend: Any, case: RopeCase) -> dict[str, float]:
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    cos, sin = x["cos"], x["sin"]
+    k_out, r_out, kg, rg = _run_both(
+        lambda q, k: backend.rope(q, k, cos, sin),
+        lambda q, k: ref.rope(q, k, cos.to(torch.float64), sin.to(torch.float64)),
+        [x["q"], x["k"]],
+        dtype,
+        case.seed,
+    )
+    return _compare(["q", "k", "dq", "dk"], k_out + kg, r_out + rg, dtype)
+
+
+def _moe_kw(moe: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "top_k": moe["top_k"],
+        "score_function": moe.get("score_function", "sigmoid"),
+        "renormalize": moe.get("renormalize", True),
+        "routed_scaling_factor": float(moe.get("routed_scaling_factor", 1.0)),
+        "num_groups": moe.get("num_groups", 1),
+        "top_k_groups": moe.get("top_k_groups", 1),
+    }
+
+
+def check_moe_route(backend: Any, case: MoECase) -> dict[str, float]:
+    """Router: same experts chosen, weights and scores, and gradients to x and the router weight."""
+    x = case.inputs()
+    kw = _moe_kw(case.moe)
+    bias = x["correction_bias"]
+    k_in = _leaves([x["x"], x["router_weight"]])
+    r_in = _leaves([x["x"], x["router_weight"]], torch.float64)
+    with poisoned_allocations():
+        kw_, ki, ks = backend.route(k_in[0], k_in[1], bias, **kw)
+    rw, ri, rs = ref.route(r_in[0], r_in[1], None if bias is None else bias.double(), **kw)
+    if not torch.equal(ki, ri):
+        # Near-ties can legitimately flip in fp32; only accept a flip between scores equal to fp32 precision.
+        choice = rs.detach() + (0 if bias is None else bias.double())
+        gap = (choice.gather(1, ki) - choice.gather(1, ri)).abs().max().item()
+        if gap > 1e-6:
+            raise AssertionError(
+                f"router chose different experts (selection-score gap {gap:.3g}):\n{ki}\nvs\n{ri}"
+            )
+        return {"indices(tie)": 0.0}
+    g = torch.Generator().manual_seed(case.seed ^ 0x5EED)
+    cw = torch.randn(rw.shape, generator=g, dtype=torch.float64)
+    cs = torch.randn(rs.shape, generator=g, dtype=torch.float64)
+    with poisoned_allocations():
+        kg = _grads([kw_, ks], [cw.float(), cs.float()], k_in)
+    rg = _grads([rw, rs], [cw, cs], r_in)
+    # The router runs in fp32 whatever the model dtype: compare at fp32 tolerance.
+    return _compare(["weights", "scores", "dx", "dweight"], [kw_, ks, *kg], [rw, rs, *rg], torch.float32)
+
+
+def check_moe_experts(backend: Any, case: MoECase) -> dict[str, float]:
+    """Grouped-GEMM experts forward and gradients to x, routing weights, gate_up_proj and down_proj."""
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    kw = _moe_kw(case.moe)
+    bias = x["correction_bias"]
+    weights, indices, _ = ref.route(
+        x["x"].double(), x["router_weight"].double(), None if bias is None else bias.double(), **kw
+    )
+    weights = weights.float()
+    k_out, r_out, kg, rg = _run_both(
+        lambda a, w, gu, dp: backend.moe_experts(a, w, indices, gu, dp),
+        lambda a, w, gu, dp: ref.moe_experts(a, w, indices, gu, dp),
+        [x["x"], weights, x["gate_up_proj"], x["down_proj"]],
+        dtype,
+        case.seed,
+    )
+    return _compare(["out", "dx", "dweights", "dgate_up_proj", "ddown_proj"], k_out + kg, r_out + rg, dtype)
+
+
+def check_lm_head_ce(backend: Any, case: CECase) -> dict[str, float]:
+    dtype = DTYPES[case.dtype]
+    x = case.inputs()
+    labels = x["labels"]
+    k_out, r_out, kg, rg = _run_both(
+        lambda h, w: backend.lm_head_ce(h, w, labels, chunk_size=case.chunk_size),
+        lambda h, w: ref.lm_head_ce(h, w, labels, chunk_size=case.chunk_size),
+        [x["hidden"], x["weight"]],
+        dtype,
+        case.seed,
+    )
+    return _compare(["loss", "dhidden", "dweight"], k_out + kg, r_out + rg, dtype)
