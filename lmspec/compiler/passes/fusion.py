@@ -76,12 +76,20 @@ def _op(graph: Graph, node_id: str) -> str:
     return graph.nx.nodes[node_id]["op"]
 
 
+def _norm_preference(graph: Graph, add: str, norm: str) -> tuple[int, int]:
+    # A sum read by several norms (the last layer's output feeds `model.norm` and MTP's `hnorm`) is
+    # fused with the norm of its own layer, else the main model's, so MTP reads the sum (port 1).
+    scope = graph.nx.nodes[norm]["scope"]
+    return (scope != graph.nx.nodes[add]["scope"], scope.startswith("model.mtp."))
+
+
 def fuse_add_rmsnorm(graph: Graph) -> int:
     count = 0
-    for norm in graph.nodes_of("rmsnorm"):
-        add, _ = _in(graph, norm, 0)
-        if _op(graph, add) != "add":
+    for add in graph.nodes_of("add"):
+        norms = [u for u in graph.users(add) if _op(graph, u) == "rmsnorm" and _in(graph, u, 0)[0] == add]
+        if not norms:
             continue
+        norm = min(norms, key=lambda n: _norm_preference(graph, add, n))
         _fuse(graph, [add, norm], new_id=norm, op="add_rmsnorm", principal=norm,
               inputs=[_in(graph, add, 0), _in(graph, add, 1)], ports={norm: 0, add: 1})
         count += 1
