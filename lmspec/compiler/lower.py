@@ -115,7 +115,8 @@ class _Builder:
                                 buffers={f"{gate}.e_score_correction_bias": (e,)})
         routing = {"top_k": f.top_k, "num_experts": e, "num_groups": f.num_groups,
                    "top_k_groups": f.top_k_groups}
-        w = self.op(f"{gate}.topk", "topk", selection, scores, **r, attrs=routing)
+        topk_inputs = (selection, scores) if selection != scores else (scores,)
+        w = self.op(f"{gate}.topk", "topk", *topk_inputs, **r, attrs=routing)
         if f.renormalize:
             w = self.op(f"{gate}.renormalize", "renormalize", w, **r)
         if f.routed_scaling_factor != 1.0:

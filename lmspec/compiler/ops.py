@@ -147,8 +147,10 @@ def _bias_add(inputs, params, attrs):
 
 
 def _topk(inputs, params, attrs):
-    _one(inputs, 2, "topk")
-    selection, scores = inputs
+    # (selection, scores), or (scores,) alone when selection uses the raw scores (no correction bias).
+    if len(inputs) not in (1, 2):
+        raise ShapeError(f"topk takes 1 or 2 inputs, got {len(inputs)}")
+    selection, scores = inputs[0], inputs[-1]
     if selection != scores:
         raise ShapeError(f"topk: selection and scores differ: {selection} and {scores}")
     if attrs["top_k"] > selection[-1]:
@@ -196,7 +198,7 @@ def _swiglu(inputs, params, attrs):
 def _router(inputs, params, attrs):
     _one(inputs, 1, "router")
     logits = _linear(inputs, {"weight": params["weight"]}, attrs)
-    return _topk([logits, logits], params, attrs)
+    return _topk([logits], params, attrs)
 
 
 def _lm_head_ce(inputs, params, attrs):

@@ -137,7 +137,7 @@ def test_full_size_lowering_and_passes_are_fast(mimo):
     g = run_passes(lower(mimo))
     elapsed = time.perf_counter() - t0
     verify(g)
-    assert elapsed < 1.0, f"lower + passes on the full model took {elapsed:.2f} s"
+    assert elapsed < 2.0, f"lower + passes on the full model took {elapsed:.2f} s"
 
 
 def test_compiler_imports_neither_torch_nor_runtime():

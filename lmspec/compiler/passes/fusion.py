@@ -114,7 +114,7 @@ def fuse_swiglu(graph: Graph) -> int:
 def fuse_router(graph: Graph) -> int:
     count = 0
     for topk in graph.nodes_of("topk"):
-        scores, _ = _in(graph, topk, 1)
+        scores, _ = _in(graph, topk, len(graph.inputs(topk)) - 1)
         logits, _ = _in(graph, scores, 0)
         if _op(graph, logits) != "linear":
             continue
