@@ -66,7 +66,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from lmspec.compiler.accounting import print_stats
 
-    return print_stats(_load(args), as_json=args.json, context=args.context)
+    if args.context < 1:
+        raise UsageError(f"--context: expected a positive token count, got {args.context}")
+    if args.kv_dtype_bytes is not None and args.kv_dtype_bytes < 1:
+        raise UsageError(f"--kv-dtype-bytes: expected a positive byte count, got {args.kv_dtype_bytes}")
+    return print_stats(_load(args), as_json=args.json, context=args.context, kv_dtype_bytes=args.kv_dtype_bytes)
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -142,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("stats", cmd_stats, "parameters, active parameters, KV cache and FLOPs, from the spec alone")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--context", type=int, default=262144, help="context length for KV-cache totals")
+    p.add_argument("--kv-dtype-bytes", type=int, default=None, help="bytes per cached element (default: 2, bf16)")
 
     p = add("graph", cmd_graph, "draw the lowered graph")
     p.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text")

@@ -25,6 +25,9 @@ from lmspec.spec.schema import Spec
 
 Path_ = tuple[str | int, ...]
 
+# The "file" of a position inside a `--set PATH=VALUE`; its line is which --set (1-based).
+SET_FILE = "--set"
+
 
 @dataclass(frozen=True)
 class Pos:
@@ -119,13 +122,19 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
     return _construct(node, file, (), positions), positions
 
 
-def _deep_merge(base: Any, over: Any) -> Any:
-    """Mappings merge key by key; anything else in `over` replaces what `base` had."""
+def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | None = None) -> Any:
+    """Mappings merge key by key; anything else in `over` replaces what `base` had.
+
+    Paths where `over` replaced a value of `base` are appended to `replaced`, so the positions
+    recorded under them in the base file can be dropped.
+    """
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = _deep_merge(base[k], v) if k in base else v
+            out[k] = _deep_merge(base[k], v, (*path, k), replaced) if k in base else v
         return out
+    if replaced is not None:
+        replaced.append(path)
     return over
 
 
@@ -156,7 +165,11 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
         if e.line == 0 and e.file == str(parent_path):
             raise SpecError(shown, pos.value_line, pos.value_col, "extends", f"expected an existing spec file, got {parent!r}") from None
         raise
-    merged = _deep_merge(base, data)
+    replaced: list[Path_] = []
+    merged = _deep_merge(base, data, (), replaced)
+    for prefix in replaced:
+        for stale in [p for p in base_positions if p[: len(prefix)] == prefix]:
+            del base_positions[stale]
     base_positions.update(positions)
     return merged, base_positions
 
@@ -229,42 +242,87 @@ def suggest(name: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def apply_override(data: dict, assignment: str) -> dict:
-    """Apply one `path.to.field=value` (value parsed as YAML) to `data`; the path must exist."""
-    where = "--set"
+def _accepts_any_key(path: Path_, data: Any) -> bool:
+    """Whether the mapping at `path` is a free-form dict (`model.blocks`, ...) rather than a model."""
+    cls: Any = Spec
+    node = data
+    for part in path:
+        ann = _field_annotation(cls, part, node)
+        if ann is None:
+            return False
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+        )
+        cls = _resolve(ann, node)
+    return typing.get_origin(_strip(cls)) is dict
+
+
+def _set_pos(index: int, col: int, value_col: int, raw: str) -> Pos:
+    """A position inside the index-th `--set` (line = which --set, col = column in its text)."""
+    text = raw.lstrip()
+    style = text[0] if text[:1] in ('"', "'") else None
+    return Pos(SET_FILE, index, col, index, value_col, style)
+
+
+def apply_override(
+    data: dict, assignment: str, positions: dict[Path_, Pos] | None = None, index: int = 1
+) -> dict:
+    """Apply one `path.to.field=value` (value parsed as YAML) to `data`; the path must exist.
+
+    With `positions`, the overridden path (and everything under it) is re-pointed at this
+    `--set`, so a later error in the value says `--set:<index>:<col>` instead of the file.
+    """
     if "=" not in assignment:
-        raise SpecError(where, 0, 0, assignment, "expected path.to.field=value, got no '='")
+        raise SpecError(SET_FILE, index, 1, assignment, "expected path.to.field=value, got no '='")
     dotted, raw = assignment.split("=", 1)
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in dotted.strip().split(".")]
+    value_col = len(dotted) + 2 + len(raw) - len(raw.lstrip())
+    names = dotted.split(".")
+    starts = [sum(len(n) + 1 for n in names[:i]) + 1 for i in range(len(names))]
+    parts: list[str | int] = [int(p) if p.strip().isdigit() else p.strip() for p in names]
+    if any(p == "" for p in parts):
+        bad = next(i for i, p in enumerate(parts) if p == "")
+        raise SpecError(SET_FILE, index, starts[bad], dotted, "expected a dotted path of field names, got an empty name")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise SpecError(where, 0, 0, dotted, f"expected a YAML value, got {raw!r}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        col = value_col + (mark.column if mark is not None and mark.line == 0 else 0)
+        raise SpecError(SET_FILE, index, col, dotted, f"expected a YAML value, got {raw!r}") from None
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         here = tuple(parts[:i])
+        col = starts[i]
         if isinstance(node, list):
             if not isinstance(part, int) or not 0 <= part < len(node):
                 raise SpecError(
-                    where, 0, 0, dotted, f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {part!r}"
+                    SET_FILE, index, col, dotted,
+                    f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {part!r}",
                 )
         elif isinstance(node, dict):
             if part not in node:
                 keys = allowed_keys(here, data)
-                if not (last and part in keys):
-                    options = sorted(set(keys) | set(node))
+                if not (last and (part in keys or _accepts_any_key(here, data))):
+                    options = sorted(set(keys) | {str(k) for k in node})
                     raise SpecError(
-                        where, 0, 0, dotted,
+                        SET_FILE, index, col, dotted,
                         f"expected an existing field at {_fmt_path((*here, part))}, got {part!r}"
                         + suggest(str(part), options),
                     )
         else:
-            raise SpecError(where, 0, 0, dotted, f"expected a mapping or list at {_fmt_path(here)}, got a value")
+            raise SpecError(
+                SET_FILE, index, col, dotted,
+                f"expected a mapping or list at {_fmt_path(here) or 'the top level'}, got a value",
+            )
         if last:
             node[part] = value
         else:
             node = node[part]
+    if positions is not None:
+        target = tuple(parts)
+        for path in [p for p in positions if p[: len(target)] == target]:
+            del positions[path]
+        positions[target] = _set_pos(index, 1, value_col, raw)
     return data
 
 
@@ -342,7 +400,11 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
         bound = next(iter(err["ctx"].values()))
         message = f"expected a value {sym} {bound}, got {got!r}"
     elif kind in ("too_short", "too_long"):
-        message = f"expected {err['msg'].lower().replace('list should have', 'at least').replace('dictionary should have', 'at least')}"
+        ctx = err.get("ctx", {})
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        size = ctx.get("actual_length", len(got) if isinstance(got, (list, dict, str)) else "?")
+        what = "item" if isinstance(got, list) else "entry"
+        message = f"expected {'at least' if kind == 'too_short' else 'at most'} {bound} {what}(s), got {size}"
     elif kind == "value_error":
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, PatternError):
@@ -384,8 +446,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Loade
     """Load, compose, override and validate a spec file; raise SpecError on any user error."""
     path = Path(path)
     data, positions = _load_file(path, ())
-    for assignment in overrides:
-        data = apply_override(data, assignment)
+    for index, assignment in enumerate(overrides, start=1):
+        data = apply_override(data, assignment, positions, index)
     spec = validate(data, positions, str(path))
     return LoadedSpec(spec=spec, positions=positions, path=str(path), data=data)
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import re
 
+# A bound that no real model reaches, so a typo like `S*10000000` is an error, not an out-of-memory.
+MAX_LAYERS = 100_000
+
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)|(?P<int>\d+)|(?P<op>[()*]))")
 
 
@@ -36,7 +39,7 @@ def _tokenize(pattern: str) -> list[tuple[str, str, int]]:
         m = _TOKEN.match(pattern, pos)
         if m is None or m.end() == pos:
             bad = pos + len(pattern[pos:]) - len(pattern[pos:].lstrip())
-            raise PatternError(f"unexpected character {pattern[bad]!r}", bad, pattern)
+            raise PatternError(f"expected a block name, '(', ')', '*' or a count, got {pattern[bad]!r}", bad, pattern)
         kind = m.lastgroup or "op"
         tokens.append((kind, m.group(kind), m.start(kind)))
         pos = m.end()
@@ -60,21 +63,25 @@ class _Parser:
         return PatternError(message, offset, self.pattern)
 
     def parse(self) -> list[str]:
-        out = self._sequence(top=True)
+        out = self._sequence(opened_at=None)
         if not out:
             raise self._error("expected at least one block name, got an empty pattern", 0)
         return out
 
-    def _sequence(self, top: bool) -> list[str]:
+    def _sequence(self, opened_at: int | None) -> list[str]:
+        """Items up to the ')' closing the '(' at `opened_at`, or to the end at the top level."""
         out: list[str] = []
         while (tok := self._peek()) is not None:
             if tok[1] == ")":
-                if top:
-                    raise self._error("unbalanced ')'")
+                if opened_at is None:
+                    raise self._error("expected a '(' before this ')', got an unbalanced ')'")
                 return out
             out.extend(self._item())
-        if not top:
-            raise self._error("expected ')' to close the group, got the end of the pattern")
+            if len(out) > MAX_LAYERS:
+                raise self._error(f"expected at most {MAX_LAYERS} layers, got more", tok[2])
+        if opened_at is not None:
+            # The unclosed '(' is the character to fix, not the end of the text.
+            raise self._error("expected ')' to close this '(', got the end of the pattern", opened_at)
         return out
 
     def _item(self) -> list[str]:
@@ -88,7 +95,7 @@ class _Parser:
             atom = [text]
         elif text == "(":
             self.i += 1
-            atom = self._sequence(top=False)
+            atom = self._sequence(opened_at=offset)
             if not atom:
                 raise self._error("expected block names inside '( )', got an empty group", offset)
             self.i += 1  # the ')'
@@ -105,6 +112,10 @@ class _Parser:
             n = int(count[1])
             if n < 1:
                 raise self._error(f"expected a repeat count >= 1, got {n}", count[2])
+            if len(atom) * n > MAX_LAYERS:
+                raise self._error(
+                    f"expected at most {MAX_LAYERS} layers, got {len(atom)} x {n} here", count[2]
+                )
             atom = atom * n
         elif tok is not None and tok[0] == "int":
             raise self._error(f"expected '*' before the repeat count, got {tok[1]!r}")

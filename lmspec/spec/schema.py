@@ -56,14 +56,13 @@ class AttentionBase(StrictModel):
     def _check_heads(self) -> AttentionBase:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_kv_heads must divide num_heads: expected a divisor of {self.num_heads}, "
-                f"got {self.num_kv_heads}"
+                f"num_kv_heads: expected a divisor of num_heads ({self.num_heads}), got {self.num_kv_heads}"
             )
         rope_dim = int(self.qk_head_dim * self.rope.fraction)
         if rope_dim % 2 or rope_dim == 0:
             raise ValueError(
-                f"rope.fraction must give an even, non-zero rope_dim: expected int(qk_head_dim * fraction) "
-                f"even, got int({self.qk_head_dim} * {self.rope.fraction}) = {rope_dim}"
+                f"rope.fraction: expected a fraction giving an even, non-zero rope_dim, got "
+                f"int({self.qk_head_dim} * {self.rope.fraction}) = {rope_dim}"
             )
         return self
 
@@ -140,19 +139,20 @@ class MoEFFN(StrictModel):
     @model_validator(mode="after")
     def _check_routing(self) -> MoEFFN:
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k must be at most num_experts ({self.num_experts}), got {self.top_k}")
+            raise ValueError(f"top_k: expected at most num_experts ({self.num_experts}), got {self.top_k}")
         if self.num_experts % self.num_groups:
             raise ValueError(
-                f"num_groups must divide num_experts ({self.num_experts}), got {self.num_groups}"
+                f"num_groups: expected a divisor of num_experts ({self.num_experts}), got {self.num_groups}"
             )
         if self.top_k_groups > self.num_groups:
             raise ValueError(
-                f"top_k_groups must be at most num_groups ({self.num_groups}), got {self.top_k_groups}"
+                f"top_k_groups: expected at most num_groups ({self.num_groups}), got {self.top_k_groups}"
             )
         per_group = self.num_experts // self.num_groups
         if self.num_groups > 1 and self.top_k > self.top_k_groups * per_group:
             raise ValueError(
-                f"top_k must fit in the kept groups ({self.top_k_groups} x {per_group} experts), got {self.top_k}"
+                f"top_k: expected at most the experts in the kept groups ({self.top_k_groups} x {per_group}), "
+                f"got {self.top_k}"
             )
         return self
 
@@ -313,7 +313,7 @@ class Stage(StrictModel):
         used = self.lr.warmup_tokens + (self.lr.decay_tokens or 0)
         if used > self.tokens * (1 + 1e-2):
             raise ValueError(
-                f"lr: expected warmup_tokens + decay_tokens within the stage's {self.tokens:g} tokens, "
+                f"lr: expected warmup_tokens + decay_tokens at most the stage's {self.tokens:g} tokens, "
                 f"got {used:g}"
             )
         return self
@@ -364,8 +364,8 @@ class Spec(StrictModel):
                 for kind in stage.overrides.rope_theta or {}:
                     if kind not in self.model.attention:
                         raise ValueError(
-                            f"training.stages.{i}.overrides.rope_theta: expected keys among "
-                            f"{sorted(self.model.attention)}, got {kind!r}"
+                            f"training.stages.{i}.overrides.rope_theta.{kind}: expected an attention kind "
+                            f"among {sorted(self.model.attention)}, got {kind!r}"
                         )
         mtp = self.model.mtp
         depth = mtp.num_blocks if mtp else 0
