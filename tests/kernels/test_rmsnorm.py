@@ -1,0 +1,39 @@
+"""Residual add + RMSNorm against the float64 reference: out, sum, dx, dresidual, dweight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from kernels.constants import EPS
+from lmspec.testing import checks
+from lmspec.testing import strategies as S
+
+
+@settings(max_examples=50)
+@given(case=S.rmsnorm_cases())
+def test_add_rmsnorm_matches_reference(backend, case):
+    checks.check_rmsnorm(backend, case, EPS)
+
+
+@pytest.mark.slow
+@settings(max_examples=500)
+@given(case=S.rmsnorm_cases())
+def test_add_rmsnorm_matches_reference_slow(backend, case):
+    checks.check_rmsnorm(backend, case, EPS)
+
+
+def test_rmsnorm_matches_transformers(backend):
+    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
+
+    hf = MiMoV2FlashRMSNorm(64, eps=EPS)
+    with torch.no_grad():
+        hf.weight.normal_()
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(backend.rmsnorm(x, hf.weight, EPS), hf(x), rtol=1e-5, atol=1e-6)
+
+
+def test_eps_is_baked(backend):
+    with pytest.raises(ValueError, match="eps"):
+        backend.rmsnorm(torch.randn(2, 8), torch.ones(8), 1e-6)
