@@ -139,10 +139,8 @@ def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | 
 
 
 def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, Pos]]:
+    """Read one file and, first, the files it extends (`stack`: the files extending this one)."""
     shown = str(path)
-    if path.resolve() in stack:
-        chain = " -> ".join(str(p.name) for p in (*stack, path.resolve()))
-        raise SpecError(shown, 1, 1, "extends", f"expected an acyclic chain of extends, got a cycle: {chain}")
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -158,9 +156,17 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
     pos = positions[("extends",)]
     if not isinstance(parent, str):
         raise SpecError(shown, pos.line, pos.col, "extends", f"expected a file path, got {parent!r}")
-    parent_path = (path.parent / parent)
+    parent_path = path.parent / parent
+    chain = (*stack, path.resolve())
+    if parent_path.resolve() in chain:
+        # Point at the `extends` that closes the loop, in the file that wrote it.
+        names = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
+        raise SpecError(
+            shown, pos.value_line, pos.value_col, "extends",
+            f"expected an acyclic chain of extends, got a cycle: {names}",
+        )
     try:
-        base, base_positions = _load_file(parent_path, (*stack, path.resolve()))
+        base, base_positions = _load_file(parent_path, chain)
     except SpecError as e:
         if e.line == 0 and e.file == str(parent_path):
             raise SpecError(shown, pos.value_line, pos.value_col, "extends", f"expected an existing spec file, got {parent!r}") from None
