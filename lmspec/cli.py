@@ -76,7 +76,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     from lmspec.compiler.draw import draw_command
 
-    return draw_command(_load(args), fmt=args.format, layers=args.layers, output=args.output)
+    return draw_command(_load(args), fmt=args.format, layers=args.layers, output=args.output,
+                        renderer=args.renderer)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text")
     p.add_argument("--layers", default=None, help="layer range to draw, e.g. 0-6")
     p.add_argument("-o", "--output", default=None, help="output file (default: stdout or SPEC.FORMAT)")
+    p.add_argument("--renderer", choices=["auto", "dot", "matplotlib"], default="auto",
+                   help="svg/png drawing: graphviz dot (auto: when installed) or matplotlib")
 
     p = add("compile", cmd_compile, "generate the model module (and kernels) for a spec")
     p.add_argument("-o", "--output", default=None, help="write into this directory instead of the cache")
