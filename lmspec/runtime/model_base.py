@@ -1,0 +1,257 @@
+"""Runtime support imported by every generated model module.
+
+The generated ``model.py`` holds the architecture (one class per attention kind, FFN kind and block kind, with
+the spec's constants baked in); this module holds what does not depend on the spec: the output dataclass,
+RoPE tables, the router-statistics collector, weight init, backend switching and the ``save_pretrained`` /
+state-dict helpers shared with ``lmspec.runtime.modeling``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmspec.runtime.ops import Backend, get_backend
+
+# What a generated submodule calls before its model shares its own backend with it (plain PyTorch).
+DEFAULT_OPS: Backend = get_backend("torch")
+
+__all__ = [
+    "DEFAULT_OPS",
+    "CausalLMBase",
+    "ModelOutput",
+    "MoEStats",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "seq_aux_loss",
+]
+
+
+@dataclass
+class ModelOutput:
+    """What ``model(input_ids, ...)`` returns; see the forward contract in the package docs.
+
+    logits (B, T, V) is None on the training path (labels given): the loss is computed chunk by chunk.
+    hidden (B, T, H) is the last decoder layer's output before the final norm (MTP block 1's input).
+    """
+
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    loss: Tensor | None = None
+    mtp_losses: list[Tensor] = field(default_factory=list)
+    mtp_logits: list[Tensor] = field(default_factory=list)
+    aux_loss: Tensor | None = None
+    expert_load: Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    """Holds an RMSNorm weight; the computation is the backend's ``rmsnorm`` / ``add_rmsnorm``."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def rope_inv_freq(theta: float, rope_dim: int, device: torch.device | None = None) -> Tensor:
+    """Inverse frequencies (rope_dim / 2,) in float32, computed exactly as transformers does."""
+    return 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float, device=device) / rope_dim))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for one attention kind: (B, T, rope_dim), computed in float32 then cast (transformers).
+
+    The frequencies are recomputed from ``theta`` on every call (rope_dim / 2 values) rather than kept in a
+    buffer, so a dtype cast of the model can never round them and ``set_theta`` needs no bookkeeping.
+    """
+
+    def __init__(self, theta: float, rope_dim: int) -> None:
+        super().__init__()
+        self.theta = float(theta)
+        self.rope_dim = rope_dim
+
+    def set_theta(self, theta: float) -> None:
+        self.theta = float(theta)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        inv_freq = rope_inv_freq(self.theta, self.rope_dim, position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, rope_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rope_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta:g}, rope_dim={self.rope_dim}"
+
+
+def seq_aux_loss(scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -> Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3), averaged over the batch; unweighted.
+
+    scores (B*T, E) raw router scores, topk_indices (B*T, k). Per sequence:
+    f_i = E / (k * T) * #tokens choosing i, P_i = mean_t s_i,t / sum_j s_j,t, L = sum_i f_i * P_i.
+    """
+    n, num_experts = scores.shape
+    seq = n // batch
+    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)  # (B*T, E)
+    p = probs.view(batch, seq, num_experts).mean(1)  # (B, E)
+    counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, topk_indices.view(batch, seq * top_k), torch.ones_like(counts[:, :1]).expand(batch, seq * top_k))
+    f = counts * (num_experts / (top_k * seq))  # (B, E)
+    return (f * p).sum(-1).mean()
+
+
+class MoEStats:
+    """Collects each MoE layer's aux loss and expert load during one forward, in layer order."""
+
+    def __init__(self) -> None:
+        self.aux: list[Tensor] = []
+        self.load: list[Tensor] = []
+
+    def record(self, scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -> None:
+        self.aux.append(seq_aux_loss(scores, topk_indices, batch, top_k))
+        num_experts = scores.shape[-1]
+        self.load.append(torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float().detach())
+
+    def aux_loss(self) -> Tensor | None:
+        return torch.stack(self.aux).sum() if self.aux else None
+
+    def expert_load(self) -> Tensor | None:
+        return torch.stack(self.load) if self.load else None
+
+
+class CausalLMBase(nn.Module):
+    """Spec-independent behaviour of a generated ``...ForCausalLM``: backend, RoPE, init, saving.
+
+    Subclasses (generated) define ``self.model`` (embed_tokens, layers, norm, rotary, optional mtp),
+    ``self.lm_head`` and ``forward`` / ``mtp_forward``; class attributes ``SPEC_HASH``, ``INIT_STD`` and
+    ``TIE_WORD_EMBEDDINGS`` carry what the spec chose.
+    """
+
+    SPEC_HASH: str = ""
+    INIT_STD: float = 0.02
+    TIE_WORD_EMBEDDINGS: bool = False
+
+    def __init__(
+        self,
+        backend: str = "torch",
+        op_overrides: dict[str, str] | None = None,
+        kernel_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.kernel_dir = None if kernel_dir is None else str(kernel_dir)
+        self.backend_name = backend
+        self.op_overrides = dict(op_overrides or {})
+        self.ops: Backend = get_backend(backend, kernel_dir=self.kernel_dir, overrides=op_overrides)
+        self.spec: Any = None  # set by lmspec.build / from_pretrained
+
+    # --- backend -------------------------------------------------------------------------------
+
+    def _share_ops(self) -> None:
+        """Every submodule calls ops through ``self.ops``; they all share the top module's backend."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "ops"):
+                module.ops = self.ops
+
+    def set_backend(self, name: str, op_overrides: dict[str, str] | None = None) -> None:
+        """Switch every op to backend ``name`` (``op_overrides`` maps an op family to another backend)."""
+        self.ops = get_backend(name, kernel_dir=self.kernel_dir, overrides=op_overrides)
+        self.backend_name = name
+        self.op_overrides = dict(op_overrides or {})
+        self._share_ops()
+
+    # --- RoPE ----------------------------------------------------------------------------------
+
+    def set_rope_theta(self, thetas: dict[str, float]) -> None:
+        """Change the RoPE base of attention kinds by name, e.g. ``{"global": 640000.0}`` at a stage boundary."""
+        rotary = self.model.rotary
+        unknown = set(thetas) - set(rotary.keys())
+        if unknown:
+            raise ValueError(f"unknown attention kinds {sorted(unknown)}; expected some of {sorted(rotary.keys())}")
+        for kind, theta in thetas.items():
+            rotary[kind].set_theta(theta)
+
+    def rope_thetas(self) -> dict[str, float]:
+        return {kind: r.theta for kind, r in self.model.rotary.items()}
+
+    # --- structure -----------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE FFN modules of the decoder layers (not MTP), in layer order."""
+        return [layer.mlp for layer in self.model.layers if hasattr(layer.mlp, "gate")]
+
+    def mtp_forward(
+        self, k: int, hidden: Tensor, next_ids: Tensor, position_ids: Tensor | None, cache: object | None = None
+    ) -> tuple[Tensor, Tensor]:
+        raise ValueError("this model has no MTP blocks (the spec sets no model.mtp)")
+
+    @property
+    def num_mtp_blocks(self) -> int:
+        mtp = getattr(self.model, "mtp", None)
+        return 0 if mtp is None else len(mtp.layers)
+
+    # --- init ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for every matrix and sink, ones for norms, zeros for correction biases.
+
+        Parameters are visited in registration order, so the result depends only on the torch seed.
+        """
+        norms = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, p in self.named_parameters():
+            if id(p) in norms:
+                p.fill_(1.0)
+            elif name.endswith("_proj.bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, self.INIT_STD)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def keep_fp32_buffers(self) -> None:
+        """The balancing bias stays float32 whatever the model dtype (its updates are ~1e-5)."""
+        for module in self.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, Tensor) and bias.dtype != torch.float32:
+                module.e_score_correction_bias = bias.float()
+
+    # --- weights in the transformers layout ----------------------------------------------------
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """State dict under transformers' names; the tied head is stored once (as the embedding)."""
+        sd = self.state_dict()
+        if self.TIE_WORD_EMBEDDINGS:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``spec.yaml``, ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+        from lmspec.runtime.modeling import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

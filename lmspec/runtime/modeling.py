@@ -1,0 +1,212 @@
+"""Build generated models, and load/save them in the transformers MiMo-V2-Flash layout.
+
+``build(spec)`` compiles the spec (cached) and instantiates the generated ``...ForCausalLM`` with fresh
+weights; ``from_pretrained(dir)`` reads ``spec.yaml`` (or a transformers ``config.json``) plus
+``model.safetensors`` (single file or sharded with ``model.safetensors.index.json``);
+``save_pretrained(model, dir)`` writes ``spec.yaml``, ``config.json`` and ``model.safetensors``.
+
+Accepted on load besides our own names: ``self_attn.attention_sink_bias`` (the Hub name of ``sinks``) and
+per-expert tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight`` (what transformers 5.23 writes), which are
+stacked into the fused ``mlp.experts.gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import Tensor, nn
+
+from lmspec.codegen import compile_spec
+from lmspec.runtime.model_base import CausalLMBase, write_atomic
+from lmspec.spec import Spec, SpecError, dump_spec, load_spec, spec_to_data
+from lmspec.spec.loader import apply_override, validate
+
+__all__ = ["build", "from_pretrained", "load_hf_state_dict", "save_pretrained"]
+
+SPEC_FILE = "spec.yaml"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _resolve_spec(spec_or_path: Spec | str | Path, overrides: Sequence[str]) -> Spec:
+    if isinstance(spec_or_path, Spec):
+        if not overrides:
+            return spec_or_path
+        data = spec_to_data(spec_or_path)
+        for assignment in overrides:
+            data = apply_override(data, assignment)
+        return validate(data, {}, "<overrides>")
+    return load_spec(spec_or_path, list(overrides))
+
+
+def build(
+    spec_or_path: Spec | str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "torch",
+    op_overrides: dict[str, str] | None = None,
+    overrides: Sequence[str] = (),
+    disable_passes: tuple[str, ...] = (),
+) -> CausalLMBase:
+    """The generated model for a spec with fresh weights (normal(0, init_std); deterministic under a seed).
+
+    ``device="meta"`` allocates nothing (shapes only). ``disable_passes`` switches compiler passes off by
+    name, e.g. ``("fusion",)`` for the unfused reference model.
+    """
+    spec = _resolve_spec(spec_or_path, overrides)
+    compiled = compile_spec(spec, disable=disable_passes)
+    kernel_dir = compiled.kernel_dir
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    with dev:
+        model = compiled.model_class(
+            backend=backend, op_overrides=op_overrides, kernel_dir=None if kernel_dir is None else str(kernel_dir)
+        )
+    model.spec = spec
+    if dev.type != "meta":
+        model.init_weights()
+    if dtype is not None:
+        model.to(dtype)
+        model.keep_fp32_buffers()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / WEIGHTS_FILE
+    if single.exists():
+        return [single]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint folder, renamed to the generated model's names (see module docstring)."""
+    directory = Path(directory)
+    raw: dict[str, Tensor] = {}
+    for path in _safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                raw[name] = f.get_tensor(name)
+    out: dict[str, Tensor] = {}
+    experts: dict[str, dict[str, dict[int, Tensor]]] = {}
+    for name, t in raw.items():
+        m = _EXPERT_RE.match(name)
+        if m:
+            experts.setdefault(m["prefix"], {}).setdefault(m["proj"], {})[int(m["e"])] = t
+            continue
+        if name.endswith(".self_attn.attention_sink_bias"):
+            name = name[: -len("attention_sink_bias")] + "sinks"
+        out[name] = t
+    for prefix, projs in experts.items():
+        n = len(projs.get("gate_proj", {}))
+        if not n or any(sorted(projs.get(p, {})) != list(range(n)) for p in ("gate_proj", "up_proj", "down_proj")):
+            raise ValueError(f"{directory}: incomplete per-expert tensors under {prefix}")
+        gate_up = [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]], dim=0) for e in range(n)]
+        out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H): gate rows first
+        out[f"{prefix}.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])  # (E, H, I)
+    return out
+
+
+def _spec_from_dir(directory: Path) -> Spec:
+    spec_file = directory / SPEC_FILE
+    if spec_file.exists():
+        return load_spec(spec_file)
+    config_file = directory / CONFIG_FILE
+    if config_file.exists():
+        from lmspec.codegen.hf import config_to_spec
+
+        return config_to_spec(json.loads(config_file.read_text()), name=directory.name or "imported")
+    raise SpecError(str(directory), 1, 1, "", f"expected {SPEC_FILE} or {CONFIG_FILE} in the folder, found neither")
+
+
+def from_pretrained(
+    directory: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "torch",
+) -> CausalLMBase:
+    """Load a model saved by ``save_pretrained`` or by transformers' ``MiMoV2FlashForCausalLM``.
+
+    MTP weights missing from the folder (transformers drops ``model.mtp.*``) are freshly initialised with a
+    warning; any other missing or unexpected tensor is an error.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SpecError(str(directory), 1, 1, "", "expected a checkpoint folder, got no such directory")
+    spec = _spec_from_dir(directory)
+    state = load_hf_state_dict(directory)
+    model = build(spec, device="meta", backend=backend)
+    expected = model.state_dict()
+    tied = model.TIE_WORD_EMBEDDINGS
+    if tied:
+        state.pop("lm_head.weight", None)
+    missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ValueError(f"{directory}: tensors the spec has no place for: {unexpected[:8]}")
+    bad_missing = [k for k in missing if not k.startswith("model.mtp.")]
+    if bad_missing:
+        raise ValueError(f"{directory}: tensors missing from the checkpoint: {bad_missing[:8]}")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{directory}: {name}: expected shape {tuple(expected[name].shape)}, got {tuple(t.shape)}"
+            )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model.to_empty(device=dev)
+    if missing:
+        warnings.warn(f"{directory}: no MTP weights in the checkpoint; MTP blocks are freshly initialised", stacklevel=2)
+        model.init_weights()
+    model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=False)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if dtype is not None:
+        model.to(dtype)
+    model.keep_fp32_buffers()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``spec.yaml``, ``config.json`` (transformers ``mimo_v2_flash``) and ``model.safetensors``."""
+    from lmspec.codegen.hf import spec_to_config
+
+    if not isinstance(model, CausalLMBase) or model.spec is None:
+        raise ValueError("save_pretrained needs a model built by lmspec (with model.spec set)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec: Spec = model.spec
+    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}
+    dtype = next(iter(state.values())).dtype if state else torch.float32
+    config = spec_to_config(spec, dtype=str(dtype).removeprefix("torch."))
+    write_atomic(directory / WEIGHTS_FILE, safetensors_save(state, metadata={"format": "pt"}))
+    write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(directory / SPEC_FILE, dump_spec(spec).encode())
+    return directory
+
