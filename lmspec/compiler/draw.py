@@ -81,7 +81,8 @@ class View:
     columns: list[tuple[str, str]] = field(default_factory=list)  # (key, header)
     nodes: dict[str, VNode] = field(default_factory=dict)
     edges: list[tuple[str, str]] = field(default_factory=list)
-    collapsed: set[str] = field(default_factory=set)
+    collapsed: set[str] = field(default_factory=set)  # layer paths drawn as one box
+    plain: set[str] = field(default_factory=set)  # columns of stacked collapsed boxes (no frame)
 
 
 def _short(node_id: str, scope: str) -> str:
@@ -158,12 +159,29 @@ def build_view(graph: Graph, expanded: set[int] | None) -> View:
     fused = ", ".join(sorted(graph.fused_units)) or "none"
     view = View(title=f"{spec.name}: {len(graph.layers)} layers + {len(graph.mtp_layers)} MTP blocks, "
                       f"{graph.nx.number_of_nodes()} ops (fused: {fused})")
+    # Consecutive collapsed layers stack in one frameless column, at most _STACK per column.
+    column_of: dict[str, str] = {}
+
+    def add_columns(infos_in_order, prefix: str) -> None:
+        run: list[str] = []
+        for li in infos_in_order:
+            if li.path in exp_paths:
+                run = []
+                view.columns.append((li.path, f"{prefix}.{li.index} [{li.block}]"))
+                column_of[li.path] = li.path
+                continue
+            if not run or len(run) == _STACK:
+                run = []
+                key = f"stack:{li.path}"
+                view.columns.append((key, ""))
+                view.plain.add(key)
+            run.append(li.path)
+            column_of[li.path] = f"stack:{run[0]}"
+
     view.columns.append(("in", "inputs"))
-    for li in graph.layers:
-        view.columns.append((li.path, f"layers.{li.index} [{li.block}]"))
+    add_columns(graph.layers, "layers")
     view.columns.append(("out", "head"))
-    for li in graph.mtp_layers:
-        view.columns.append((li.path, f"mtp.{li.index} [{li.block}]"))
+    add_columns(graph.mtp_layers, "mtp")
 
     rep: dict[str, str] = {}
     for n, d in graph.nx.nodes(data=True):
@@ -171,7 +189,8 @@ def build_view(graph: Graph, expanded: set[int] | None) -> View:
         if scope in infos and scope not in exp_paths:
             rep[n] = scope
             if scope not in view.nodes:
-                view.nodes[scope] = VNode(scope, _layer_label(graph, scope, infos[scope].block), "layer", scope)
+                view.nodes[scope] = VNode(scope, _layer_label(graph, scope, infos[scope].block), "layer",
+                                          column_of[scope])
                 view.collapsed.add(scope)
             continue
         if d["op"] == "input":
@@ -185,7 +204,7 @@ def build_view(graph: Graph, expanded: set[int] | None) -> View:
             if v not in rep:
                 continue
             col = view.nodes[rep[v]].column
-            if col in view.collapsed:
+            if col in view.plain:
                 continue
             copy = f"{u}@{rep[v]}"  # one copy beside each consumer keeps label edges short
             if copy not in view.nodes:
@@ -284,7 +303,7 @@ def to_dot(view: View) -> str:
         members = [n for n in view.nodes.values() if n.column == key]
         if not members:
             continue
-        clustered = key not in view.collapsed
+        clustered = key not in view.plain
         if clustered:
             out.append(f"  subgraph {_q('cluster_' + key)} {{")
             out.append(f'    label={_q(headers[key])}; style="rounded,filled"; fillcolor="#fafafa"; color="#bbbbbb";')
@@ -364,6 +383,7 @@ def _layout(view: View) -> tuple[dict[str, tuple[float, float]], dict[str, tuple
 
 
 _DX, _DY, _GAP = 1.2, 0.72, 0.3
+_STACK = 8  # collapsed layers per stacked column
 
 
 def _summary(graph: Graph) -> str:
@@ -401,7 +421,7 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
     ax.axis("off")
     headers = dict(view.columns)
     for key, (x, y, w, r) in cols.items():
-        if key in view.collapsed:
+        if key in view.plain:
             continue
         ax.add_patch(FancyBboxPatch((x - 0.05, y - r * _DY + 0.3), w + 0.1, r * _DY + 0.05,
                                     boxstyle="round,pad=0.02,rounding_size=0.15",
