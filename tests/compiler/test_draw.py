@@ -1,5 +1,7 @@
 """`lmspec graph`: listing, DOT, pictures, and the command's user errors."""
 
+import shutil
+
 import pydot
 import pytest
 
@@ -83,3 +85,19 @@ def test_command(tmp_path, capsys):
     assert err == "lmspec: error: --layers: expected indices within 0-6, got '0-9'\n"
     assert main(["graph", TINY, "--format", "png", "-o", str(tmp_path / "missing" / "g.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz's dot is not installed")
+def test_graphviz_pictures(graph, tmp_path):
+    path = tmp_path / "g.png"
+    render(graph, "png", {0}, path, renderer="dot")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_dot_renderer_without_graphviz_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("lmspec.compiler.draw.shutil.which", lambda name: None)
+    out = tmp_path / "g.png"
+    assert main(["graph", TINY, "--format", "png", "--renderer", "dot", "-o", str(out)]) == 2
+    assert "dot is not installed" in capsys.readouterr().err and not out.exists()
+    assert main(["graph", TINY, "--format", "png", "-o", str(out)]) == 0  # auto falls back to matplotlib
+    assert out.read_bytes().startswith(b"\x89PNG")
