@@ -120,11 +120,13 @@ class MoEStats:
         num_experts = scores.shape[-1]
         self.load.append(torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float().detach())
 
-    def aux_loss(self) -> Tensor | None:
-        return torch.stack(self.aux).sum() if self.aux else None
+    def aux_loss(self, like: Tensor) -> Tensor:
+        """Sum over MoE layers; a zero scalar (on ``like``'s device) for a model without MoE layers."""
+        return torch.stack(self.aux).sum() if self.aux else like.new_zeros((), dtype=torch.float32)
 
-    def expert_load(self) -> Tensor | None:
-        return torch.stack(self.load) if self.load else None
+    def expert_load(self, like: Tensor) -> Tensor:
+        """(num_moe_layers, num_experts) token counts; (0, 0) for a model without MoE layers."""
+        return torch.stack(self.load) if self.load else like.new_zeros((0, 0), dtype=torch.float32)
 
 
 class CausalLMBase(nn.Module):

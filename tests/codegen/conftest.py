@@ -1,10 +1,11 @@
-"""Shared fixtures: a private compile cache, and the tiny example spec."""
+"""Shared fixtures: a private compile cache, one intra-op thread, and the tiny example spec."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmspec.spec import Spec, load_spec
 
@@ -17,6 +18,15 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("LMSPEC_CACHE", str(tmp_path_factory.mktemp("lmspec-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: intra-op threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
