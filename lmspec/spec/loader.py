@@ -471,9 +471,30 @@ def loads_spec(text: str, name: str = "<string>") -> Spec:
     return validate(data, positions, name)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML out, with strings that hold a line-break character double-quoted.
+
+    PyYAML writes U+0085 (NEL) raw in plain and single-quoted scalars, and its reader then takes
+    it for a line break, so such a string would not load back as itself.
+    """
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if any(c in value for c in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def to_yaml(data: Any) -> str:
+    """YAML text for plain data that `yaml.safe_load` reads back equal; key order kept."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
 def dump_spec(spec: Spec) -> str:
-    """Canonical YAML for a spec: every field explicit, keys in schema order."""
-    return yaml.safe_dump(spec_to_data(spec), sort_keys=False, allow_unicode=True)
+    """Canonical YAML for a spec: every field explicit, keys in schema order; loads back equal."""
+    return to_yaml(spec_to_data(spec))
 
 
 def spec_to_data(spec: Spec) -> dict:
