@@ -77,11 +77,15 @@ def init(device: str | None = None) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+# Methods other than `forward` through which the generated model runs a sharded block.
+_ENTRY_METHODS = ("predict",)
+
+
 def shard(model: nn.Module, d: Dist) -> nn.Module:
     """FSDP2: shard each decoder layer and MTP block, then the root (embedding, final norm, LM head)."""
     if not d.enabled:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     inner = model.model
     blocks = list(inner.layers)
@@ -90,6 +94,10 @@ def shard(model: nn.Module, d: Dist) -> nn.Module:
         blocks.extend(mtp.layers)
     for block in blocks:
         fully_shard(block)
+        # MTP blocks are entered through `predict`, not `forward`; FSDP must gather their weights there too.
+        for method in _ENTRY_METHODS:
+            if callable(getattr(block, method, None)):
+                register_fsdp_forward_method(block, method)
     fully_shard(model)
     return model
 

@@ -46,7 +46,7 @@ from lmspec.runtime.schedule import StepSchedule, plan_steps, scale_factor, scal
 from lmspec.runtime.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
 from lmspec.spec import Spec, dump_spec, load_spec, spec_hash
 
-DEFAULT_EVAL_TOKENS = 32768
+DEFAULT_EVAL_TOKENS = 16384
 EVALS_PER_RUN = 10
 CHECKPOINTS_PER_RUN = 5
 
@@ -168,42 +168,77 @@ def evaluate(
         with _autocast(spec, d.device):
             out = model(x, labels=y.to(d.device))
         totals += torch.tensor([float(out.loss) * y.numel(), y.numel(), corpus.token_bytes(y)], dtype=torch.float64)
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root's weights gathered after a forward until the backward that never comes in
+        # evaluation; reshard so the parameters are the sharded ones the optimizer holds again.
+        model.reshard()
     d.all_sum(totals)
     nats, n_tokens, n_bytes = totals.tolist()
     return nats / n_tokens, bits_per_byte(nats, int(n_bytes))
 
 
-def _save_model_fn(model: nn.Module, spec: Spec, d: distributed.Dist, backend: str):
-    """`save_pretrained` for one process; under FSDP, gather the full weights into an unsharded copy first."""
+def _model_writer(model: nn.Module, spec: Spec, d: distributed.Dist):
+    """What writes the model files of a checkpoint: `save_pretrained`, or under FSDP the gathered weights.
+
+    Gathering is a collective, so every rank calls this; only rank 0's writer is ever run.
+    """
     if not d.enabled:
         return model.save_pretrained
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     import lmspec
 
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save(path: Path) -> None:
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if d.is_main:
-            plain = lmspec.build(spec, device="cpu", backend="torch")
-            plain.load_state_dict(full)
-            plain.save_pretrained(path)
+        plain = lmspec.build(spec, device="cpu", backend="torch")
+        plain.load_state_dict(full)
+        plain.save_pretrained(path)
 
     return save
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    """The optimizer state keyed by parameter name, with whole (unsharded) tensors on the CPU.
 
-    # Keyed by parameter name rather than index, and whole rather than sharded, so a checkpoint resumes
-    # under any number of processes.
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    Keyed by name rather than index, and whole rather than sharded, so a checkpoint resumes under any number
+    of processes.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {
+        names[id(p)]: {k: _full(v).detach().cpu().clone() if torch.is_tensor(v) else v for k, v in st.items()}
+        for p, st in optimizer.state.items()
+    }
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    return {"state": state, "param_groups": groups}
 
 
-def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, d: distributed.Dist) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Inverse of `_optimizer_state`: each rank keeps its shard of every whole tensor."""
+    params = dict(model.named_parameters())
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        if [params[n] for n in saved_group["params"]] != group["params"]:
+            raise ValueError("optimizer parameter groups do not match the checkpoint's")
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for name, st in saved["state"].items():
+        p = params[name]
+        restored = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
 
-    options = StateDictOptions(full_state_dict=True) if d.enabled else StateDictOptions()
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+            elif torch.is_tensor(v) and v.dim() > 0:
+                v = v.to(p.device)
+            restored[k] = v
+        optimizer.state[p] = restored
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +325,7 @@ def train(
     distributed.shard(model, d)
     optimizer = make_optimizer(model, spec)
     if ckpt is not None:
-        _load_optimizer(model, optimizer, load_optimizer_state(ckpt), d)
+        _load_optimizer(model, optimizer, load_optimizer_state(ckpt))
         _set_rng_state(state["rng"])
         reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
     moe_layers = model.moe_layers()
@@ -304,7 +339,6 @@ def train(
     elapsed = float(state.get("elapsed_s", 0.0))
     metrics = MetricsWriter(run_dir, truncate_after_step=step if ckpt is not None else None) if d.is_main else None
     extra_files = {TOKENIZER_FILE: Path(tokenizer)} if tokenizer is not None else None
-    save_model = _save_model_fn(model, spec, d, backend)
     reporter.log(
         f"{spec.name}: {n_params / 1e6:.2f}M parameters, {len(spec.training.stages)} stages, "
         f"{total_tokens:,.0f} tokens in {total_steps} steps on {dev} x{d.world_size} ({backend} backend)"
@@ -318,21 +352,24 @@ def train(
     history: list[dict[str, Any]] = []
     reporter.start(total_tokens, done=tokens)
 
-    def checkpoint() -> Path:
-        path = save_checkpoint(
-            run_dir, step,
-            save_model=save_model,
-            optimizer_state=_optimizer_state(model, optimizer),
-            trainer_state={
-                "step": step, "tokens": tokens, "data_position": stream.position, "rng": _rng_state(),
-                "corpus": corpus.fingerprint, "spec_hash": spec_hash(spec), "world_size": d.world_size,
-                "elapsed_s": elapsed, "last_val": last_val,
-            },
-            extra_files=extra_files,
-            keep=keep_checkpoints,
-        ) if d.is_main else run_dir
+    def checkpoint() -> None:
+        # Both gathers are collectives: every rank takes part, rank 0 writes.
+        opt_state = _optimizer_state(model, optimizer)
+        writer = _model_writer(model, spec, d)
+        if d.is_main:
+            save_checkpoint(
+                run_dir, step,
+                save_model=writer,
+                optimizer_state=opt_state,
+                trainer_state={
+                    "step": step, "tokens": tokens, "data_position": stream.position, "rng": _rng_state(),
+                    "corpus": corpus.fingerprint, "spec_hash": spec_hash(spec), "world_size": d.world_size,
+                    "elapsed_s": elapsed, "last_val": last_val,
+                },
+                extra_files=extra_files,
+                keep=keep_checkpoints,
+            )
         d.barrier()
-        return path
 
     try:
         while tokens < total_tokens:
