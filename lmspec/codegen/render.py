@@ -61,7 +61,8 @@ def _attention_context(name: str, cls: str, a: GlobalAttention | SlidingAttentio
         "value_scale": float(a.value_scale),
         "sink": a.sink,
         "bias": a.bias,
-        "scale": a.scale,
+        # The default scale is written as transformers computes it, so the float is the same and readable.
+        "scale": f"{a.qk_head_dim} ** -0.5" if a.softmax_scale is None else repr(float(a.softmax_scale)),
         "window_keys": a.window_keys,
         "window_comment": window,
     }

@@ -155,6 +155,11 @@ def from_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise SpecError(str(directory), 1, 1, "", "expected a checkpoint folder, got no such directory")
+    has_weights = (directory / WEIGHTS_FILE).exists() or (directory / INDEX_FILE).exists()
+    if not has_weights and (directory / "checkpoints").is_dir():
+        from lmspec.runtime.checkpoint import resolve_checkpoint
+
+        directory = resolve_checkpoint(directory)  # a run directory: its newest complete checkpoint
     spec = _spec_from_dir(directory)
     state = load_hf_state_dict(directory)
     model = build(spec, device="meta", backend=backend)

@@ -257,3 +257,16 @@ def test_bf16_build_keeps_the_balancing_bias_in_fp32(tiny_spec):
     with torch.no_grad():
         out = m(tokens(1, 12, seed=12))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_from_pretrained_reads_a_run_directory(tiny_spec, tmp_path):
+    torch.manual_seed(0)
+    m = lmspec.build(tiny_spec)
+    step = tmp_path / "checkpoints" / "step_00000007"
+    m.save_pretrained(step)
+    (step / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "LATEST").write_text("step_00000007\n")
+    (tmp_path / "spec.yaml").write_text((step / "spec.yaml").read_text())
+    back = lmspec.from_pretrained(tmp_path)
+    for (n, p), (_, q) in zip(m.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(p, q), n
