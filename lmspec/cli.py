@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: byte-level)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--eval-every", type=int, default=None, metavar="STEPS", help="held-out evaluation interval")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens per evaluation (default 16384)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS", help="checkpoint interval")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward (accumulate the rest)")
 
     p = add("plot", cmd_plot, "plot a run's losses, LR, batch size and expert load", spec=False)
     p.add_argument("run_dir")

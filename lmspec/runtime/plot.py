@@ -53,6 +53,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     tokens = np.array([r["tokens"] for r in rows], dtype=float)
     scale, unit = (1e6, "M") if tokens[-1] >= 1e5 else (1e3, "K")
     x = tokens / scale
+    # LR, batch size and seq_len hold from the step's first token: draw them against where the step began.
+    x_start = np.array([r["tokens"] - r["batch_size"] * r["seq_len"] for r in rows], dtype=float) / scale
     stages = _stage_starts(rows)
     span = max(1, len(rows) // 50)
 
@@ -82,18 +84,21 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title("loss")
 
-    ax_lr.plot(x, [r["lr"] for r in rows], color="tab:green", lw=1.4)
+    ax_lr.plot(x_start, [r["lr"] for r in rows], color="tab:green", lw=1.4)
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_lr.set_title("learning rate")
 
-    ax_bs.step(x, [r["batch_size"] for r in rows], where="pre", color="tab:orange", lw=1.4, label="batch (seqs)")
+    ax_bs.step(x_start, [r["batch_size"] for r in rows], where="post", color="tab:orange", lw=1.4)
+    ax_bs.set_ylim(0, max(r["batch_size"] for r in rows) * 1.15)
     ax_bs.set_ylabel("batch size (sequences)")
     ax_bs.set_xlabel(f"tokens seen ({unit})")
     ax_seq = ax_bs.twinx()
-    ax_seq.step(x, [r["seq_len"] for r in rows], where="pre", color="tab:gray", lw=1.0, ls=":", label="seq_len")
-    ax_seq.set_ylabel("seq_len", color="tab:gray")
-    ax_bs.set_title("batch size and sequence length")
+    ax_seq.step(x_start, [r["seq_len"] for r in rows], where="post", color="tab:gray", lw=1.2, ls="--")
+    ax_seq.set_ylim(0, max(r["seq_len"] for r in rows) * 1.15)
+    ax_seq.set_ylabel("seq_len (dashed)", color="tab:gray")
+    ax_seq.tick_params(axis="y", colors="tab:gray")
+    ax_bs.set_title("batch size (solid) and sequence length (dashed)")
 
     ax_bpb.set_ylabel("bits per byte")
     ax_bpb.set_title("held-out bits per byte")
@@ -104,9 +109,10 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         for i, (start, _) in enumerate(stages):
             if i > 0:
                 ax.axvline(start / scale, color="k", lw=0.8, ls="--", alpha=0.5)
-    top = ax_loss.get_ylim()[1]
     for start, name in stages:
-        ax_loss.text(start / scale, top, f" {name}", va="top", ha="left", fontsize=8, color="0.3")
+        ax_lr.annotate(name, (start / scale, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                       textcoords="offset points", va="top", ha="left", fontsize=8, color="0.25",
+                       bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.8", "alpha": 0.9})
 
     loads = [r for r in rows if r.get("expert_load")]
     if loads:
@@ -114,8 +120,11 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         load = np.array(last["expert_load"], dtype=float)
         n_exp = load.shape[1]
         ratio = load * n_exp  # 1.0 = the uniform share
-        dev = max(abs(ratio - 1.0).max(), 0.25)
-        im = ax_load.imshow(ratio, cmap="RdBu_r", vmin=1 - dev, vmax=1 + dev, aspect="auto")
+        from matplotlib.colors import TwoSlopeNorm
+
+        # White is the uniform share; blue under-used, red over-used; 2x uniform saturates unless exceeded.
+        norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(ratio.max())))
+        im = ax_load.imshow(ratio, cmap="RdBu_r", norm=norm, aspect="auto")
         ax_load.set_xlabel("expert")
         ax_load.set_ylabel("MoE layer")
         ax_load.set_xticks(range(n_exp) if n_exp <= 32 else np.linspace(0, n_exp - 1, 9, dtype=int))

@@ -538,6 +538,7 @@ def train_command(args: argparse.Namespace) -> int:
         eval_every=getattr(args, "eval_every", None),
         checkpoint_every=getattr(args, "checkpoint_every", None),
         micro_batch_size=getattr(args, "micro_batch_size", None),
+        eval_tokens=getattr(args, "eval_tokens", None) or DEFAULT_EVAL_TOKENS,
     )
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
