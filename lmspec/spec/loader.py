@@ -53,57 +53,78 @@ def _fmt_path(path: Path_) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _construct(node: yaml.Node, file: str, path: Path_, positions: dict[Path_, Pos]) -> Any:
-    """Build plain Python data from a composed YAML node, recording positions per path."""
-    if isinstance(node, yaml.MappingNode):
+_SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
+def _tag(node: yaml.Node) -> str:
+    """A tag as the user wrote it: `!!binary`, `!foo`."""
+    return node.tag.replace("tag:yaml.org,2002:", "!!")
+
+
+_MAX_DEPTH = 64  # far deeper than any spec; stops a self-referencing alias (`&a [*a]`)
+_MAX_VALUES = 200_000  # counted with aliases expanded; stops exponential alias bombs
+
+
+class _Builder:
+    """Plain Python data from a composed YAML node, recording the position of every path."""
+
+    def __init__(self, file: str, positions: dict[Path_, Pos]) -> None:
+        self.file = file
+        self.positions = positions
+        self.values = 0
+
+    def _error(self, node: yaml.Node, path: Path_, message: str) -> SpecError:
+        return SpecError(self.file, node.start_mark.line + 1, node.start_mark.column + 1, _fmt_path(path), message)
+
+    def _pos(self, key_node: yaml.Node, value_node: yaml.Node) -> Pos:
+        style = value_node.style if isinstance(value_node, yaml.ScalarNode) else None
+        return Pos(self.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
+                   value_node.start_mark.line + 1, value_node.start_mark.column + 1, style)
+
+    def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
+        self.values += 1
+        if self.values > _MAX_VALUES:
+            raise self._error(node, path, f"expected at most {_MAX_VALUES} YAML values (aliases expanded), got more")
+        if len(path) > _MAX_DEPTH:
+            raise self._error(node, path, f"expected at most {_MAX_DEPTH} levels of nesting, got more")
+        if isinstance(node, yaml.MappingNode):
+            if node.tag != "tag:yaml.org,2002:map":
+                raise self._error(node, path, f"expected a plain mapping, got one tagged {_tag(node)!r}")
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            if node.tag != "tag:yaml.org,2002:seq":
+                raise self._error(node, path, f"expected a plain list, got one tagged {_tag(node)!r}")
+            items = []
+            for i, item in enumerate(node.value):
+                self.positions[(*path, i)] = self._pos(item, item)
+                items.append(self.build(item, (*path, i)))
+            return items
+        if node.tag not in _SCALAR_TAGS:
+            raise self._error(node, path, f"expected a plain value, got one tagged {_tag(node)!r}")
+        loader = yaml.SafeLoader("")
+        try:
+            return loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+            # An explicit tag the text does not fit, such as `!!float x` or `!!timestamp 2020-99-99`.
+            raise self._error(node, path, f"expected a value of type {node.tag.rsplit(':', 1)[-1]}, "
+                                          f"got {node.value!r}") from None
+        finally:
+            loader.dispose()
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise SpecError(
-                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(path),
-                    "expected plain keys, got a YAML merge key '<<' (use extends:)",
-                )
-            key = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), key_node) if isinstance(
-                key_node, yaml.ScalarNode
-            ) else None
-            if not isinstance(key, str):
-                raise SpecError(
-                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(path),
-                    "expected a string key, got a complex key",
-                )
+                raise self._error(key_node, path, "expected plain keys, got a YAML merge key '<<' (use extends:)")
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self._error(key_node, path, "expected a string key, got a complex key")
+            key = str(key_node.value)  # the key as written: `1:` is the name "1", never the number
             child = (*path, key)
             if key in out:
-                first = positions[child]
-                raise SpecError(
-                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, _fmt_path(child),
-                    f"expected each key once, got a duplicate of the key on line {first.line}",
+                raise self._error(
+                    key_node, child, f"expected each key once, got a duplicate of the key on line {self.positions[child].line}"
                 )
-            positions[child] = Pos(
-                file,
-                key_node.start_mark.line + 1,
-                key_node.start_mark.column + 1,
-                value_node.start_mark.line + 1,
-                value_node.start_mark.column + 1,
-                getattr(value_node, "style", None) if isinstance(value_node, yaml.ScalarNode) else None,
-            )
-            out[key] = _construct(value_node, file, child, positions)
+            self.positions[child] = self._pos(key_node, value_node)
+            out[key] = self.build(value_node, child)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            child = (*path, i)
-            positions[child] = Pos(
-                file, item.start_mark.line + 1, item.start_mark.column + 1,
-                item.start_mark.line + 1, item.start_mark.column + 1,
-                getattr(item, "style", None) if isinstance(item, yaml.ScalarNode) else None,
-            )
-            items.append(_construct(item, file, child, positions))
-        return items
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    finally:
-        loader.dispose()
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
@@ -116,10 +137,13 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
         raise SpecError(file, line, col, "", f"YAML syntax: {problem}") from None
     except yaml.YAMLError as e:
         raise SpecError(file, 0, 0, "", f"YAML syntax: {e}") from None
+    except RecursionError:
+        # PyYAML's composer recurses once per nesting level: `[[[[...]]]]` thousands deep.
+        raise SpecError(file, 0, 0, "", f"YAML syntax: expected at most {_MAX_DEPTH} levels of nesting, got far more") from None
     positions: dict[Path_, Pos] = {}
     if node is None:
         return {}, positions
-    return _construct(node, file, (), positions), positions
+    return _Builder(file, positions).build(node), positions
 
 
 def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | None = None) -> Any:
@@ -350,6 +374,7 @@ _EXPECTED = {
     "tuple_type": "a list",
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
 }
 
 
@@ -393,7 +418,8 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
     elif kind == "missing":
         parent = _position_for(loc[:-1], positions, file)
         message = "expected this required field, got nothing"
-        pos = parent
+        # A field missing at the top level: point at the start of the file.
+        pos = parent if parent is not None or len(loc) > 1 else Pos(file, 1, 1, 1, 1, None)
     elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
         ctx = err.get("ctx", {})
         message = f"expected kind one of {ctx.get('expected_tags', '?')}, got {ctx.get('tag', 'no kind')!r}"

@@ -169,6 +169,28 @@ CASES = [
         extends: TINY
         serving: {speculative_depth: 4}
         """, "2:11: serving.speculative_depth:", "expected at most mtp.num_blocks (3), got 4"),
+    ("python_tag", """
+        name: !!python/object/apply:os.system [echo]
+        """, "1:7: name:", "expected a plain list, got one tagged '!!python/object/apply:os.system'"),
+    ("tag_that_does_not_fit", """
+        extends: TINY
+        model: {init_std: !!float small}
+        """, "2:19: model.init_std:", "expected a value of type float, got 'small'"),
+    ("infinite_number", """
+        extends: TINY
+        model: {init_std: .inf}
+        """, "2:9: model.init_std:", "expected a finite number, got inf"),
+    ("merge_key", """
+        extends: TINY
+        model:
+          <<: {hidden_size: 64}
+        """, "3:3: model:", "expected plain keys, got a YAML merge key '<<' (use extends:)"),
+    ("self_referencing_alias", """
+        name: &a [*a]
+        """, "1:7: " + ".".join(["name"] + ["0"] * 64) + ":", "expected at most 64 levels of nesting, got more"),
+    ("missing_top_level_field", """
+        name: x
+        """, "1:1: model:", "expected this required field, got nothing"),
     ("top_level_not_a_mapping", """
         - a
         - b
@@ -271,3 +293,15 @@ def test_file_positions_survive_unrelated_sets(run_cli):
     # num_heads came from --set, but the rejected field (num_kv_heads) is still the file's.
     assert line.startswith(f"{TINY}:13:"), line
     assert "model.attention.swa.num_kv_heads: expected a divisor of num_heads (3), got 2" in line
+
+
+def test_alias_bomb(tmp_path, run_cli):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = _write(tmp_path, "\n".join(lines) + "\nname: *a8\n")
+    assert _error(run_cli, path).endswith("expected at most 200000 YAML values (aliases expanded), got more")
+
+
+def test_deep_nesting(tmp_path, run_cli):
+    path = _write(tmp_path, "name: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert _error(run_cli, path) == f"{path}: YAML syntax: expected at most 64 levels of nesting, got far more"
