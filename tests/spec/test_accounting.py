@@ -200,3 +200,52 @@ def test_stats_cli_rejects_bad_context(run_cli):
     code, _, err = run_cli("stats", TINY, "--context", "0")
     assert code == 2
     assert "context" in err and "Traceback" not in err
+
+
+def _minimal(attention: dict, layers: str = "A*3") -> Spec:
+    return Spec.model_validate({
+        "name": "minimal",
+        "model": {
+            "vocab_size": 10, "hidden_size": 8, "max_position_embeddings": 64,
+            "attention": {"a": {"num_heads": 2, "num_kv_heads": 1, "qk_head_dim": 4, "v_head_dim": 2,
+                                "rope": {"theta": 1e4}, **attention}},
+            "ffn": {"f": {"kind": "dense", "intermediate_size": 5}},
+            "blocks": {"A": {"attention": "a", "ffn": "f"}},
+            "layers": layers,
+        },
+    })
+
+
+def test_all_sliding_model_compares_against_itself_without_a_window():
+    spec = _minimal({"kind": "sliding", "window": 4, "window_convention": "keys"})
+    acc = account(spec, 10)
+    slot = 1 * (4 + 2) * 2
+    assert acc.all_global_reference is None
+    assert acc.kv_bytes_per_token_total == 0
+    assert acc.kv_fixed_bytes_per_sequence_total == 3 * 4 * slot
+    assert acc.all_global_kv_bytes_at_context == 3 * 10 * slot
+    assert acc.kv_ratio_all_global == 10 / 4
+    # Exact small-model arithmetic: embedding, head, 3 x (q, k, v, o, 2 norms, SwiGLU), final norm.
+    per_layer = 8 * (2 * 4 + 4 + 2) + 2 * 2 * 8 + 2 * 8 + 3 * 8 * 5
+    assert param_count(spec) == 2 * 10 * 8 + 3 * per_layer + 8
+
+
+def test_context_of_one_token():
+    spec = _minimal({"kind": "global"}, layers="A")
+    acc = account(spec, 1)
+    assert acc.kv_bytes_at_context_total == acc.all_global_kv_bytes_at_context == (4 + 2) * 2
+    assert acc.flops_per_token["attention_scores.a"] == 2 * 2 * 1 * (4 + 2)
+    assert acc.flops_per_token_seq_mean == acc.flops_per_token
+    with pytest.raises(ValueError):
+        account(spec, 0)
+
+
+@pytest.mark.parametrize("window_keys", [1, 5, 9, 10, 11, 50])
+def test_sequence_mean_keys_is_the_mean_over_positions(window_keys):
+    from lmspec.compiler.accounting import mean_keys
+
+    spec = _minimal({"kind": "sliding", "window": window_keys, "window_convention": "keys"})
+    attn = spec.model.attention["a"]
+    for context in (1, 7, 10, 23):
+        exact = sum(min(i, window_keys) for i in range(1, context + 1)) / context
+        assert mean_keys(attn, context) == pytest.approx(exact)
