@@ -209,8 +209,8 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_for(path: Path_, data: Any) -> type[BaseModel] | None:
-    """The Pydantic model that describes the mapping at `path`, following the data for unions."""
+def _annotation_at(path: Path_, data: Any) -> Any:
+    """The type that describes the value at `path` (following the data's `kind` through unions)."""
     cls: Any = Spec
     node = data
     for part in path:
@@ -221,8 +221,12 @@ def _model_for(path: Path_, data: Any) -> type[BaseModel] | None:
             node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
         )
         cls = _resolve(ann, node)
-        if cls is None:
-            return None
+    return cls
+
+
+def _model_for(path: Path_, data: Any) -> type[BaseModel] | None:
+    """The Pydantic model that describes the mapping at `path`, if a model does."""
+    cls = _annotation_at(path, data)
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
@@ -274,17 +278,7 @@ def suggest(name: str, options: list[str]) -> str:
 
 def _accepts_any_key(path: Path_, data: Any) -> bool:
     """Whether the mapping at `path` is a free-form dict (`model.blocks`, ...) rather than a model."""
-    cls: Any = Spec
-    node = data
-    for part in path:
-        ann = _field_annotation(cls, part, node)
-        if ann is None:
-            return False
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
-        )
-        cls = _resolve(ann, node)
-    return typing.get_origin(_strip(cls)) is dict
+    return typing.get_origin(_strip(_annotation_at(path, data))) is dict
 
 
 def _set_pos(index: int, col: int, value_col: int, raw: str) -> Pos:
@@ -378,7 +372,8 @@ _EXPECTED = {
 }
 
 
-def _position_for(loc: Path_, positions: dict[Path_, Pos], default_file: str) -> Pos | None:
+def _position_for(loc: Path_, positions: dict[Path_, Pos]) -> Pos | None:
+    """The position of `loc`, else of its nearest ancestor that has one."""
     for n in range(len(loc), 0, -1):
         if loc[:n] in positions:
             return positions[loc[:n]]
@@ -408,7 +403,7 @@ def _clean_loc(loc: tuple, data: Any) -> Path_:
 def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) -> SpecError:
     loc = _clean_loc(tuple(err["loc"]), data)
     field = _fmt_path(loc)
-    pos = _position_for(loc, positions, file)
+    pos = _position_for(loc, positions)
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
@@ -416,7 +411,7 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
         options = allowed_keys(loc[:-1], data)
         message = f"expected one of the known fields, got unknown key {key!r}" + suggest(key, options)
     elif kind == "missing":
-        parent = _position_for(loc[:-1], positions, file)
+        parent = _position_for(loc[:-1], positions)
         message = "expected this required field, got nothing"
         # A field missing at the top level: point at the start of the file.
         pos = parent if parent is not None or len(loc) > 1 else Pos(file, 1, 1, 1, 1, None)
