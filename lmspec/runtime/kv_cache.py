@@ -183,7 +183,7 @@ class _LayerCache:
         self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
         self.pos[b_idx, slot] = slot
         self.high = max(self.high, top + 1)
-        n = self.high
+        n = max(self.high, 1)  # never an empty key axis: one slot, empty (-1), if nothing was written
         return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
 
     def _update_ring(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
