@@ -38,13 +38,19 @@ def small_specs(draw, all_sliding: bool = False) -> Spec:
     hidden = draw(st.sampled_from([16, 24]))
     kinds = ["sliding"] if all_sliding else draw(st.sampled_from([["global"], ["sliding"], ["global", "sliding"]]))
     att = {k: draw(attention(k, hidden)) for k in kinds}
-    experts = draw(st.integers(2, 5))
+    experts = draw(st.integers(2, 6))
+    # group-limited routing scores a group by its best two experts, so a group holds at least two
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if experts % g == 0 and experts // g >= 2]))
+    kept = draw(st.integers(1, groups))
     ffn = {
         "dense": {"kind": "dense", "intermediate_size": draw(st.sampled_from([8, 20]))},
         "moe": {
             "kind": "moe",
             "num_experts": experts,
-            "top_k": draw(st.integers(1, min(3, experts))),
+            "top_k": draw(st.integers(1, min(3, kept * (experts // groups)))),
+            "num_groups": groups,
+            "top_k_groups": kept,
+            "routed_scaling_factor": draw(st.sampled_from([1.0, 2.5])),
             "expert_intermediate_size": draw(st.sampled_from([4, 12])),
             "num_shared_experts": draw(st.integers(0, 1)),
             "score_function": draw(st.sampled_from(["sigmoid", "softmax"])),
@@ -71,9 +77,9 @@ def small_specs(draw, all_sliding: bool = False) -> Spec:
     return validate({"name": "prop", "model": model}, {}, "<hypothesis>")
 
 
-def _build(spec: Spec, seed: int = 0) -> torch.nn.Module:
+def _build(spec: Spec, seed: int = 0, disable: tuple[str, ...] = ()) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = lmspec.build(spec)
+    model = lmspec.build(spec, disable_passes=disable)
     with torch.no_grad():
         for moe in model.moe_layers():
             if hasattr(moe.gate, "e_score_correction_bias"):
@@ -93,7 +99,9 @@ def test_counts_causality_and_gradients(spec, seed, t):
     y[:, t:] = torch.randint(0, V, (2, 12 - t), generator=g)
     with torch.no_grad():
         a, b = model(x).logits, model(y).logits
-    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    # Not bit-exact: changing later tokens regroups the sort-by-expert GEMMs, which rounds differently.
+    # A real leak moves logits by O(0.1) at init_std 0.2.
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=1e-4, atol=1e-5)
 
     out = model(x[:, :-1], labels=x[:, 1:])
     total = out.loss + sum(out.mtp_losses) + out.aux_loss
@@ -116,7 +124,7 @@ def test_sliding_only_models_forget_beyond_their_receptive_field(spec, seed):
     y[:, : far + 1] = torch.randint(0, m.vocab_size, (1, far + 1), generator=g)
     with torch.no_grad():
         a, b = model(x).logits[:, -1], model(y).logits[:, -1]
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # same rounding caveat as above
     if m.layer_attention(m.num_layers - 1).window_keys > 1:
         z = x.clone()
         z[:, -2] = (z[:, -2] + 1) % m.vocab_size  # inside the window: must matter
@@ -131,3 +139,21 @@ def test_compiling_twice_gives_identical_code(spec, tmp_path_factory):
     two = compile_spec(spec, out_dir=tmp_path_factory.mktemp("two"))
     assert one.model_path.read_bytes() == two.model_path.read_bytes()
     assert compile_spec(spec).source == one.source
+
+
+@settings(max_examples=8)
+@given(spec=small_specs(), seed=st.integers(0, 2**16))
+def test_fused_and_unfused_models_agree(spec, seed):
+    fused = _build(spec, seed)
+    plain = _build(spec, seed, disable=("fusion",))
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randint(0, spec.model.vocab_size, (2, 10), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a, b = fused(x, return_mtp=True), plain(x, return_mtp=True)
+        la, lb = fused(x, labels=x), plain(x, labels=x)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.expert_load, b.expert_load, rtol=0, atol=0)
+    for u, v in zip(a.mtp_logits, b.mtp_logits, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(la.loss, lb.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(la.aux_loss, lb.aux_loss, rtol=1e-5, atol=1e-5)
