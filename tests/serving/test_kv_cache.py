@@ -30,10 +30,9 @@ def scenarios(draw):
     slack = draw(st.integers(0, 3))
     batch = draw(st.integers(1, 3))
     steps = []
-    lengths = [0] * batch
     for _ in range(draw(st.integers(1, 10))):
         chunk = []
-        for b in range(batch):
+        for _b in range(batch):
             kind = draw(st.sampled_from(["idle", "prefill", "decode", "speculate"]))
             if kind == "idle":
                 chunk.append((0, 0))
@@ -44,8 +43,6 @@ def scenarios(draw):
             else:  # a verify step of slack + 1 tokens, of which `kept` survive the rollback
                 chunk.append((slack + 1, draw(st.integers(0, slack + 1))))
         steps.append(chunk)
-        for b, (n, kept) in enumerate(chunk):
-            lengths[b] += n if kept is None else kept
     return window, slack, batch, steps
 
 

@@ -1,0 +1,55 @@
+"""Serving fixtures: a private compile cache, one intra-op thread, and small variants of the tiny spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmspec
+
+TINY = Path(__file__).resolve().parents[2] / "examples" / "mimo_v2_flash_tiny.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMSPEC_CACHE", str(tmp_path_factory.mktemp("lmspec-cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models are tiny: intra-op threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_overrides(*, window: int = 32, vocab: int = 256, init_std: float = 0.02, hidden: int = 32) -> list[str]:
+    """The tiny spec's layout (G0 S*2 G S*2 G, sink, MoE top-2, 3 MTP blocks) at a few thousand parameters."""
+    out = [
+        f"model.attention.swa.window={window}",
+        f"model.hidden_size={hidden}",
+        f"model.vocab_size={vocab}",
+        f"model.init_std={init_std}",
+        "model.ffn.dense.intermediate_size=32",
+        "model.ffn.moe.num_experts=4",
+        "model.ffn.moe.expert_intermediate_size=16",
+    ]
+    for kind in ("global", "swa"):
+        out += [
+            f"model.attention.{kind}.num_heads=2",
+            f"model.attention.{kind}.num_kv_heads=1",
+            f"model.attention.{kind}.qk_head_dim=24",
+            f"model.attention.{kind}.v_head_dim=8",
+        ]
+    return out
+
+
+def small_model(seed: int = 0, dtype: torch.dtype = torch.float64, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return lmspec.build(TINY, dtype=dtype, overrides=small_overrides(**kw)).eval()
