@@ -23,12 +23,19 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
+from lmspec.cli import UsageError
 from lmspec.codegen import compile_spec
 from lmspec.runtime.model_base import CausalLMBase, write_atomic
 from lmspec.spec import Spec, SpecError, dump_spec, load_spec, spec_to_data
 from lmspec.spec.loader import apply_override, validate
 
-__all__ = ["build", "from_pretrained", "load_hf_state_dict", "save_pretrained"]
+__all__ = ["CheckpointError", "build", "from_pretrained", "load_hf_state_dict", "save_pretrained"]
+
+
+
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint folder that does not fit its spec (the CLI prints it as one line, exit status 2)."""
+
 
 SPEC_FILE = "spec.yaml"
 CONFIG_FILE = "config.json"
@@ -97,7 +104,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
     shards = sorted(directory.glob("*.safetensors"))
     if shards:
         return shards
-    raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
 
 
 def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
@@ -121,7 +128,7 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
     for prefix, projs in experts.items():
         n = len(projs.get("gate_proj", {}))
         if not n or any(sorted(projs.get(p, {})) != list(range(n)) for p in ("gate_proj", "up_proj", "down_proj")):
-            raise ValueError(f"{directory}: incomplete per-expert tensors under {prefix}")
+            raise CheckpointError(f"{directory}: incomplete per-expert tensors under {prefix}")
         gate_up = [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]], dim=0) for e in range(n)]
         out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H): gate rows first
         out[f"{prefix}.down_proj"] = torch.stack([projs["down_proj"][e] for e in range(n)])  # (E, H, I)
@@ -149,7 +156,7 @@ def from_pretrained(
 ) -> CausalLMBase:
     """Load a model saved by ``save_pretrained`` or by transformers' ``MiMoV2FlashForCausalLM``.
 
-    MTP weights missing from the folder (transformers drops ``model.mtp.*``) are freshly initialised with a
+    ``dtype=None`` keeps the dtype the weights were saved in. MTP weights missing from the folder (transformers drops ``model.mtp.*``) are freshly initialised with a
     warning; any other missing or unexpected tensor is an error.
     """
     directory = Path(directory)
@@ -170,26 +177,29 @@ def from_pretrained(
     missing = [k for k in expected if k not in state and not (tied and k == "lm_head.weight")]
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise ValueError(f"{directory}: tensors the spec has no place for: {unexpected[:8]}")
+        raise CheckpointError(f"{directory}: tensors the spec has no place for: {unexpected[:8]}")
     bad_missing = [k for k in missing if not k.startswith("model.mtp.")]
     if bad_missing:
-        raise ValueError(f"{directory}: tensors missing from the checkpoint: {bad_missing[:8]}")
+        raise CheckpointError(f"{directory}: tensors missing from the checkpoint: {bad_missing[:8]}")
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"{directory}: {name}: expected shape {tuple(expected[name].shape)}, got {tuple(t.shape)}"
             )
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:  # as transformers does by default: keep the dtype the weights were saved in
+        saved = [t.dtype for k, t in state.items() if t.is_floating_point() and "e_score_correction_bias" not in k]
+        dtype = saved[0] if saved else None
     model.to_empty(device=dev)
+    if dtype is not None:
+        model.to(dtype)
+    model.keep_fp32_buffers()  # before loading, so the saved fp32 balancing bias is not rounded
     if missing:
         warnings.warn(f"{directory}: no MTP weights in the checkpoint; MTP blocks are freshly initialised", stacklevel=2)
         model.init_weights()
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=False)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    if dtype is not None:
-        model.to(dtype)
-    model.keep_fp32_buffers()
     return model
 
 

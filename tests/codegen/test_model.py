@@ -270,3 +270,16 @@ def test_from_pretrained_reads_a_run_directory(tiny_spec, tmp_path):
     back = lmspec.from_pretrained(tmp_path)
     for (n, p), (_, q) in zip(m.state_dict().items(), back.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_save_and_load_keep_dtype_and_the_fp32_bias(tiny_spec, tmp_path):
+    torch.manual_seed(0)
+    m = lmspec.build(tiny_spec, dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.moe_layers()[0].gate.e_score_correction_bias.fill_(1e-5 / 3)  # not representable in bf16
+    m.save_pretrained(tmp_path)
+    back = lmspec.from_pretrained(tmp_path)
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+    bias = back.moe_layers()[0].gate.e_score_correction_bias
+    assert bias.dtype == torch.float32 and torch.equal(bias, m.moe_layers()[0].gate.e_score_correction_bias)
+    assert lmspec.from_pretrained(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
