@@ -89,6 +89,30 @@ def _ffn_context(name: str, cls: str, f: Any) -> dict[str, Any]:
     return ctx
 
 
+def _used_by(block: str, graph: Graph) -> str:
+    layers = [layer.index for layer in graph.layers if layer.block == block]
+    parts = []
+    if layers:
+        parts.append(f"layers {compress_indices(layers)}")
+    if any(layer.block == block for layer in graph.mtp_layers):
+        parts.append("the MTP blocks")
+    return " and ".join(parts)
+
+
+def compress_indices(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(runs)
+
+
 def model_context(graph: Graph, spec_path: str | None = None) -> dict[str, Any]:
     """Everything the model template reads, from the graph (layers, MTP layers, fused units) and its Spec."""
     spec = graph.spec
@@ -105,7 +129,13 @@ def model_context(graph: Graph, spec_path: str | None = None) -> dict[str, Any]:
     attention = {n: _attention_context(n, cls[("a", n)], m.attention[n]) for n in att_names}
     ffn = {n: _ffn_context(n, cls[("f", n)], m.ffn[n]) for n in ffn_names}
     blocks = {
-        n: {"name": n, "cls": cls[("b", n)], "attention": attention[m.blocks[n].attention], "ffn": ffn[m.blocks[n].ffn]}
+        n: {
+            "name": n,
+            "cls": cls[("b", n)],
+            "attention": attention[m.blocks[n].attention],
+            "ffn": ffn[m.blocks[n].ffn],
+            "used_by": _used_by(n, graph),
+        }
         for n in block_names
     }
     digest = spec_hash(spec)
