@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
+# Select the Triton interpreter (on a machine without CUDA) before transformers or anything else imports
+# triton: triton reads TRITON_INTERPRET once, and test_triton_model runs the rendered kernels.
+try:
+    import lmspec.runtime.ops.triton_support  # noqa: F401
+except (ImportError, RuntimeError):
+    pass
+
 from lmspec.spec import Spec, load_spec
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "mimo_v2_flash_tiny.yaml"
