@@ -27,8 +27,8 @@ Conventions of the derived figures:
   slots, a fixed cost per sequence. The all-global variant replaces every layer's attention by
   the model's (most used) global kind, keeping everything else.
 - FLOPs are forward multiply-adds x 2: every matmul weight (attention projections, experts used,
-  router, LM head, eh_proj) costs 2 FLOPs per token; the embedding lookup, norms, sinks and
-  softmax are not counted. Attention scores and the value mix cost 2*heads*keys*(qk + v) per
+  router, LM head, eh_proj) costs 2 FLOPs per token, q/k/v biases (when `bias`) are counted with
+  their projection at the same rate; the embedding lookup, norms, sinks and softmax are not. Attention scores and the value mix cost 2*heads*keys*(qk + v) per
   token, where a token at position `context` sees `context` keys in global layers and
   `min(context, window_keys)` in sliding ones (the decode cost at that context). The
   `seq_mean` variant averages over every position of a causal `context`-token sequence
