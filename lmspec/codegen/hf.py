@@ -194,15 +194,17 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
     v_head_dim = int(_get(config, "v_head_dim", 128))
     value_scale = float(_get(config, "attention_value_scale", 1.0))
     bias = bool(_get(config, "attention_bias", False))
+    # The Hub config has flat keys (rope_theta, swa_rope_theta, partial_rotary_factor); transformers nests them.
+    fraction = float(_get(config, "partial_rotary_factor", 0.334))
     default_rope = {
-        FULL: {"rope_theta": _get(config, "rope_theta", 5_000_000.0), "partial_rotary_factor": 0.334},
-        SLIDING: {"rope_theta": _get(config, "swa_rope_theta", 10_000.0), "partial_rotary_factor": 0.334},
+        FULL: {"rope_theta": _get(config, "rope_theta", 5_000_000.0), "partial_rotary_factor": fraction},
+        SLIDING: {"rope_theta": _get(config, "swa_rope_theta", 10_000.0), "partial_rotary_factor": fraction},
     }
     rope_params = config.get("rope_parameters") or default_rope
 
     def rope(lt: str) -> dict[str, float]:
         p = rope_params.get(lt) or default_rope[lt]
-        return {"theta": float(p["rope_theta"]), "fraction": float(p.get("partial_rotary_factor", 0.334))}
+        return {"theta": float(p["rope_theta"]), "fraction": float(p.get("partial_rotary_factor", fraction))}
 
     if config.get("sliding_window_size") is not None:
         window, convention = int(config["sliding_window_size"]), "previous_plus_self"
@@ -217,7 +219,8 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
         },
         "swa": {
             "kind": "sliding", "window": window, "window_convention": convention, "num_heads": heads,
-            "num_kv_heads": swa_kv, "qk_head_dim": head_dim, "v_head_dim": v_head_dim, "rope": rope(SLIDING),
+            "num_kv_heads": swa_kv, "qk_head_dim": int(_get(config, "swa_head_dim", head_dim)),
+            "v_head_dim": int(_get(config, "swa_v_head_dim", v_head_dim)), "rope": rope(SLIDING),
             "value_scale": value_scale, "sink": bool(_get(config, "add_swa_attention_sink_bias", True)), "bias": bias,
         },
     }

@@ -185,3 +185,26 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no place for"):
         lmspec.from_pretrained(tmp_path)
+
+
+def test_hub_style_config_gives_the_example_spec():
+    """The flat keys of the released config.json (as the converter and SGLang read them) give examples/mimo_v2_flash."""
+    hub = {
+        "model_type": "mimo_v2_flash", "vocab_size": 152576, "hidden_size": 4096, "intermediate_size": 16384,
+        "num_hidden_layers": 48, "num_attention_heads": 64, "num_key_value_heads": 4,
+        "swa_num_key_value_heads": 8, "head_dim": 192, "v_head_dim": 128, "swa_head_dim": 192,
+        "swa_v_head_dim": 128, "rope_theta": 5000000, "swa_rope_theta": 10000, "partial_rotary_factor": 0.334,
+        "sliding_window": 128, "sliding_window_size": 128, "attention_value_scale": 0.707,
+        "hybrid_layer_pattern": [0 if i == 0 or (i + 1) % 6 == 0 else 1 for i in range(48)],
+        "moe_layer_freq": [0] + [1] * 47, "n_routed_experts": 256, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 2048, "n_shared_experts": None, "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": None, "n_group": 1,
+        "topk_group": 1, "layernorm_epsilon": 1e-5, "max_position_embeddings": 262144,
+        "tie_word_embeddings": False, "add_full_attention_sink_bias": False, "add_swa_attention_sink_bias": True,
+        "num_nextn_predict_layers": 3, "initializer_range": 0.006,
+    }
+    spec = config_to_spec(hub, name="mimo_v2_flash")
+    example = load_spec(FULL).model
+    assert spec.model.attention == example.attention and spec.model.ffn == example.ffn
+    assert spec.model.layer_blocks == example.layer_blocks and spec.model.mtp == example.mtp
+    assert spec.model.norm == example.norm and spec.model.init_std == example.init_std
