@@ -5,8 +5,8 @@
 - ``checks``: one forward+backward check per kernel family.
 - ``suite``: ``run_kernel_suite(constants, examples) -> list[KernelRow]`` and ``print_kernel_table``.
 
-Importing this package registers the Hypothesis profiles ``lmspec`` and ``lmspec-ci`` (chosen when ``CI``
-is set) and loads the right one.
+Importing this package registers the Hypothesis profiles ``lmspec-kernels`` and ``lmspec-kernels-ci`` (the
+one for a ``CI`` environment); ``register_profiles(load=True)`` also loads it (tests/kernels does).
 """
 
 from lmspec.testing.compare import (
@@ -17,7 +17,7 @@ from lmspec.testing.compare import (
     relative_error,
     tolerance,
 )
-from lmspec.testing.profiles import register_profiles
+from lmspec.testing.profiles import profile_name, register_profiles
 from lmspec.testing.suite import KernelRow, print_kernel_table, run_kernel_suite
 
 PROFILE = register_profiles()
@@ -30,6 +30,7 @@ __all__ = [
     "assert_matches_reference",
     "poisoned_allocations",
     "print_kernel_table",
+    "profile_name",
     "register_profiles",
     "relative_error",
     "run_kernel_suite",

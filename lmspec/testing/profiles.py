@@ -1,8 +1,8 @@
 """Hypothesis profiles for kernel property tests.
 
-``lmspec`` (default): no deadline (the Triton interpreter is slow and its first call compiles nothing but
-parses the kernel), no database writes to the repository. ``lmspec-ci`` (chosen when the ``CI`` environment
-variable is set): the same, derandomised, so a CI run is reproducible. Example counts are set per test.
+``lmspec-kernels``: no deadline (the Triton interpreter is slow and uneven), slow-data health checks off.
+``lmspec-kernels-ci``: the same, derandomised and without an example database, so a CI run (``CI`` set)
+is reproducible. Example counts are set per test, not here.
 """
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ _COMMON = {
 }
 
 
-def register_profiles() -> str:
-    """Register ``lmspec`` and ``lmspec-ci`` and load the one for this environment; returns its name."""
-    settings.register_profile("lmspec", **_COMMON)
-    settings.register_profile("lmspec-ci", derandomize=True, database=None, **_COMMON)
-    name = "lmspec-ci" if os.environ.get("CI") else "lmspec"
-    settings.load_profile(name)
+def profile_name() -> str:
+    """The profile for this environment: the CI one when the ``CI`` environment variable is set."""
+    return "lmspec-kernels-ci" if os.environ.get("CI") else "lmspec-kernels"
+
+
+def register_profiles(*, load: bool = False) -> str:
+    """Register both profiles; with ``load=True`` also load the one for this environment. Returns its name."""
+    settings.register_profile("lmspec-kernels", **_COMMON)
+    settings.register_profile("lmspec-kernels-ci", derandomize=True, database=None, **_COMMON)
+    name = profile_name()
+    if load:
+        settings.load_profile(name)
     return name

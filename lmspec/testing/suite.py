@@ -133,9 +133,21 @@ def run_kernel_suite(
     ``lmspec.testing.strategies.DTYPES``; the tolerance of a row is the loosest over them.
     ``only``: a predicate on kernel names to run a subset.
     """
+    import torch
+
     from lmspec.codegen.kernels import render_kernels
     from lmspec.runtime.ops.triton_backend import TritonBackend
 
+    threads = torch.get_num_threads()
+    # Cases are tiny: torch threads between interpreted kernels would only contend for cores.
+    torch.set_num_threads(1)
+    try:
+        return _run_suite(constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_suite(constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend) -> list[KernelRow]:
     with tempfile.TemporaryDirectory(prefix="lmspec-kernels-") as tmp:
         out = Path(kernel_dir) if kernel_dir is not None else Path(tmp)
         render_kernels(constants, out, spec_name="test-kernels")

@@ -16,6 +16,17 @@ from lmspec.testing import register_profiles
 register_profiles(load=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Kernel tests run tiny tensor ops between interpreted kernels; extra threads only contend for cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _backend(tmp_path_factory: pytest.TempPathFactory, name: str, constants: dict, **kw):
     from lmspec.codegen.kernels import render_kernels
     from lmspec.runtime.ops.triton_backend import TritonBackend

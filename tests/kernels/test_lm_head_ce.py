@@ -73,7 +73,7 @@ _MEASURE = textwrap.dedent(
 def _peak_extra(backend_name: str, kernel_dir: str, n: int, h: int, v: int) -> int:
     # Large blocks always come from mmap and go back to the OS when freed, so the RSS high-water mark
     # follows live tensors instead of glibc's heap growth.
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
     res = subprocess.run(
         [sys.executable, "-c", _MEASURE, backend_name, kernel_dir, str(n), str(h), str(v)],
         capture_output=True,
@@ -85,7 +85,7 @@ def _peak_extra(backend_name: str, kernel_dir: str, n: int, h: int, v: int) -> i
     return json.loads(res.stdout.strip().splitlines()[-1])["extra"]
 
 
-@pytest.mark.parametrize("backend_name,n", [("torch", 2048), ("triton", 512)])
+@pytest.mark.parametrize("backend_name,n", [("torch", 2048), ("triton", 256)])
 def test_fused_ce_peak_memory_is_under_an_eighth_of_the_logits(backend_name, n, tmp_path):
     """Forward+backward peak extra memory (process RSS high-water mark) < 1/8 of the (N, V) fp32 logits."""
     from lmspec.codegen.kernels import render_kernels
