@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,12 +25,26 @@ DEFAULT_OPS: Backend = get_backend("torch")
 __all__ = [
     "DEFAULT_OPS",
     "CausalLMBase",
+    "KVCache",
     "ModelOutput",
     "MoEStats",
     "RMSNorm",
     "RotaryEmbedding",
     "seq_aux_loss",
 ]
+
+
+class KVCache(Protocol):
+    """What the generated attention needs from a KV cache (``lmspec.runtime.kv_cache.HybridKVCache``).
+
+    ``update`` stores this step's keys (after RoPE) and raw values for ``layer_key`` (the module path,
+    ``model.layers.3`` / ``model.mtp.layers.0``) and returns everything the step may attend to:
+    k_all (B, Hkv, Tk, Dqk), v_all (B, Hkv, Tk, Dv), k_pos (B, Tk) int64 with -1 for empty slots.
+    """
+
+    def update(
+        self, layer_key: str, k: Tensor, v: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 @dataclass
@@ -190,7 +204,7 @@ class CausalLMBase(nn.Module):
         return [layer.mlp for layer in self.model.layers if hasattr(layer.mlp, "gate")]
 
     def mtp_forward(
-        self, k: int, hidden: Tensor, next_ids: Tensor, position_ids: Tensor | None, cache: object | None = None
+        self, k: int, hidden: Tensor, next_ids: Tensor, position_ids: Tensor | None, cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor]:
         raise ValueError("this model has no MTP blocks (the spec sets no model.mtp)")
 
