@@ -42,6 +42,8 @@ from lmspec.spec.schema import AttentionBase
 
 __all__ = ["HybridKVCache", "LayerLayout", "cache_layout", "kv_cache_bytes"]
 
+_NEVER = torch.iinfo(torch.int64).max  # the chunk start of a row with nothing to write
+
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -165,47 +167,59 @@ class _LayerCache:
     def update(self, k: Tensor, v: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._check(k, v, position_ids)
         pos = position_ids.to(device=self.pos.device, dtype=torch.int64)
-        valid = pos >= 0
-        pos = torch.where(valid, pos, torch.full_like(pos, -1))  # (B, T): padding is exactly -1
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        T = pos.shape[1]
+        # Decode and verify steps (every token real, chunk no longer than the ring) take a scatter;
+        # padded or over-long chunks take the general masked path.
+        dense = bool((pos >= 0).all()) and T <= self.layout.slots
         if self.layout.is_ring:
-            return self._update_ring(k, v, pos, valid)
-        return self._update_global(k, v, pos, valid)
+            return self._update_ring(k, v, pos, dense)
+        return self._update_global(k, v, pos, dense)
 
-    def _update_global(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _scatter(self, k: Tensor, v: Tensor, pos: Tensor, slot: Tensor) -> None:
+        B, H, T, _ = k.shape
+        idx = slot[:, None, :, None]  # (B, 1, T, 1)
+        self.k.scatter_(2, idx.expand(B, H, T, k.shape[3]), k)
+        self.v.scatter_(2, idx.expand(B, H, T, v.shape[3]), v)
+        self.pos.scatter_(1, slot, pos)
+
+    def _put(self, k: Tensor, v: Tensor, pos: Tensor, keep: Tensor, slot_of) -> None:
+        b_idx, t_idx = keep.nonzero(as_tuple=True)
+        p = pos[b_idx, t_idx]
+        slot = slot_of(p)
+        self.k[b_idx, :, slot] = k[b_idx, :, t_idx]  # (N, Hkv, D) scattered to their slots
+        self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
+        self.pos[b_idx, slot] = p
+
+    def _update_global(self, k: Tensor, v: Tensor, pos: Tensor, dense: bool) -> tuple[Tensor, Tensor, Tensor]:
         S = self.layout.slots
         top = int(pos.max()) if pos.numel() else -1
         if top >= S:
             raise ValueError(f"{self.layout.key}: position {top} is past the cache's max_len {S}")
-        b_idx, t_idx = valid.nonzero(as_tuple=True)
-        slot = pos[b_idx, t_idx]
-        self.k[b_idx, :, slot] = k[b_idx, :, t_idx]  # (N, Hkv, Dqk) scattered to slot = position
-        self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
-        self.pos[b_idx, slot] = slot
+        if dense:
+            self._scatter(k, v, pos, pos)
+        else:
+            self._put(k, v, pos, pos >= 0, lambda p: p)
         self.high = max(self.high, top + 1)
         n = max(self.high, 1)  # never an empty key axis: one slot, empty (-1), if nothing was written
         return self.k[:, :, :n], self.v[:, :, :n], self.pos[:, :n]
 
-    def _update_ring(self, k: Tensor, v: Tensor, pos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _update_ring(self, k: Tensor, v: Tensor, pos: Tensor, dense: bool) -> tuple[Tensor, Tensor, Tensor]:
         S = self.layout.slots
-        big = torch.iinfo(torch.int64).max
-        start = torch.where(valid, pos, torch.full_like(pos, big)).amin(dim=1, keepdim=True)  # (B, 1)
-        last = pos.amax(dim=1, keepdim=True)  # (B, 1)
+        valid = pos >= 0
+        pos = pos.clamp_min(-1)  # padding is exactly -1
+        start = torch.where(valid, pos, torch.full_like(pos, _NEVER)).amin(dim=1, keepdim=True)  # (B, 1)
         # Ring entries at or past the chunk's first position are stale (a rewrite of those positions).
-        old_pos = torch.where(self.pos < start, self.pos, torch.full_like(self.pos, -1))  # (B, S)
+        self.pos.masked_fill_(self.pos >= start, -1)
         k_all = torch.cat([self.k, k], dim=2)  # (B, Hkv, S + T, Dqk)
         v_all = torch.cat([self.v, v], dim=2)  # (B, Hkv, S + T, Dv)
-        k_pos = torch.cat([old_pos, pos], dim=1)  # (B, S + T)
-
-        # Only the chunk's last S positions of each sequence fit; earlier ones would collide.
-        keep = valid & (pos > last - S)
-        b_idx, t_idx = keep.nonzero(as_tuple=True)
-        p = pos[b_idx, t_idx]
-        slot = p % S
-        self.pos.copy_(old_pos)
-        self.k[b_idx, :, slot] = k[b_idx, :, t_idx]
-        self.v[b_idx, :, slot] = v[b_idx, :, t_idx]
-        self.pos[b_idx, slot] = p
+        k_pos = torch.cat([self.pos, pos], dim=1)  # (B, S + T)
+        if dense:
+            self._scatter(k, v, pos, pos % S)
+        else:
+            # Only the chunk's last S positions of each sequence fit; earlier ones would collide.
+            last = pos.amax(dim=1, keepdim=True)  # (B, 1)
+            self._put(k, v, pos, valid & (pos > last - S), lambda p: p % S)
         return k_all, v_all, k_pos
 
     def rollback(self, lengths: Tensor) -> None:
