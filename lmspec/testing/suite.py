@@ -147,7 +147,9 @@ def run_kernel_suite(
         torch.set_num_threads(threads)
 
 
-def _run_suite(constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend) -> list[KernelRow]:
+def _run_suite(
+    constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend
+) -> list[KernelRow]:
     with tempfile.TemporaryDirectory(prefix="lmspec-kernels-") as tmp:
         out = Path(kernel_dir) if kernel_dir is not None else Path(tmp)
         render_kernels(constants, out, spec_name="test-kernels")
@@ -169,7 +171,7 @@ def print_kernel_table(rows: list[KernelRow], *, console: Any = None, details: b
 
     console = console or Console()
     table = Table(title="kernel property suite (relative error vs float64 reference)")
-    table.add_column("kernel")
+    table.add_column("kernel", overflow="fold")
     table.add_column("cases", justify="right")
     table.add_column("worst error", justify="right")
     table.add_column("tolerance", justify="right")
