@@ -41,6 +41,7 @@ SPEC_FILE = "spec.yaml"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+ROPE_METADATA = "lmspec_rope_theta"  # safetensors metadata: {attention kind: theta} at save time
 
 
 def _resolve_spec(spec_or_path: Spec | str | Path, overrides: Sequence[str]) -> Spec:
@@ -135,6 +136,13 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
     return out
 
 
+def saved_rope_thetas(directory: Path) -> dict[str, float]:
+    """The RoPE thetas recorded by ``save_pretrained`` (empty for checkpoints written elsewhere)."""
+    with safe_open(str(_safetensors_files(directory)[0]), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: float(v) for k, v in json.loads(meta.get(ROPE_METADATA, "{}")).items()}
+
+
 def _spec_from_dir(directory: Path) -> Spec:
     spec_file = directory / SPEC_FILE
     if spec_file.exists():
@@ -200,12 +208,30 @@ def from_pretrained(
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=False)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.set_rope_theta({k: t for k, t in saved_rope_thetas(directory).items() if k in model.rope_thetas()})
     return model
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+
+
+def _spec_with_current_rope(model: CausalLMBase) -> Spec:
+    """The model's spec with each attention kind's RoPE theta as the model has it now.
+
+    A stage override (``set_rope_theta``) changes the function the weights compute, so a checkpoint saved
+    mid-schedule records the theta it was trained with (config.json for transformers, and the
+    ``lmspec_rope_theta`` safetensors metadata that ``from_pretrained`` re-applies).
+    """
+    spec: Spec = model.spec
+    current = model.rope_thetas()
+    if all(float(spec.model.attention[k].rope.theta) == t for k, t in current.items()):
+        return spec
+    data = spec_to_data(spec)
+    for kind, theta in current.items():
+        data["model"]["attention"][kind]["rope"]["theta"] = theta
+    return validate(data, {}, "<save_pretrained>")
 
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
@@ -219,8 +245,10 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     spec: Spec = model.spec
     state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}
     dtype = next(iter(state.values())).dtype if state else torch.float32
-    config = spec_to_config(spec, dtype=str(dtype).removeprefix("torch."))
-    write_atomic(directory / WEIGHTS_FILE, safetensors_save(state, metadata={"format": "pt"}))
+    # transformers reads RoPE from config.json, so it gets the current thetas; spec.yaml stays the spec.
+    config = spec_to_config(_spec_with_current_rope(model), dtype=str(dtype).removeprefix("torch."))
+    metadata = {"format": "pt", ROPE_METADATA: json.dumps(model.rope_thetas(), sort_keys=True)}
+    write_atomic(directory / WEIGHTS_FILE, safetensors_save(state, metadata=metadata))
     write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     write_atomic(directory / SPEC_FILE, dump_spec(spec).encode())
     return directory

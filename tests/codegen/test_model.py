@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -283,3 +284,17 @@ def test_save_and_load_keep_dtype_and_the_fp32_bias(tiny_spec, tmp_path):
     bias = back.moe_layers()[0].gate.e_score_correction_bias
     assert bias.dtype == torch.float32 and torch.equal(bias, m.moe_layers()[0].gate.e_score_correction_bias)
     assert lmspec.from_pretrained(tmp_path, dtype=torch.float32).lm_head.weight.dtype == torch.float32
+
+
+def test_a_checkpoint_records_the_rope_theta_it_was_saved_with(tiny_spec, tmp_path):
+    torch.manual_seed(0)
+    m = lmspec.build(tiny_spec)
+    m.set_rope_theta({"global": 640000.0})  # stage 1 of the schedule
+    m.save_pretrained(tmp_path)
+    back = lmspec.from_pretrained(tmp_path)
+    assert back.rope_thetas()["global"] == 640000.0
+    assert back.spec == m.spec and back.spec.model.attention["global"].rope.theta == 5.0e6  # spec.yaml unchanged
+    assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["full_attention"]["rope_theta"] == 640000.0
+    x = tokens(1, 40, seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)
