@@ -70,7 +70,7 @@ def _property(strategy: st.SearchStrategy[Any], check: Callable[[Any], dict[str,
 
 
 def _plan(
-    constants: Mapping[str, Any], backend: Any, dtypes: tuple[str, ...]
+    constants: Mapping[str, Any], backend: Any, dtypes: tuple[str, ...], max_seq: int | None = None
 ) -> list[tuple[str, st.SearchStrategy[Any], Callable[[Any], dict[str, float]]]]:
     from lmspec.codegen.kernels import plan_modules
 
@@ -104,10 +104,12 @@ def _plan(
         elif m.family in ("attention", "decode_attention"):
             variant = {k: v for k, v in m.constants.items() if k != "count_blocks"}
             if m.family == "attention":
-                strat = S.attention_cases([variant], dtypes=dtypes)
+                seq = {} if max_seq is None else {"max_seq": max_seq, "max_small": min(40, max_seq)}
+                strat = S.attention_cases([variant], dtypes=dtypes, **seq)
                 plan.append((m.prefix, strat, lambda c: checks.check_attention(backend, c)))
             else:
-                strat = S.decode_cases([variant], dtypes=dtypes)
+                slots = {} if max_seq is None else {"max_slots": max_seq}
+                strat = S.decode_cases([variant], dtypes=dtypes, **slots)
                 plan.append((m.prefix, strat, lambda c: checks.check_decode_attention(backend, c)))
         elif m.family == "moe":
             strat = S.moe_cases(m.constants, dtypes=dtypes)
@@ -126,12 +128,14 @@ def run_kernel_suite(
     kernel_dir: str | Path | None = None,
     dtypes: tuple[str, ...] = ("float32",),
     only: Callable[[str], bool] | None = None,
+    max_seq: int | None = None,
 ) -> list[KernelRow]:
     """Run the property suite of every kernel the constants render; one row per kernel.
 
     ``kernel_dir``: render there (default: a temporary folder). ``dtypes``: names from
     ``lmspec.testing.strategies.DTYPES``; the tolerance of a row is the loosest over them.
-    ``only``: a predicate on kernel names to run a subset.
+    ``only``: a predicate on kernel names to run a subset. ``max_seq``: cap on drawn sequence lengths and
+    cache sizes (default: lengths up to 160, around and across the window).
     """
     import torch
 
@@ -142,13 +146,15 @@ def run_kernel_suite(
     # Cases are tiny: torch threads between interpreted kernels would only contend for cores.
     torch.set_num_threads(1)
     try:
-        return _run_suite(constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend)
+        return _run_suite(
+            constants, examples, kernel_dir, dtypes, only, max_seq, render_kernels, TritonBackend
+        )
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_suite(
-    constants, examples, kernel_dir, dtypes, only, render_kernels, TritonBackend
+    constants, examples, kernel_dir, dtypes, only, max_seq, render_kernels, TritonBackend
 ) -> list[KernelRow]:
     with tempfile.TemporaryDirectory(prefix="lmspec-kernels-") as tmp:
         out = Path(kernel_dir) if kernel_dir is not None else Path(tmp)
@@ -156,7 +162,7 @@ def _run_suite(
         backend = TritonBackend(out)
         tol = max(tolerance(DTYPES[d]) for d in dtypes)
         rows = []
-        for name, strategy, check in _plan(constants, backend, dtypes):
+        for name, strategy, check in _plan(constants, backend, dtypes, max_seq):
             if only is not None and not only(name):
                 continue
             cases, worst, verdict, detail = _property(strategy, check, examples)
@@ -186,3 +192,24 @@ def print_kernel_table(rows: list[KernelRow], *, console: Any = None, details: b
         for r in rows:
             if r.verdict != "pass" and r.detail:
                 console.print(f"[bold red]{r.kernel}[/]: {r.detail}", markup=True, highlight=False)
+
+
+def test_kernels_command(
+    spec: Any, *, examples: int = 50, seq_len: int | None = None, dtypes: tuple[str, ...] = ("float32",)
+) -> int:
+    """``lmspec test-kernels SPEC``: run the suite on the spec's kernel constants, print the table.
+
+    Returns the exit status: 0 when every kernel passes, 1 otherwise. ``seq_len`` caps sequence lengths.
+    """
+    from rich.console import Console
+
+    from lmspec.codegen import kernel_constants
+
+    console = Console()
+    name = getattr(spec, "name", "spec")
+    console.print(
+        f"property-testing the kernels of {name}: {examples} examples per kernel, dtypes {', '.join(dtypes)}"
+    )
+    rows = run_kernel_suite(kernel_constants(spec), examples, dtypes=dtypes, max_seq=seq_len)
+    print_kernel_table(rows, console=console)
+    return 0 if all(r.verdict == "pass" for r in rows) else 1
