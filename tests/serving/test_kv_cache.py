@@ -43,13 +43,14 @@ def scenarios(draw):
             else:  # a verify step of slack + 1 tokens, of which `kept` survive the rollback
                 chunk.append((slack + 1, draw(st.integers(0, slack + 1))))
         steps.append(chunk)
-    return window, slack, batch, steps
+    left = draw(st.booleans())  # pad ragged rows on the left instead of the right
+    return window, slack, batch, steps, left
 
 
 @settings(max_examples=40)
 @given(scenarios(), st.sampled_from([SWA, GLOBAL]))
 def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
-    window, slack, batch, steps = scenario
+    window, slack, batch, steps, left = scenario
     spec = tiny(window)
     attn = spec.model.layer_attention(int(layer.rsplit(".", 1)[1]))
     W = attn.window_keys
@@ -66,11 +67,14 @@ def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
         pos = torch.full((batch, T), -1, dtype=torch.long)
         k = torch.randn(batch, Hkv, T, D, generator=g, dtype=torch.float64)
         v = torch.randn(batch, Hkv, T, Dv, generator=g, dtype=torch.float64)
+        cols = []  # where each row's tokens sit in the padded chunk
         for b, (n, kept) in enumerate(chunk):
-            pos[b, :n] = torch.arange(lengths[b], lengths[b] + n)
+            col = torch.arange(T - n, T) if left else torch.arange(n)
+            cols.append(col)
+            pos[b, col] = torch.arange(lengths[b], lengths[b] + n)
             good = n if kept is None else kept
-            k[b, :, :good] = true_k[b, :, lengths[b] : lengths[b] + good]
-            v[b, :, :good] = true_v[b, :, lengths[b] : lengths[b] + good]
+            k[b, :, col[:good]] = true_k[b, :, lengths[b] : lengths[b] + good]
+            v[b, :, col[:good]] = true_v[b, :, lengths[b] : lengths[b] + good]
         q = torch.randn(batch, Hq, T, D, generator=g, dtype=torch.float64)
         k_all, v_all, k_pos = cache.update(layer, k, v, pos)
         assert k_pos.dtype == torch.int64 and k_all.shape[2] == v_all.shape[2] == k_pos.shape[1]
@@ -80,12 +84,12 @@ def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
         ref_pos = torch.full((batch, max_len), -1, dtype=torch.long)
         for b, (n, _) in enumerate(chunk):
             end = lengths[b] + n
-            ref_k[b, :, lengths[b] : end] = k[b, :, :n]
-            ref_v[b, :, lengths[b] : end] = v[b, :, :n]
+            ref_k[b, :, lengths[b] : end] = k[b, :, cols[b]]
+            ref_v[b, :, lengths[b] : end] = v[b, :, cols[b]]
             ref_pos[b, :end] = torch.arange(end)
         ref = attention(q, ref_k, ref_v, None, scale=0.3, window_keys=W, q_pos=pos, k_pos=ref_pos)
-        for b, (n, _) in enumerate(chunk):
-            torch.testing.assert_close(out[b, :, :n], ref[b, :, :n], rtol=1e-10, atol=1e-12)
+        for b in range(batch):
+            torch.testing.assert_close(out[b, :, cols[b]], ref[b, :, cols[b]], rtol=1e-10, atol=1e-12)
         new_lengths = []
         for b, (n, kept) in enumerate(chunk):
             lengths[b] += n if kept is None else kept
@@ -149,3 +153,13 @@ def test_measured_bytes_equal_the_accounting_and_the_all_global_ratio(slack):
     # Tiny's two kinds share head shapes, so the ratio is slot counts: 7 layers x context over
     # 3 global x context + 4 sliding x window_keys.
     assert all_global / hybrid == pytest.approx(7 * context / (3 * context + 4 * 33), rel=1e-12)
+
+
+def test_full_size_prediction_matches_lmspec_stats():
+    """MiMo-V2-Flash at 256k: the cache the runtime would allocate is what `lmspec stats` reports, plus slack."""
+    spec = load_spec("examples/mimo_v2_flash.yaml")
+    acc = account(spec, 262144, dtype_bytes=2)
+    assert kv_cache_bytes(spec, 262144, slack=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
+    per_slot = 8 * (192 + 128) * 2  # SWA: 8 kv heads, qk 192 + v 128, bf16
+    with_slack = kv_cache_bytes(spec, 262144, slack=3, mtp_blocks=3)
+    assert with_slack - acc.kv_bytes_at_context_total == 39 * 3 * per_slot + 3 * (129 + 3) * per_slot

@@ -15,25 +15,40 @@ from lmspec.runtime.sampling import SamplingParams
 
 from .conftest import small_model
 
-
-@settings(max_examples=40)
-@given(
+_greedy_cases = dict(
     window=st.integers(1, 6),
     vocab=st.sampled_from([3, 5, 64]),  # small vocabularies make drafts agree often: partial acceptances
     depth=st.integers(1, 3),
     init_std=st.sampled_from([0.02, 0.5]),
-    prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=3),
+    prompts=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=24), min_size=1, max_size=3),
     max_tokens=st.integers(1, 20),
     seed=st.integers(0, 3),
+    prefill_chunk=st.sampled_from([2, 5, 256]),
 )
-def test_speculative_greedy_equals_plain_greedy(window, vocab, depth, init_std, prompts, max_tokens, seed):
+
+
+def _check_greedy(window, vocab, depth, init_std, prompts, max_tokens, seed, prefill_chunk):
     model = small_model(seed, window=window, vocab=vocab, init_std=init_std)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     plain = [Generator(model, speculative_depth=0).generate(p, params).token_ids for p in prompts]
-    # The same prompts batched together (ragged rows), with speculation: every row unchanged.
-    spec = Generator(model, speculative_depth=depth).generate_batch(prompts, [params] * len(prompts))
+    # The same prompts batched together (ragged rows), prefilled in chunks, with speculation.
+    gen = Generator(model, speculative_depth=depth, prefill_chunk=prefill_chunk)
+    spec = gen.generate_batch(prompts, [params] * len(prompts))
     assert [c.token_ids for c in spec] == plain
     assert all(len(t) == max_tokens for t in plain)
+
+
+@settings(max_examples=40)
+@given(**_greedy_cases)
+def test_speculative_greedy_equals_plain_greedy(**case):
+    _check_greedy(**case)
+
+
+@pytest.mark.slow
+@settings(max_examples=400)
+@given(**_greedy_cases)
+def test_speculative_greedy_equals_plain_greedy_many_examples(**case):
+    _check_greedy(**case)
 
 
 def test_speculation_accepts_drafts_and_still_matches():
