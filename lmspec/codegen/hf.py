@@ -32,12 +32,18 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 
+def _used_blocks(spec: Spec) -> list[str]:
+    """Block names in use: one per decoder layer, then the MTP block (its settings ride in the config too)."""
+    m = spec.model
+    return list(m.layer_blocks) + ([m.mtp.block] if m.mtp and m.mtp.num_blocks else [])
+
+
 def _kinds(spec: Spec) -> tuple[str | None, str | None]:
-    """The global and sliding attention kind names used by the decoder layers (first of each)."""
+    """The global and sliding attention kind names in use (first of each, decoder layers first)."""
     m = spec.model
     g = s = None
-    for i in range(m.num_layers):
-        name = m.blocks[m.layer_blocks[i]].attention
+    for block in _used_blocks(spec):
+        name = m.blocks[block].attention
         if isinstance(m.attention[name], SlidingAttention):
             s = s or name
         else:
@@ -49,8 +55,12 @@ def export_issues(spec: Spec) -> list[str]:
     """Why stock transformers 5.23 cannot run this spec exactly (empty when it can)."""
     m = spec.model
     issues: list[str] = []
-    used_att = {m.blocks[b].attention for b in m.layer_blocks}
-    used_ffn = {m.blocks[b].ffn for b in m.layer_blocks}
+    used_att = {m.blocks[b].attention for b in _used_blocks(spec)}
+    used_ffn = {m.blocks[b].ffn for b in _used_blocks(spec)}
+    if m.mtp and m.mtp.num_blocks:
+        mtp = m.blocks[m.mtp.block]
+        if not isinstance(m.attention[mtp.attention], SlidingAttention) or not isinstance(m.ffn[mtp.ffn], DenseFFN):
+            issues.append("MTP block is not sliding attention with a dense FFN")
     glob = [n for n in used_att if isinstance(m.attention[n], GlobalAttention)]
     slid = [n for n in used_att if isinstance(m.attention[n], SlidingAttention)]
     if len(glob) > 1 or len(slid) > 1:

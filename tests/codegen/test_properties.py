@@ -157,3 +157,66 @@ def test_fused_and_unfused_models_agree(spec, seed):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(la.loss, lb.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(la.aux_loss, lb.aux_loss, rtol=1e-5, atol=1e-5)
+
+
+def _semantics(m) -> tuple:
+    """What a model computes, independent of the names its spec gives kinds and blocks.
+
+    A window is compared by the keys it shows (`window: 8, keys` is `window: 7, previous_plus_self`).
+    """
+
+    def att(name: str) -> dict:
+        a = m.attention[name]
+        return a.model_dump(exclude={"window", "window_convention"}) | {"window_keys": a.window_keys}
+
+    layers = [(att(m.blocks[b].attention), m.ffn[m.blocks[b].ffn]) for b in m.layer_blocks]
+    mtp = None
+    if m.mtp is not None and m.mtp.num_blocks:
+        block = m.blocks[m.mtp.block]
+        mtp = (m.mtp.num_blocks, att(block.attention), m.ffn[block.ffn])
+    return layers, mtp, m.vocab_size, m.hidden_size, m.max_position_embeddings, m.norm, m.tie_word_embeddings, m.init_std
+
+
+@settings(max_examples=40)
+@given(spec=small_specs())
+def test_transformers_config_round_trip_keeps_the_model(spec):
+    from lmspec.codegen.hf import config_to_spec, spec_to_config
+
+    assert _semantics(config_to_spec(spec_to_config(spec)).model) == _semantics(spec.model)
+
+
+@st.composite
+def expressible_specs(draw) -> Spec:
+    """Specs stock transformers can run: the round trip then goes through the plain config keys only."""
+    kv = draw(st.sampled_from([1, 2]))
+    shared = {
+        "num_heads": 4, "qk_head_dim": draw(st.sampled_from([4, 8])), "v_head_dim": draw(st.sampled_from([4, 6])),
+        "value_scale": draw(st.sampled_from([1.0, 0.707])), "bias": draw(st.booleans()),
+    }
+    rope = {"theta": 1000.0, "fraction": draw(st.sampled_from([0.5, 1.0]))}
+    data = dict(draw(small_specs()).model.model_dump())
+    data["attention"] = {
+        "global": {"kind": "global", "num_kv_heads": kv, "sink": False, "rope": rope, **shared},
+        "swa": {"kind": "sliding", "num_kv_heads": 2 * kv, "sink": True, "window": draw(st.integers(1, 6)),
+                "window_convention": draw(st.sampled_from(["previous_plus_self", "keys"])),
+                "rope": {"theta": 10.0, "fraction": rope["fraction"]}, **shared},
+    }
+    data["ffn"]["moe"] |= {"num_shared_experts": 0, "score_function": "sigmoid", "correction_bias": True}
+    kinds = draw(st.lists(st.sampled_from(["global", "swa"]), min_size=len(data["blocks"]), max_size=len(data["blocks"])))
+    for block, kind in zip(data["blocks"], kinds, strict=True):
+        data["blocks"][block] = {"attention": kind, "ffn": data["blocks"][block]["ffn"]}
+    if data["mtp"] is not None:
+        data["blocks"]["MTP"] = {"attention": "swa", "ffn": "dense"}
+        data["mtp"]["block"] = "MTP"
+    return validate({"name": "hf", "model": data}, {}, "<hypothesis>")
+
+
+@settings(max_examples=30)
+@given(spec=expressible_specs())
+def test_expressible_specs_round_trip_through_plain_config_keys(spec):
+    from lmspec.codegen.hf import config_to_spec, export_issues, spec_to_config
+
+    assert export_issues(spec) == []
+    config = spec_to_config(spec)
+    assert "lmspec_spec" not in config
+    assert _semantics(config_to_spec(config).model) == _semantics(spec.model)
