@@ -55,6 +55,11 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     x = tokens / scale
     # LR, batch size and seq_len hold from the step's first token: draw them against where the step began.
     x_start = np.array([r["tokens"] - r["batch_size"] * r["seq_len"] for r in rows], dtype=float) / scale
+    x_hold = np.append(x_start, x[-1])  # the last step's values hold until its last token
+
+    def held(key: str) -> list[float]:
+        values = [r[key] for r in rows]
+        return values + values[-1:]
     stages = _stage_starts(rows)
     span = max(1, len(rows) // 50)
 
@@ -79,22 +84,23 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ax_bpb.annotate(f"{vb[-1]:.3f}", (vx[-1], vb[-1]), textcoords="offset points", xytext=(-4, 8),
                         ha="right", fontsize=9, color="tab:red")
     ax_loss.set_ylabel("loss (nats/token)")
+    smooth_total = _smooth(total, span)
     lo = min(min(ce), min(vl) if val else min(ce))
-    ax_loss.set_ylim(max(0.0, lo - 0.2), min(max(ce[: max(3, len(ce) // 20)]) + 0.2, max(ce) + 0.2))
+    ax_loss.set_ylim(max(0.0, lo - 0.2), max(smooth_total) + 0.2)
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title("loss")
 
-    ax_lr.plot(x_start, [r["lr"] for r in rows], color="tab:green", lw=1.4)
+    ax_lr.plot(x_hold, held("lr"), color="tab:green", lw=1.4)
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_lr.set_title("learning rate")
 
-    ax_bs.step(x_start, [r["batch_size"] for r in rows], where="post", color="tab:orange", lw=1.4)
+    ax_bs.step(x_hold, held("batch_size"), where="post", color="tab:orange", lw=1.4)
     ax_bs.set_ylim(0, max(r["batch_size"] for r in rows) * 1.15)
     ax_bs.set_ylabel("batch size (sequences)")
     ax_bs.set_xlabel(f"tokens seen ({unit})")
     ax_seq = ax_bs.twinx()
-    ax_seq.step(x_start, [r["seq_len"] for r in rows], where="post", color="tab:gray", lw=1.2, ls="--")
+    ax_seq.step(x_hold, held("seq_len"), where="post", color="tab:gray", lw=1.2, ls="--")
     ax_seq.set_ylim(0, max(r["seq_len"] for r in rows) * 1.15)
     ax_seq.set_ylabel("seq_len (dashed)", color="tab:gray")
     ax_seq.tick_params(axis="y", colors="tab:gray")
@@ -131,7 +137,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         ax_load.set_yticks(range(load.shape[0]))
         if n_exp <= 16 and load.shape[0] <= 16:
             for (i, j), v in np.ndenumerate(ratio):
-                ax_load.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                ink = "white" if abs(v - 1.0) > 0.6 else "black"
+                ax_load.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=ink)
         fig.colorbar(im, ax=ax_load, shrink=0.8, label="load / uniform share")
         ax_load.set_title(f"expert load at step {last['step']} (max {ratio.max():.2f}x uniform)")
     else:
