@@ -21,6 +21,7 @@ import argparse
 import base64
 import contextlib
 import math
+import os
 import random
 import sys
 import time
@@ -85,6 +86,8 @@ def resolve_spec(
     """The spec a run trains: loaded, overridden, with its token schedule scaled."""
     if not isinstance(spec, Spec):
         spec = load_spec(spec, list(overrides))
+    elif overrides:
+        raise ValueError("overrides apply to a spec file; apply them before building a Spec object")
     if spec.training is None:
         raise _usage(f"spec {spec.name!r} has no training section to follow")
     try:
@@ -287,7 +290,7 @@ def train(
     if ckpt is not None and not resume:
         raise _usage(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
     run_spec_file = run_dir / "spec.yaml"
-    if resume and run_spec_file.is_file():
+    if ckpt is not None and run_spec_file.is_file():
         from lmspec.spec import loads_spec
 
         before = loads_spec(run_spec_file.read_text(encoding="utf-8"), str(run_spec_file))
@@ -297,10 +300,9 @@ def train(
                 "resume with the same spec, --set, --max-tokens and --scale"
             )
     state: dict[str, Any] = load_trainer_state(ckpt) if ckpt is not None else {}
-    if d.is_main:
+    if d.is_main and ckpt is None:  # a fresh start (also after a crash before the first checkpoint)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not run_spec_file.is_file():
-            run_spec_file.write_text(dump_spec(spec), encoding="utf-8")
+        run_spec_file.write_text(dump_spec(spec), encoding="utf-8")
     d.barrier()
 
     # --- data ---------------------------------------------------------------------------------------
@@ -540,7 +542,7 @@ def train_command(args: argparse.Namespace) -> int:
         micro_batch_size=getattr(args, "micro_batch_size", None),
         eval_tokens=getattr(args, "eval_tokens", None) or DEFAULT_EVAL_TOKENS,
     )
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return 0
     lines = [f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s"]
     if result.val_loss is not None:
