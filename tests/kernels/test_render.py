@@ -49,8 +49,11 @@ def _attention_source(variant: dict) -> str:
 def test_jinja_structure_follows_the_spec():
     swa, full = _attention_source(MIMO_SWA), _attention_source(MIMO_FULL)
     assert "SINKS + h" in swa and "SINKS + h" not in full  # sink code only where the spec has a sink
-    assert "< 129)" in swa and "< 129)" not in full  # window mask only on sliding layers
-    assert "* 0.707" in swa
+    # Spec constants reach the kernels as constexprs under the spec's names; the window mask and the value
+    # scale exist only where the spec has them.
+    assert "window_keys: tl.constexpr = 129" in swa and "window_keys: tl.constexpr" not in full
+    assert "< window_keys)" in swa and "value_scale: tl.constexpr = 0.707" in swa
+    assert "qk_head_dim: tl.constexpr = 192" in full
     no_scale = _attention_source(dict(MIMO_SWA, value_scale=1.0))
     assert "* 1.0\n" not in no_scale and "0.707" not in no_scale
     sig = [m for m in plan_modules({"moe": {"num_experts": 8, "top_k": 2}}) if m.family == "moe"][0]
