@@ -134,7 +134,8 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
         "attention_bias": ref.bias,
         "attention_dropout": 0.0,
         "attention_value_scale": ref.value_scale,
-        "sliding_window": s.window_keys if s else None,
+        # transformers requires an int even without sliding layers, where nothing reads it.
+        "sliding_window": s.window_keys if s else m.max_position_embeddings,
         "layer_types": layer_types,
         "mlp_layer_types": mlp_types,
         "add_full_attention_sink_bias": bool(g and g.sink),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -220,3 +221,16 @@ def test_expressible_specs_round_trip_through_plain_config_keys(spec):
     config = spec_to_config(spec)
     assert "lmspec_spec" not in config
     assert _semantics(config_to_spec(config).model) == _semantics(spec.model)
+
+
+@settings(max_examples=6)
+@given(spec=expressible_specs(), seed=st.integers(0, 2**16))
+def test_expressible_specs_run_identically_in_transformers(spec, seed, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    model = _build(spec, seed).eval()
+    directory = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(directory)
+    ref = transformers.MiMoV2FlashForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    x = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
