@@ -1,0 +1,76 @@
+"""The plain-PyTorch reference backend against transformers' MiMo-V2-Flash code (the oracle's oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmspec.runtime.ops import Backend, TorchBackend, get_backend
+from lmspec.runtime.ops import torch_backend as ref
+
+hf = pytest.importorskip("transformers.models.mimo_v2_flash.modeling_mimo_v2_flash")
+
+
+def _hf_attention(q, k, v, sinks, *, scale, value_scale, window_keys):
+    class Module:
+        num_key_value_groups = q.shape[1] // k.shape[1]
+        training = False
+
+    Module.sinks = sinks
+    T = q.shape[2]
+    i = torch.arange(T)
+    visible = i[None, :] <= i[:, None]
+    if window_keys is not None:
+        visible &= (i[:, None] - i[None, :]) < window_keys  # HF's sliding_window = window_keys
+    mask = torch.zeros(T, T, dtype=q.dtype).masked_fill(~visible, float("-inf"))
+    out, _ = hf.eager_attention_forward(Module, q, k, v * value_scale, mask, scale)
+    return out.transpose(1, 2)  # (B, Hq, T, Dv)
+
+
+@pytest.mark.parametrize("window_keys,sink", [(129, True), (5, True), (None, False), (3, False)])
+@pytest.mark.parametrize("budget", [1 << 24, 300])
+def test_attention_matches_transformers_eager(monkeypatch, window_keys, sink, budget):
+    # A small score budget forces many query chunks, which exercises the key-range slicing per chunk.
+    monkeypatch.setattr(ref, "_ATTN_SCORE_BUDGET", budget)
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, T = 2, 8, 2, 140
+    q = torch.randn(B, Hq, T, 24, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, 24, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T, 16, generator=g, dtype=torch.float64)
+    sinks = torch.randn(Hq, generator=g, dtype=torch.float64) * 3 if sink else None
+    kw = {"scale": 24**-0.5, "value_scale": 0.707, "window_keys": window_keys}
+    want = _hf_attention(q, k, v, sinks, **kw)
+    torch.testing.assert_close(ref.attention(q, k, v, sinks, **kw), want, rtol=1e-12, atol=1e-12)
+    pos = torch.arange(T).expand(B, T)
+    torch.testing.assert_close(
+        ref.attention(q, k, v, sinks, q_pos=pos, k_pos=pos, **kw), want, rtol=1e-12, atol=1e-12
+    )
+
+
+def test_attention_sink_gradient_matches_autograd_of_transformers():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 12, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 12, 8, generator=g, dtype=torch.float64)
+    sinks = (torch.randn(4, generator=g, dtype=torch.float64) + 4).requires_grad_()
+    kw = {"scale": 0.3, "value_scale": 1.0, "window_keys": 4}
+    (ds_ref,) = torch.autograd.grad(ref.attention(q, k, v, sinks, **kw).sum(), sinks)
+    (ds_hf,) = torch.autograd.grad(_hf_attention(q, k, v, sinks, **kw).sum(), sinks)
+    torch.testing.assert_close(ds_ref, ds_hf)
+
+
+def test_decode_positions_with_empty_slots_equal_dense_attention_over_the_kept_keys():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 1, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 1, 6, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, 6, 4, generator=g, dtype=torch.float64)
+    k_pos = torch.tensor([[4, 5, -1, 2, 3, -1]])  # a ring buffer holding positions 2..5, two empty slots
+    out = ref.attention(q, k, v, None, scale=0.3, window_keys=3, q_pos=torch.tensor([[5]]), k_pos=k_pos)
+    keep = torch.tensor([4, 0, 1])  # slots of positions 3, 4, 5: the 3-key window of query position 5
+    dense = torch.softmax((q @ k[:, :, keep].transpose(-1, -2)) * 0.3, -1) @ v[:, :, keep]
+    torch.testing.assert_close(out, dense)
+
+
+def test_torch_backend_is_a_backend_and_get_backend_returns_it():
+    assert isinstance(TorchBackend(), Backend)
+    assert get_backend().name == "torch"
