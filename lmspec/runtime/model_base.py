@@ -233,6 +233,24 @@ class CausalLMBase(nn.Module):
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CausalLMBase:
+        """Dtype casts (``.to(torch.bfloat16)``, ``.half()``) leave the balancing bias in float32.
+
+        The bias is restored from its float32 value (moved to the new device), never from the rounded cast,
+        like transformers' ``_keep_in_fp32_modules_strict``.
+        """
+        saved = [
+            (m, m.e_score_correction_bias)
+            for m in self.modules()
+            if isinstance(getattr(m, "e_score_correction_bias", None), Tensor)
+        ]
+        out = super()._apply(fn, recurse)
+        for module, old in saved:
+            new = module.e_score_correction_bias
+            if old.dtype == torch.float32 and new.dtype != torch.float32:
+                module.e_score_correction_bias = old.to(device=new.device)
+        return out
+
     def keep_fp32_buffers(self) -> None:
         """The balancing bias stays float32 whatever the model dtype (its updates are ~1e-5)."""
         for module in self.modules():

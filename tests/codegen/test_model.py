@@ -298,3 +298,17 @@ def test_a_checkpoint_records_the_rope_theta_it_was_saved_with(tiny_spec, tmp_pa
     x = tokens(1, 40, seed=13)
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)
+
+
+def test_dtype_casts_keep_the_balancing_bias_exact(tiny_spec):
+    m = lmspec.build(tiny_spec)
+    gate = m.moe_layers()[0].gate
+    with torch.no_grad():
+        gate.e_score_correction_bias.fill_(1e-5 / 3)
+    before = gate.e_score_correction_bias.clone()
+    m.to(torch.bfloat16)
+    assert m.lm_head.weight.dtype == torch.bfloat16
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, before)
+    m.half()
+    assert torch.equal(gate.e_score_correction_bias, before)
