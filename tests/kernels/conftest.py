@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import lmspec.runtime.ops.triton_support  # noqa: F401, I001  (interpreter on before any test module imports triton)
 from kernels.constants import MOE_SOFTMAX, TEST_CONSTANTS
 from lmspec.testing import register_profiles
 

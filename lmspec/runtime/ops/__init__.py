@@ -4,8 +4,11 @@
 runs the kernels rendered for one spec by ``lmspec.codegen.kernels.render_kernels`` and imported from
 ``kernel_dir``. ``get_backend("triton", kernel_dir=..., overrides={"moe": "torch"})`` mixes them per op family.
 
-On a machine without CUDA the Triton backend needs the Triton interpreter: it sets ``TRITON_INTERPRET=1``
-itself when triton has not been imported yet, and raises if triton was already imported without it.
+On a machine without CUDA the Triton backend runs in the Triton interpreter. It sets ``TRITON_INTERPRET=1``
+itself when triton has not been imported yet, and raises a clear error if triton was already imported
+without it (triton's own library functions are bound to the mode at import). So either set
+``TRITON_INTERPRET=1`` in the environment, or import ``lmspec.runtime.ops.triton_support`` before anything
+that imports triton (transformers can). On a GPU the same rendered sources compile unchanged.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What rendered kernel modules share: interpreter set-up, launch sizes and small helpers.
 
 Rendered modules import this module before ``triton`` so that on a machine without CUDA the Triton
-interpreter is switched on (``TRITON_INTERPRET=1``) before triton reads its environment.
+interpreter is switched on (``TRITON_INTERPRET=1``) before triton and its library functions load.
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ import torch
 
 
 def ensure_triton_runtime() -> None:
-    """Select the Triton interpreter when no CUDA device exists; must run before ``import triton``.
+    """Select the Triton interpreter when no CUDA device exists; must run before anything imports triton.
 
-    Raises RuntimeError when triton was already imported without the interpreter on a CUDA-less machine,
-    because triton reads ``TRITON_INTERPRET`` only once.
+    Triton decorates its own library functions (``tl.sum``, ...) when ``triton.language`` is imported, and
+    they run in the interpreter only if ``TRITON_INTERPRET=1`` was set by then. So on a CUDA-less machine
+    where triton was imported without it, this raises instead of letting kernels fail later. Import this
+    module first (test conftests, entry points) to be safe.
     """
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
-    if "triton" in sys.modules:
+    if "triton.language" in sys.modules:
         raise RuntimeError(
-            "no CUDA device and triton was imported without TRITON_INTERPRET=1; set TRITON_INTERPRET=1 "
-            "before anything imports triton (or import lmspec.runtime.ops.triton_support first)"
+            "no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set (often via transformers "
+            "or torch._dynamo). Set TRITON_INTERPRET=1 in the environment, or import "
+            "lmspec.runtime.ops.triton_support before anything that imports triton."
         )
     os.environ["TRITON_INTERPRET"] = "1"
 
