@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import lmspec
-from lmspec.codegen.render import class_name, render_model, template_sources
+from lmspec.codegen.render import class_name, render_model, spec_locations, template_sources
 from lmspec.compiler import Graph, lower, run_passes
 from lmspec.spec import MoEFFN, Spec, spec_to_data
 
@@ -99,13 +99,14 @@ def _kernel_template_bytes() -> bytes:
     return b"".join(p.read_bytes() for p in sorted(templates.glob("*.jinja")) if not p.name.startswith("model"))
 
 
-def cache_key(graph: Graph, spec_path: str | None) -> str:
-    """What the generated files depend on: spec, passes' choices, templates, versions."""
+def cache_key(graph: Graph, spec_path: str | None, locations: dict[str, str] | None = None) -> str:
+    """What the generated files depend on: spec, passes' choices, where the header points, templates, versions."""
     h = hashlib.sha256()
     payload = {
         "spec": spec_to_data(graph.spec),
         "fused_units": sorted(graph.fused_units),
         "spec_path": spec_path,
+        "locations": locations or {},
         "lmspec": lmspec.__version__,
         "torch": torch.__version__,
     }
@@ -191,10 +192,11 @@ def _render_kernels(spec: Spec, directory: Path) -> list[Path]:
 
 def compile_graph(graph: Graph, out_dir: str | Path | None = None, spec_path: str | None = None) -> CompiledModel:
     """Render and write the module for an already lowered (and passed) graph."""
-    key = cache_key(graph, spec_path)
+    locations = spec_locations(spec_path)
+    key = cache_key(graph, spec_path, locations)
     if out_dir is not None:
         directory = Path(out_dir)
-        _write_text_atomic(directory / "model.py", render_model(graph, spec_path))
+        _write_text_atomic(directory / "model.py", render_model(graph, spec_path, locations))
         files = _render_kernels(graph.spec, directory)
         return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)
     directory = cache_root() / key[:2] / key
@@ -204,7 +206,7 @@ def compile_graph(graph: Graph, out_dir: str | Path | None = None, spec_path: st
         return CompiledModel(graph.spec, graph, key, directory, cache_hit=True)
     files = _render_kernels(graph.spec, directory)
     # model.py is written last: its presence marks a complete entry.
-    _write_text_atomic(model_path, render_model(graph, spec_path))
+    _write_text_atomic(model_path, render_model(graph, spec_path, locations))
     return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)
 
 

@@ -113,8 +113,33 @@ def compress_indices(indices: list[int]) -> str:
     return ", ".join(runs)
 
 
-def model_context(graph: Graph, spec_path: str | None = None) -> dict[str, Any]:
+def spec_locations(spec_path: str | None) -> dict[str, str]:
+    """`model.attention.swa` -> `examples/x.yaml:24` for the kinds and blocks of a spec file (empty if unreadable)."""
+    if spec_path is None or not Path(spec_path).is_file():
+        return {}
+    from lmspec.spec import SpecError
+    from lmspec.spec.loader import load
+
+    try:
+        positions = load(spec_path).positions
+    except SpecError:  # valid only with overrides: the header then names the file without lines
+        return {}
+    return {
+        ".".join(map(str, path)): f"{pos.file}:{pos.line}"
+        for path, pos in positions.items()
+        if len(path) == 3 and path[0] == "model" and path[1] in ("attention", "ffn", "blocks")
+    }
+
+
+def model_context(
+    graph: Graph, spec_path: str | None = None, locations: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Everything the model template reads, from the graph (layers, MTP layers, fused units) and its Spec."""
+    where = locations or {}
+
+    def spec_ref(path: str) -> str:
+        return f"{path} ({where[path]})" if path in where else path
+
     spec = graph.spec
     m = spec.model
     used_blocks = [layer.block for layer in graph.layers] + [layer.block for layer in graph.mtp_layers]
@@ -128,6 +153,10 @@ def model_context(graph: Graph, spec_path: str | None = None) -> dict[str, Any]:
     )
     attention = {n: _attention_context(n, cls[("a", n)], m.attention[n]) for n in att_names}
     ffn = {n: _ffn_context(n, cls[("f", n)], m.ffn[n]) for n in ffn_names}
+    for n, ctx in attention.items():
+        ctx["spec_ref"] = spec_ref(f"model.attention.{n}")
+    for n, ctx in ffn.items():
+        ctx["spec_ref"] = spec_ref(f"model.ffn.{n}")
     blocks = {
         n: {
             "name": n,
@@ -135,6 +164,7 @@ def model_context(graph: Graph, spec_path: str | None = None) -> dict[str, Any]:
             "attention": attention[m.blocks[n].attention],
             "ffn": ffn[m.blocks[n].ffn],
             "used_by": _used_by(n, graph),
+            "spec_ref": spec_ref(f"model.blocks.{n}"),
         }
         for n in block_names
     }
@@ -218,8 +248,14 @@ def format_source(text: str) -> str:
     return done.stdout if done.returncode == 0 and done.stdout else text
 
 
-def render_model(graph: Graph, spec_path: str | None = None, *, format: bool = True) -> str:
-    """Source text of the model module for this graph."""
-    text = _env().get_template(MODEL_TEMPLATE).render(**model_context(graph, spec_path))
+def render_model(
+    graph: Graph,
+    spec_path: str | None = None,
+    locations: dict[str, str] | None = None,
+    *,
+    format: bool = True,
+) -> str:
+    """Source text of the model module for this graph (``locations``: see ``spec_locations``)."""
+    text = _env().get_template(MODEL_TEMPLATE).render(**model_context(graph, spec_path, locations))
     text = re.sub(r"\n{4,}", "\n\n\n", text)
     return format_source(text) if format else text

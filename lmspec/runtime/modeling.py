@@ -71,7 +71,8 @@ def build(
     name, e.g. ``("fusion",)`` for the unfused reference model.
     """
     spec = _resolve_spec(spec_or_path, overrides)
-    compiled = compile_spec(spec, disable=disable_passes)
+    spec_path = None if isinstance(spec_or_path, Spec) else str(spec_or_path)  # named in the code's header
+    compiled = compile_spec(spec, spec_path=spec_path, disable=disable_passes)
     kernel_dir = compiled.kernel_dir
     dev = torch.device(device) if device is not None else torch.device("cpu")
     with dev:

@@ -50,6 +50,9 @@ def test_generated_code_is_readable_and_self_describing(tiny_spec):
     assert {"GlobalAttention", "SwaAttention", "DenseFFN", "MoeFFN", "G0Block", "GBlock", "SBlock",
             "MTPBlock", "MTPLayer", "MimoV2FlashTinyForCausalLM"} <= classes
     assert "window=32 previous_plus_self -> 33 keys; sink: learnable" in src
+    lines = (EXAMPLES / "mimo_v2_flash_tiny.yaml").read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("swa:"))
+    assert f"Spec: model.attention.swa (examples/mimo_v2_flash_tiny.yaml:{line})" in src  # where the kind is set
     assert "for e in range" not in src  # experts run as grouped GEMMs in the backend
 
 
