@@ -9,6 +9,7 @@ sliding layers. A spec outside that still exports a config: the keys the Hub che
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +295,10 @@ def import_hf_command(config_path: str | Path, output: str | Path) -> int:
         raise SpecError(str(path), e.lineno, e.colno, "", f"expected JSON, got {e.msg}") from None
     if not isinstance(config, dict):
         raise SpecError(str(path), 1, 1, "", "expected a JSON object at the top level")
-    name = path.parent.name if path.parent.name not in ("", ".") else path.stem
-    spec = config_to_spec(config, name=name.replace("-", "_"))
+    # A model folder's config.json is named for its folder; any other JSON file for itself.
+    folder = path.resolve().parent.name
+    name = folder if path.stem == "config" and folder else path.stem
+    spec = config_to_spec(config, name=re.sub(r"[^0-9A-Za-z_]+", "_", name) or "imported")
     data = dump_spec(spec).replace("training: null\n", "")
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
