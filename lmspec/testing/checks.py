@@ -130,7 +130,8 @@ def _attention_grad_magnitudes(
     value_scale: float,
     window_keys: int | None,
 ) -> dict[str, torch.Tensor]:
-    """Magnitudes of the terms summed into dQ and dK: scale * sum_j P_ij (|dP|_ij + |D|_i) |k_j|, and transposed."""
+    """Magnitudes of the terms summed into dQ, dK (scale * sum_j P_ij (|dP|_ij + |D|_i) |k_j|, and transposed)
+    and d sinks (sum_{b,i} P_sink_i |D|_i)."""
     q, k, v, sinks = (None if t is None else t.detach().to(torch.float64) for t in ins)
     B, HQ, T, _ = q.shape
     G = HQ // k.shape[1]
@@ -146,8 +147,14 @@ def _attention_grad_magnitudes(
     p = a.softmax(-1)[..., :T]
     # dP and D are themselves sums that cancel: their term magnitudes are |dO| . |v|.
     dp_mag = value_scale * do.abs() @ v.abs().transpose(-1, -2)
-    w = p * (dp_mag + (p * dp_mag).sum(-1, keepdim=True))
-    return {"dq": scale * w @ k.abs(), "dk": scale * w.transpose(-1, -2) @ q.abs()}
+    d_mag = (p * dp_mag).sum(-1, keepdim=True)  # (B, Hq, T, 1)
+    w = p * (dp_mag + d_mag)
+    mags = {"dq": scale * w @ k.abs(), "dk": scale * w.transpose(-1, -2) @ q.abs()}
+    if sinks is not None:
+        # d sink_h = -sum_{b,i} P_sink_i D_i sums terms of both signs over the batch and the sequence.
+        p_sink = 1.0 - p.sum(-1, keepdim=True)
+        mags["dsinks"] = (p_sink * d_mag).sum(dim=(0, 2, 3))
+    return mags
 
 
 def check_decode_attention(backend: Any, case: DecodeCase) -> dict[str, float]:
@@ -293,4 +300,11 @@ def check_lm_head_ce(backend: Any, case: CECase) -> dict[str, float]:
         dtype,
         case.seed,
     )
-    return _compare(["loss", "dhidden", "dweight"], k_out + kg, r_out + rg, dtype)
+    # dhidden_t = (sum_v p_tv W_v - W_y) g / n cancels (softmax sums to one); its terms: sum_v p_tv |W_v| + |W_y|.
+    h, w = x["hidden"].double(), x["weight"].double()
+    valid = labels != -100
+    p = torch.softmax(h @ w.t(), dim=-1)
+    cot = torch.randn((), generator=torch.Generator().manual_seed(case.seed ^ 0x5EED), dtype=torch.float64)
+    w_y = w.abs()[labels.clamp(min=0)]
+    mag = (p @ w.abs() + w_y) * valid[:, None] * cot.abs() / max(int(valid.sum()), 1)
+    return _compare(["loss", "dhidden", "dweight"], k_out + kg, r_out + rg, dtype, {"dhidden": mag})
