@@ -300,18 +300,18 @@ def train(
                 "resume with the same spec, --set, --max-tokens and --scale"
             )
     state: dict[str, Any] = load_trainer_state(ckpt) if ckpt is not None else {}
-    if d.is_main and ckpt is None:  # a fresh start (also after a crash before the first checkpoint)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_spec_file.write_text(dump_spec(spec), encoding="utf-8")
-    d.barrier()
 
-    # --- data ---------------------------------------------------------------------------------------
+    # --- data (checked before anything is written) --------------------------------------------------
     tok = load_tokenizer(tokenizer)
     check_vocab(tok, spec.model.vocab_size)
     corpus = Corpus(read_documents(data), tok, seed=spec.training.seed)
     if state and state.get("corpus") != corpus.fingerprint:
         raise _usage(f"{run_dir}: the data or tokenizer differ from the ones the run started with")
     stream = TokenStream(corpus.train_tokens, position=int(state.get("data_position", 0)))
+    if d.is_main and ckpt is None:  # a fresh start (also after a crash before the first checkpoint)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_spec_file.write_text(dump_spec(spec), encoding="utf-8")
+    d.barrier()
     reporter.log(f"data: {corpus.describe()}")
 
     # --- model and optimizer ------------------------------------------------------------------------

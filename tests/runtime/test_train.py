@@ -245,4 +245,5 @@ def test_user_errors_are_one_line(tmp_path):
         proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
+        assert not (Path(cmd[cmd.index("--out") + 1]) / "spec.yaml").exists()  # nothing written
         assert len(proc.stderr.strip().splitlines()) == 1
