@@ -88,6 +88,15 @@ def attention(
     if Hq % Hkv != 0:
         raise ValueError(f"num_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
     G = Hq // Hkv
+    if (
+        q_pos is None
+        and k_pos is None
+        and q.dtype == torch.float32
+        and Tq <= Tk
+        and (window_keys is None or window_keys >= 1)
+    ):
+        # Training fast path: every query sees at least itself, so no row is empty.
+        return _sdpa_attention(q, k, v, sinks, scale=scale, value_scale=value_scale, window_keys=window_keys)
     cdt = _compute_dtype(q.dtype)
     dense_positions = q_pos is None and k_pos is None
     if q_pos is None:
@@ -137,6 +146,61 @@ def attention(
     if value_scale != 1.0:
         out = out * value_scale
     return out.to(q.dtype)
+
+
+_MASK_CACHE: dict[tuple, Tensor] = {}
+
+
+def _dense_mask(Tq: int, Tk: int, window_keys: int | None, sink_column: bool, device: torch.device) -> Tensor:
+    """Boolean visibility (Tq, Tk [+1]) of dense positions; the optional first column is the always-visible sink."""
+    key = (Tq, Tk, window_keys, sink_column, device)
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        qp = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+        kp = torch.arange(Tk, device=device)[None]  # (1, Tk)
+        mask = kp <= qp
+        if window_keys is not None:
+            mask &= (qp - kp) < window_keys
+        if sink_column:
+            mask = torch.cat((torch.ones(Tq, 1, dtype=torch.bool, device=device), mask), dim=1)
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[key] = mask
+    return mask
+
+
+def _sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, value_scale: float,
+    window_keys: int | None,
+) -> Tensor:
+    """Dense-position attention through ``F.scaled_dot_product_attention`` (same semantics as ``attention``).
+
+    The sink is folded in as one extra key: q' = [q, 1], keys' = [[0, sink/scale], [k, 0]], values' = [0, v],
+    so its logit is exactly ``sink``, it only adds to the denominator, and its gradient flows through autograd.
+    """
+    B, Hq, Tq, Dqk = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = Hq // Hkv
+    if sinks is None:
+        if window_keys is None and Tq == Tk:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1)
+        else:
+            mask = _dense_mask(Tq, Tk, window_keys, False, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
+    else:
+        if G > 1:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, Hq, Tk, D)
+        qa = torch.cat((q, q.new_ones(B, Hq, Tq, 1)), dim=-1)  # (B, Hq, Tq, Dqk + 1)
+        sink_key = torch.cat((q.new_zeros(Hq, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1)), dim=-1)
+        ka = torch.cat(
+            (sink_key.expand(B, Hq, 1, Dqk + 1), torch.cat((k, k.new_zeros(B, Hq, Tk, 1)), dim=-1)), dim=2
+        )  # (B, Hq, 1 + Tk, Dqk + 1)
+        va = torch.cat((v.new_zeros(B, Hq, 1, Dv), v), dim=2)  # (B, Hq, 1 + Tk, Dv)
+        mask = _dense_mask(Tq, Tk, window_keys, True, q.device)
+        out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale)
+    if value_scale != 1.0:
+        out = out * value_scale
+    return out
 
 
 def route(
