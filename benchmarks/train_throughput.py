@@ -5,7 +5,7 @@ alternating the two models so that machine noise hits both alike. transformers' 
 the like-for-like comparison uses the spec with `model.mtp.num_blocks=0`; lmspec with its MTP blocks (what
 `lmspec train` runs) is reported as an extra row.
 
-    python benchmarks/train_throughput.py [--spec examples/mimo_v2_flash_tiny.yaml] [--batch 16] [--seq 128]
+    python benchmarks/train_throughput.py [--spec examples/mimo_v2_flash_tiny.yaml] [--batch 16] [--seq 128] [--threads N]
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for both models (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 

@@ -169,6 +169,52 @@ def _dense_mask(Tq: int, Tk: int, window_keys: int | None, sink_column: bool, de
     return mask
 
 
+def _banded_mask(T: int, window_keys: int, block: int, sink_column: bool, device: torch.device) -> Tensor:
+    """(T/block, block, [1 +] block + window_keys - 1) visibility of each query block over its key band."""
+    key = ("band", T, window_keys, block, sink_column, device)
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        L = block + window_keys - 1
+        starts = torch.arange(0, T, block, device=device)[:, None, None]  # (nblk, 1, 1)
+        qp = starts + torch.arange(block, device=device)[None, :, None]  # (nblk, block, 1)
+        kp = starts - (window_keys - 1) + torch.arange(L, device=device)[None, None, :]  # (nblk, 1, L)
+        mask = (kp >= 0) & (kp <= qp) & ((qp - kp) < window_keys)
+        if sink_column:
+            ones = torch.ones(mask.shape[0], block, 1, dtype=torch.bool, device=device)
+            mask = torch.cat((ones, mask), dim=-1)
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[key] = mask
+    return mask
+
+
+def _banded_attention(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int, block: int
+) -> Tensor:
+    """Sliding-window attention over query blocks, each against its band of block + window - 1 keys: O(T * W)."""
+    B, Hq, T, Dqk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = Hq // Hkv
+    nblk, L = T // block, block + window_keys - 1
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, Hq, T, D)
+    pad = window_keys - 1  # keys before position 0: zeros, never visible
+    kb = F.pad(k, (0, 0, pad, 0)).unfold(2, L, block).transpose(-1, -2)  # (B, Hq, nblk, L, Dqk)
+    vb = F.pad(v, (0, 0, pad, 0)).unfold(2, L, block).transpose(-1, -2)  # (B, Hq, nblk, L, Dv)
+    qb = q.reshape(B, Hq, nblk, block, Dqk)
+    if sinks is not None:
+        qb = torch.cat((qb, qb.new_ones(B, Hq, nblk, block, 1)), dim=-1)  # (B, Hq, nblk, block, Dqk + 1)
+        sink_key = torch.cat((q.new_zeros(Hq, 1, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1, 1)), dim=-1)
+        kb = torch.cat(
+            (sink_key.expand(B, Hq, nblk, 1, Dqk + 1), torch.cat((kb, kb.new_zeros(B, Hq, nblk, L, 1)), dim=-1)),
+            dim=3,
+        )  # (B, Hq, nblk, 1 + L, Dqk + 1)
+        vb = torch.cat((vb.new_zeros(B, Hq, nblk, 1, Dv), vb), dim=3)  # (B, Hq, nblk, 1 + L, Dv)
+    mask = _banded_mask(T, window_keys, block, sinks is not None, q.device)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B, Hq, nblk, block, Dv)
+    return out.reshape(B, Hq, T, Dv)
+
+
 def _sdpa_attention(
     q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, value_scale: float,
     window_keys: int | None,
@@ -181,7 +227,10 @@ def _sdpa_attention(
     B, Hq, Tq, Dqk = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hkv
-    if sinks is None:
+    bs = 32
+    if window_keys is not None and Tq == Tk and Tk % bs == 0 and Tk >= 2 * (bs + window_keys - 1):
+        out = _banded_attention(q, k, v, sinks, scale=scale, window_keys=window_keys, block=bs)
+    elif sinks is None:
         if window_keys is None and Tq == Tk:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1)
         else:
