@@ -1,32 +1,14 @@
-"""Serving fixtures: a private compile cache, one intra-op thread, and small variants of the tiny spec."""
+"""Serving fixtures: small variants of the tiny spec."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 import lmspec
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "mimo_v2_flash_tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LMSPEC_CACHE", str(tmp_path_factory.mktemp("lmspec-cache")))
-    yield
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models are tiny: intra-op threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_overrides(*, window: int = 32, vocab: int = 256, init_std: float = 0.02, hidden: int = 32) -> list[str]:
