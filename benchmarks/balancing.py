@@ -23,7 +23,7 @@ import numpy as np
 def _summary(rows: list[dict]) -> dict:
     loads = [np.array(r["expert_load"]) * len(r["expert_load"][0]) for r in rows if r.get("expert_load")]
     worst = [float(x.max()) for x in loads]
-    tail = worst[-max(1, len(worst) // 5):]
+    tail = worst[-max(1, len(worst) // 5) :]
     last = loads[-1]
     return {
         "steps": len(rows),
@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/balancing.json")
     args = ap.parse_args()
 
-    from lmspec.runtime.train import train
     from lmspec.spec import load_spec
+    from lmspec.train.trainer import train
 
     n_stages = len(load_spec(args.spec).training.stages)
     off = [f"training.stages.{i}.overrides.bias_update=0" for i in range(n_stages)]
@@ -52,23 +52,39 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in (("bias balancing on", []), ("bias balancing off", off)):
             res = train(
-                args.spec, out=Path(tmp) / name.replace(" ", "_"), max_tokens=args.max_tokens,
-                overrides=overrides, progress=False, quiet=True, plot=False, eval_every=10**9,
-                eval_tokens=8192, checkpoint_every=10**9, keep_checkpoints=1,
+                args.spec,
+                out=Path(tmp) / name.replace(" ", "_"),
+                max_tokens=args.max_tokens,
+                overrides=overrides,
+                progress=False,
+                quiet=True,
+                plot=False,
+                eval_every=10**9,
+                eval_tokens=8192,
+                checkpoint_every=10**9,
+                keep_checkpoints=1,
             )
             results[name] = _summary(res.history)
 
-    print(f"expert load on {args.spec}, {args.max_tokens:,.0f} tokens "
-          "(busiest expert's share / uniform share, max over MoE layers)")
-    print(f"{'setting':<22}{'final':>8}{'mean last 20%':>15}{'worst last 20%':>16}{'min share final':>17}"
-          f"{'val loss':>10}")
+    print(
+        f"expert load on {args.spec}, {args.max_tokens:,.0f} tokens "
+        "(busiest expert's share / uniform share, max over MoE layers)"
+    )
+    print(
+        f"{'setting':<22}{'final':>8}{'mean last 20%':>15}{'worst last 20%':>16}{'min share final':>17}"
+        f"{'val loss':>10}"
+    )
     for name, r in results.items():
-        print(f"{name:<22}{r['final_max_over_uniform']:>8.2f}{r['last20pct_mean_max_over_uniform']:>15.2f}"
-              f"{r['last20pct_worst_max_over_uniform']:>16.2f}{r['final_min_over_uniform']:>17.2f}"
-              f"{r['final_val_loss']:>10.4f}")
+        print(
+            f"{name:<22}{r['final_max_over_uniform']:>8.2f}{r['last20pct_mean_max_over_uniform']:>15.2f}"
+            f"{r['last20pct_worst_max_over_uniform']:>16.2f}{r['final_min_over_uniform']:>17.2f}"
+            f"{r['final_val_loss']:>10.4f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"spec": args.spec, "max_tokens": args.max_tokens, "results": results}, indent=2))
+    out.write_text(
+        json.dumps({"spec": args.spec, "max_tokens": args.max_tokens, "results": results}, indent=2)
+    )
     print(f"wrote {out}")
 
 

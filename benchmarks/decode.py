@@ -26,7 +26,7 @@ import torch
 PROMPTS = [
     "def __init__(self, ",
     "import os\nimport sys\n\n\ndef main():\n    ",
-    "class Queue:\n    \"\"\"A simple FIFO queue.\"\"\"\n\n    def __init__(self):\n        self.",
+    'class Queue:\n    """A simple FIFO queue."""\n\n    def __init__(self):\n        self.',
     "    for i in range(len(",
     "        if not isinstance(value, str):\n            raise TypeError(",
     "# Copyright (c) ",
@@ -45,9 +45,12 @@ def _checkpoint(path: Path, spec: str, train_tokens: float, train_out: Path) -> 
     if _has_checkpoint(path):
         return resolve_checkpoint(path)
     if not _has_checkpoint(train_out):
-        print(f"{path}: no checkpoint; training {spec} for {train_tokens:g} tokens into {train_out} first "
-              f"(a quick model: expect inflated acceptance on repeated whitespace)", file=sys.stderr)
-        from lmspec.runtime.train import train
+        print(
+            f"{path}: no checkpoint; training {spec} for {train_tokens:g} tokens into {train_out} first "
+            f"(a quick model: expect inflated acceptance on repeated whitespace)",
+            file=sys.stderr,
+        )
+        from lmspec.train.trainer import train
 
         train(spec, out=train_out, max_tokens=train_tokens, progress=False, plot=False, quiet=True)
     else:
@@ -58,21 +61,25 @@ def _checkpoint(path: Path, spec: str, train_tokens: float, train_out: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="runs/demo", help="run or checkpoint directory")
-    p.add_argument("--spec", default="examples/mimo_v2_flash_tiny.yaml", help="spec to train when there is no checkpoint")
+    p.add_argument(
+        "--spec", default="examples/mimo_v2_flash_tiny.yaml", help="spec to train when there is no checkpoint"
+    )
     p.add_argument("--train-tokens", type=float, default=3e5)
     p.add_argument("--train-out", default="runs/decode_bench", help="where the quick model is trained")
     p.add_argument("--depths", type=int, nargs="+", default=None, help="default: 0..num MTP blocks")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="timed passes over the prompts per depth")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steady timings on a shared CPU)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steady timings on a shared CPU)"
+    )
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lmspec.runtime.generate import Generator
     from lmspec.runtime.modeling import from_pretrained
-    from lmspec.runtime.sampling import SamplingParams
+    from lmspec.serve.engine import Generator
+    from lmspec.serve.sampling import SamplingParams
 
     ckpt = _checkpoint(Path(args.checkpoint), args.spec, args.train_tokens, Path(args.train_out))
     model = from_pretrained(ckpt, dtype=getattr(torch, args.dtype)).eval()
@@ -82,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Warm up every code path once (allocator, first-call overheads) before timing.
     for d in depths:
-        Generator(model, speculative_depth=d).generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8))
+        Generator(model, speculative_depth=d).generate(
+            PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8)
+        )
 
     rows, outputs = [], {}
     for d in depths:
@@ -102,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                 steps += st.decode_steps
                 accepted += st.accepted
         outputs[d] = texts
-        rows.append({
-            "depth": d,
-            "acceptance_length": (steps + accepted) / steps if steps else 0.0,
-            "decode_tokens_per_s": tokens / decode_s if decode_s else 0.0,
-            "decode_tokens": tokens,
-            "decode_steps": steps,
-            "seconds": decode_s,
-        })
+        rows.append(
+            {
+                "depth": d,
+                "acceptance_length": (steps + accepted) / steps if steps else 0.0,
+                "decode_tokens_per_s": tokens / decode_s if decode_s else 0.0,
+                "decode_tokens": tokens,
+                "decode_steps": steps,
+                "seconds": decode_s,
+            }
+        )
     base = next((r["decode_tokens_per_s"] for r in rows if r["depth"] == 0), None)
     for r in rows:
         r["speedup"] = r["decode_tokens_per_s"] / base if base else None
@@ -126,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
     }
-    print(f"decode benchmark: {model.spec.name} ({ckpt}), {len(PROMPTS)} prompts x {args.max_tokens} tokens, greedy, "
-          f"{args.dtype}, {args.threads} thread(s)")
+    print(
+        f"decode benchmark: {model.spec.name} ({ckpt}), {len(PROMPTS)} prompts x {args.max_tokens} tokens, greedy, "
+        f"{args.dtype}, {args.threads} thread(s)"
+    )
     print(f"{'depth':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'identical':>9}")
     for r in rows:
         sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        print(f"{r['depth']:>5} {r['acceptance_length']:>10.2f} {r['decode_tokens_per_s']:>9.1f} {sp:>8} "
-              f"{str(r['identical_to_depth0']).lower():>9}")
+        print(
+            f"{r['depth']:>5} {r['acceptance_length']:>10.2f} {r['decode_tokens_per_s']:>9.1f} {sp:>8} "
+            f"{str(r['identical_to_depth0']).lower():>9}"
+        )
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -44,7 +44,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for both models (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads for both models (0: torch's default)"
+    )
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
     if args.threads > 0:
@@ -87,17 +89,30 @@ def main() -> None:
     for r in rows.values():
         r["vs_transformers"] = r["tokens_per_s"] / base
 
-    print(f"one training step (fwd+bwd+AdamW), {spec.name}, batch {args.batch} x {args.seq} tokens, "
-          f"{torch.get_num_threads()} threads, {args.steps} timed steps")
+    print(
+        f"one training step (fwd+bwd+AdamW), {spec.name}, batch {args.batch} x {args.seq} tokens, "
+        f"{torch.get_num_threads()} threads, {args.steps} timed steps"
+    )
     print(f"{'model':<24}{'step (ms)':>12}{'tokens/s':>12}{'vs transformers':>18}")
     for name, r in rows.items():
-        print(f"{name:<24}{r['median_step_s'] * 1e3:>12.1f}{r['tokens_per_s']:>12,.0f}{r['vs_transformers']:>17.2f}x")
+        print(
+            f"{name:<24}{r['median_step_s'] * 1e3:>12.1f}{r['tokens_per_s']:>12,.0f}{r['vs_transformers']:>17.2f}x"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "spec": args.spec, "batch": args.batch, "seq_len": args.seq, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "results": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "spec": args.spec,
+                "batch": args.batch,
+                "seq_len": args.seq,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

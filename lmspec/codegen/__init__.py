@@ -96,7 +96,9 @@ def kernel_constants(spec: Spec) -> dict[str, Any]:
 
 def _kernel_template_bytes() -> bytes:
     templates = Path(__file__).parent / "templates"
-    return b"".join(p.read_bytes() for p in sorted(templates.glob("*.jinja")) if not p.name.startswith("model"))
+    return b"".join(
+        p.read_bytes() for p in sorted(templates.glob("*.jinja")) if not p.name.startswith("model")
+    )
 
 
 def cache_key(graph: Graph, spec_path: str | None, locations: dict[str, str] | None = None) -> str:
@@ -190,7 +192,9 @@ def _render_kernels(spec: Spec, directory: Path) -> list[Path]:
     return list(kernels.render_kernels(kernel_constants(spec), directory / "kernels", spec_name=spec.name))
 
 
-def compile_graph(graph: Graph, out_dir: str | Path | None = None, spec_path: str | None = None) -> CompiledModel:
+def compile_graph(
+    graph: Graph, out_dir: str | Path | None = None, spec_path: str | None = None
+) -> CompiledModel:
     """Render and write the module for an already lowered (and passed) graph."""
     locations = spec_locations(spec_path)
     key = cache_key(graph, spec_path, locations)

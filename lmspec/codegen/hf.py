@@ -9,8 +9,6 @@ sliding layers. A spec outside that still exports a config: the keys the Hub che
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 from lmspec.spec import (
@@ -21,13 +19,12 @@ from lmspec.spec import (
     SlidingAttention,
     Spec,
     SpecError,
-    dump_spec,
     spec_to_data,
 )
 from lmspec.spec.loader import validate
 from lmspec.spec.pattern import compress_layers
 
-__all__ = ["config_to_spec", "export_issues", "import_hf_command", "spec_to_config"]
+__all__ = ["config_to_spec", "export_issues", "spec_to_config"]
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -60,7 +57,9 @@ def export_issues(spec: Spec) -> list[str]:
     used_ffn = {m.blocks[b].ffn for b in _used_blocks(spec)}
     if m.mtp and m.mtp.num_blocks:
         mtp = m.blocks[m.mtp.block]
-        if not isinstance(m.attention[mtp.attention], SlidingAttention) or not isinstance(m.ffn[mtp.ffn], DenseFFN):
+        if not isinstance(m.attention[mtp.attention], SlidingAttention) or not isinstance(
+            m.ffn[mtp.ffn], DenseFFN
+        ):
             issues.append("MTP block is not sliding attention with a dense FFN")
     glob = [n for n in used_att if isinstance(m.attention[n], GlobalAttention)]
     slid = [n for n in used_att if isinstance(m.attention[n], SlidingAttention)]
@@ -101,7 +100,9 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
     s = m.attention[s_name] if s_name else None
     ref = g or s
     assert ref is not None  # a spec has at least one layer
-    layer_types = [SLIDING if isinstance(m.layer_attention(i), SlidingAttention) else FULL for i in range(m.num_layers)]
+    layer_types = [
+        SLIDING if isinstance(m.layer_attention(i), SlidingAttention) else FULL for i in range(m.num_layers)
+    ]
     mlp_types = ["sparse" if isinstance(m.layer_ffn(i), MoEFFN) else "dense" for i in range(m.num_layers)]
     dense = next((f for f in m.ffn.values() if isinstance(f, DenseFFN)), None)
     moe = next((m.layer_ffn(i) for i in range(m.num_layers) if isinstance(m.layer_ffn(i), MoEFFN)), None)
@@ -110,7 +111,11 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
     rope: dict[str, Any] = {}
     for lt, a in ((FULL, g or s), (SLIDING, s or g)):
         assert a is not None
-        rope[lt] = {"rope_type": "default", "rope_theta": float(a.rope.theta), "partial_rotary_factor": a.rope.fraction}
+        rope[lt] = {
+            "rope_type": "default",
+            "rope_theta": float(a.rope.theta),
+            "partial_rotary_factor": a.rope.fraction,
+        }
     global_kv = g.num_kv_heads if g else max(1, s.num_kv_heads // 2)  # type: ignore[union-attr]
     swa_kv = s.num_kv_heads if s else 2 * global_kv
     config: dict[str, Any] = {
@@ -119,7 +124,9 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
         "dtype": dtype,
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,
-        "intermediate_size": dense.intermediate_size if dense else (moe.expert_intermediate_size if moe else 1),
+        "intermediate_size": dense.intermediate_size
+        if dense
+        else (moe.expert_intermediate_size if moe else 1),
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": ref.num_heads,
         "num_key_value_heads": global_kv,
@@ -196,7 +203,10 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
         mlp_types = ["dense"] + ["sparse"] * (n_layers - 1)
     if len(layer_types) != n_layers or len(mlp_types) != n_layers:
         raise SpecError(
-            where, 1, 1, "layer_types",
+            where,
+            1,
+            1,
+            "layer_types",
             f"expected {n_layers} entries in layer_types and mlp_layer_types, got {len(layer_types)} and {len(mlp_types)}",
         )
     heads = int(_get(config, "num_attention_heads", 64))
@@ -225,15 +235,28 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
         window, convention = (keys - 1, "previous_plus_self") if keys > 1 else (keys, "keys")
     attention = {
         "global": {
-            "kind": "global", "num_heads": heads, "num_kv_heads": kv, "qk_head_dim": head_dim,
-            "v_head_dim": v_head_dim, "rope": rope(FULL), "value_scale": value_scale,
-            "sink": bool(_get(config, "add_full_attention_sink_bias", False)), "bias": bias,
+            "kind": "global",
+            "num_heads": heads,
+            "num_kv_heads": kv,
+            "qk_head_dim": head_dim,
+            "v_head_dim": v_head_dim,
+            "rope": rope(FULL),
+            "value_scale": value_scale,
+            "sink": bool(_get(config, "add_full_attention_sink_bias", False)),
+            "bias": bias,
         },
         "swa": {
-            "kind": "sliding", "window": window, "window_convention": convention, "num_heads": heads,
-            "num_kv_heads": swa_kv, "qk_head_dim": int(_get(config, "swa_head_dim", head_dim)),
-            "v_head_dim": int(_get(config, "swa_v_head_dim", v_head_dim)), "rope": rope(SLIDING),
-            "value_scale": value_scale, "sink": bool(_get(config, "add_swa_attention_sink_bias", True)), "bias": bias,
+            "kind": "sliding",
+            "window": window,
+            "window_convention": convention,
+            "num_heads": heads,
+            "num_kv_heads": swa_kv,
+            "qk_head_dim": int(_get(config, "swa_head_dim", head_dim)),
+            "v_head_dim": int(_get(config, "swa_v_head_dim", v_head_dim)),
+            "rope": rope(SLIDING),
+            "value_scale": value_scale,
+            "sink": bool(_get(config, "add_swa_attention_sink_bias", True)),
+            "bias": bias,
         },
     }
     ffn = {
@@ -252,11 +275,18 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
             "top_k_groups": int(_get(config, "topk_group", 1)),
         },
     }
-    block_of = {(FULL, "dense"): "G0", (FULL, "sparse"): "G", (SLIDING, "dense"): "S0", (SLIDING, "sparse"): "S"}
+    block_of = {
+        (FULL, "dense"): "G0",
+        (FULL, "sparse"): "G",
+        (SLIDING, "dense"): "S0",
+        (SLIDING, "sparse"): "S",
+    }
     names = []
     for lt, mt in zip(layer_types, mlp_types, strict=True):
         if (lt, mt) not in block_of:
-            raise SpecError(where, 1, 1, "layer_types", f"expected full/sliding and dense/sparse, got {lt!r}, {mt!r}")
+            raise SpecError(
+                where, 1, 1, "layer_types", f"expected full/sliding and dense/sparse, got {lt!r}, {mt!r}"
+            )
         names.append(block_of[(lt, mt)])
     blocks = {
         b: {"attention": "global" if lt == FULL else "swa", "ffn": "dense" if mt == "dense" else "moe"}
@@ -268,42 +298,30 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
         "vocab_size": int(_get(config, "vocab_size", 152576)),
         "hidden_size": int(_get(config, "hidden_size", 4096)),
         "max_position_embeddings": int(_get(config, "max_position_embeddings", 131072)),
-        "norm": {"kind": "rmsnorm", "eps": float(_get(config, "rms_norm_eps", _get(config, "layernorm_epsilon", 1e-5)))},
+        "norm": {
+            "kind": "rmsnorm",
+            "eps": float(_get(config, "rms_norm_eps", _get(config, "layernorm_epsilon", 1e-5))),
+        },
         "tie_word_embeddings": bool(_get(config, "tie_word_embeddings", False)),
         "init_std": float(_get(config, "initializer_range", 0.02)),
-        "attention": {k: v for k, v in attention.items() if any(b["attention"] == k for b in blocks.values()) or (k == "swa" and mtp_blocks)},
-        "ffn": {k: v for k, v in ffn.items() if any(b["ffn"] == k for b in blocks.values()) or (k == "dense" and mtp_blocks)},
+        "attention": {
+            k: v
+            for k, v in attention.items()
+            if any(b["attention"] == k for b in blocks.values()) or (k == "swa" and mtp_blocks)
+        },
+        "ffn": {
+            k: v
+            for k, v in ffn.items()
+            if any(b["ffn"] == k for b in blocks.values()) or (k == "dense" and mtp_blocks)
+        },
         "blocks": blocks,
         "layers": compress_layers(names),
     }
     if mtp_blocks:
         model["blocks"]["MTP"] = {"attention": "swa", "ffn": "dense"}
-        model["mtp"] = {"num_blocks": mtp_blocks, "block": "MTP", "loss_weight": MTP.model_fields["loss_weight"].default}
+        model["mtp"] = {
+            "num_blocks": mtp_blocks,
+            "block": "MTP",
+            "loss_weight": MTP.model_fields["loss_weight"].default,
+        }
     return validate({"name": name, "model": model}, {}, where)
-
-
-def import_hf_command(config_path: str | Path, output: str | Path) -> int:
-    """`lmspec import-hf CONFIG.json -o spec.yaml`: write the spec (no training section) as YAML."""
-    import json
-
-    path = Path(config_path)
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(path), 1, 1, "", "expected a config.json file, got no such file") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(path), e.lineno, e.colno, "", f"expected JSON, got {e.msg}") from None
-    if not isinstance(config, dict):
-        raise SpecError(str(path), 1, 1, "", "expected a JSON object at the top level")
-    # A model folder's config.json is named for its folder; any other JSON file for itself.
-    folder = path.resolve().parent.name
-    name = folder if path.stem == "config" and folder else path.stem
-    spec = config_to_spec(config, name=re.sub(r"[^0-9A-Za-z_]+", "_", name) or "imported")
-    data = dump_spec(spec).replace("training: null\n", "")
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Imported from {path} by `lmspec import-hf`.\n" + data)
-    issues = export_issues(spec)
-    print(f"{out}: {spec.name}: {spec.model.num_layers} layers, hidden {spec.model.hidden_size}"
-          + (f"; note: {', '.join(issues)}" if issues else ""))
-    return 0

@@ -43,9 +43,7 @@ def _unique(names: dict[str, str]) -> dict[str, str]:
 
 def _attention_context(name: str, cls: str, a: GlobalAttention | SlidingAttention) -> dict[str, Any]:
     if isinstance(a, SlidingAttention):
-        window = (
-            f"window={a.window} {a.window_convention} -> {a.window_keys} keys"
-        )
+        window = f"window={a.window} {a.window_convention} -> {a.window_keys} keys"
     else:
         window = "global: every earlier key"
     return {

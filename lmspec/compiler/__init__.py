@@ -10,6 +10,13 @@ from lmspec.compiler.lower import PassContext, lower, run_passes
 from lmspec.compiler.stats import compile_graph, stats_from_graph
 
 __all__ = [
-    "Graph", "GraphError", "LayerInfo", "PassContext", "compile_graph", "lower", "run_passes",
-    "stats_from_graph", "verify",
+    "Graph",
+    "GraphError",
+    "LayerInfo",
+    "PassContext",
+    "compile_graph",
+    "lower",
+    "run_passes",
+    "stats_from_graph",
+    "verify",
 ]

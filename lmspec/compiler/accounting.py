@@ -177,7 +177,9 @@ def _all_global_reference(spec: Spec) -> str | None:
     """The global attention kind an all-global variant uses: the most used one, else any declared."""
     m = spec.model
     used = Counter(m.blocks[b].attention for b in m.layer_blocks)
-    globals_used = [(n, name) for name, n in used.most_common() if isinstance(m.attention[name], GlobalAttention)]
+    globals_used = [
+        (n, name) for name, n in used.most_common() if isinstance(m.attention[name], GlobalAttention)
+    ]
     if globals_used:
         return globals_used[0][1]
     declared = [name for name, a in m.attention.items() if isinstance(a, GlobalAttention)]
@@ -248,7 +250,9 @@ def _attention_kinds(spec: Spec, blocks: Iterable[str]) -> Counter[str]:
     return Counter(spec.model.blocks[b].attention for b in blocks)
 
 
-def account(spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None) -> Accounting:
+def account(
+    spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None
+) -> Accounting:
     """Parameters, active parameters, KV cache at `context` tokens and forward FLOPs per token."""
     if context < 1:
         raise ValueError(f"context: expected a positive token count, got {context}")
@@ -330,7 +334,8 @@ def account(spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype
         "kv": f"keys after RoPE + values of every KV head, {kv_b} bytes each; sliding layers hold "
         "min(context, window_keys) slots; MTP caches reported apart",
         "all_global": f"every backbone layer uses attention kind {ref!r} (KV heads and head dims)"
-        if ref is not None else "no global kind declared: every layer keeps its heads, without a window",
+        if ref is not None
+        else "no global kind declared: every layer keeps its heads, without a window",
         "flops": "2 x matmul weights used per token + 2*heads*keys*(qk+v) per attention layer; "
         "embedding lookup, norms, sinks and softmax not counted; keys at position `context`",
     }
@@ -378,8 +383,20 @@ def account(spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype
 # Printing
 # ---------------------------------------------------------------------------------------------
 
-_ORDER = ("embedding", "eh_proj", "attention.", "sinks.", "attention_scores.", "norms", "dense_ffn.",
-          "routed_experts.", "shared_experts.", "router.", "router_bias.", "lm_head")
+_ORDER = (
+    "embedding",
+    "eh_proj",
+    "attention.",
+    "sinks.",
+    "attention_scores.",
+    "norms",
+    "dense_ffn.",
+    "routed_experts.",
+    "shared_experts.",
+    "router.",
+    "router_bias.",
+    "lm_head",
+)
 
 
 def _ordered(components: dict[str, float]) -> list[tuple[str, float]]:
@@ -410,7 +427,9 @@ def _exact(n: float) -> str:
     return f"{n:,.0f}" if math.isclose(n, round(n)) else f"{n:,.1f}"
 
 
-def print_stats(spec: Spec, *, as_json: bool = False, context: int = 262144, kv_dtype_bytes: int | None = None) -> int:
+def print_stats(
+    spec: Spec, *, as_json: bool = False, context: int = 262144, kv_dtype_bytes: int | None = None
+) -> int:
     """`lmspec stats`: the accounting of `spec` as rich tables, or as JSON with `as_json`."""
     acc = account(spec, context, kv_dtype_bytes=kv_dtype_bytes)
     if as_json:
@@ -430,14 +449,20 @@ def print_stats(spec: Spec, *, as_json: bool = False, context: int = 262144, kv_
     for key, value in _ordered(acc.params):
         params.add_row(key, _count(value), _count(acc.active.get(key, 0)), _exact(value))
     params.add_section()
-    params.add_row("[bold]backbone (no MTP)[/bold]", _count(acc.params_backbone),
-                   _count(acc.active_with_embedding_and_head), _exact(acc.params_backbone))
+    params.add_row(
+        "[bold]backbone (no MTP)[/bold]",
+        _count(acc.params_backbone),
+        _count(acc.active_with_embedding_and_head),
+        _exact(acc.params_backbone),
+    )
     if acc.mtp_blocks:
-        params.add_row(f"MTP ({acc.mtp_blocks} x {_count(acc.mtp_params_per_block)} per block)",
-                       _count(acc.mtp_params), _count(acc.mtp_active_per_block * acc.mtp_blocks),
-                       _exact(acc.mtp_params))
-    params.add_row("[bold]all parameters[/bold]", _count(acc.params_total), "",
-                   _exact(acc.params_total))
+        params.add_row(
+            f"MTP ({acc.mtp_blocks} x {_count(acc.mtp_params_per_block)} per block)",
+            _count(acc.mtp_params),
+            _count(acc.mtp_active_per_block * acc.mtp_blocks),
+            _exact(acc.mtp_params),
+        )
+    params.add_row("[bold]all parameters[/bold]", _count(acc.params_total), "", _exact(acc.params_total))
     for key, value in _ordered(acc.buffers):
         params.add_row(f"buffer: {key}", _count(value), "", _exact(value))
     console.print(params)
@@ -450,18 +475,35 @@ def print_stats(spec: Spec, *, as_json: bool = False, context: int = 262144, kv_
     active.add_row("with embedding and LM head", _count(acc.active_with_embedding_and_head))
     console.print(active)
 
-    kv = Table(title=f"KV cache, {acc.kv_dtype_bytes} bytes per element, one sequence of {context:,} tokens",
-               title_justify="left")
+    kv = Table(
+        title=f"KV cache, {acc.kv_dtype_bytes} bytes per element, one sequence of {context:,} tokens",
+        title_justify="left",
+    )
     for col in ("attention kind", "layers", "per token", "fixed per sequence", f"at {context:,}"):
         kv.add_column(col, justify="left" if col == "attention kind" else "right")
     for kind, n in acc.layers_by_attention.items():
-        kv.add_row(kind, str(n), _bytes(acc.kv_bytes_per_token.get(kind, 0)),
-                   _bytes(acc.kv_fixed_bytes_per_sequence.get(kind, 0)), _bytes(acc.kv_bytes_at_context[kind]))
+        kv.add_row(
+            kind,
+            str(n),
+            _bytes(acc.kv_bytes_per_token.get(kind, 0)),
+            _bytes(acc.kv_fixed_bytes_per_sequence.get(kind, 0)),
+            _bytes(acc.kv_bytes_at_context[kind]),
+        )
     kv.add_section()
-    kv.add_row("[bold]total[/bold]", str(acc.num_layers), _bytes(acc.kv_bytes_per_token_total),
-               _bytes(acc.kv_fixed_bytes_per_sequence_total), _bytes(acc.kv_bytes_at_context_total))
-    kv.add_row(f"all-global ({acc.all_global_reference})", str(acc.num_layers), "", "",
-               _bytes(acc.all_global_kv_bytes_at_context))
+    kv.add_row(
+        "[bold]total[/bold]",
+        str(acc.num_layers),
+        _bytes(acc.kv_bytes_per_token_total),
+        _bytes(acc.kv_fixed_bytes_per_sequence_total),
+        _bytes(acc.kv_bytes_at_context_total),
+    )
+    kv.add_row(
+        f"all-global ({acc.all_global_reference})",
+        str(acc.num_layers),
+        "",
+        "",
+        _bytes(acc.all_global_kv_bytes_at_context),
+    )
     kv.add_row("[bold]all-global / this model[/bold]", "", "", "", f"{acc.kv_ratio_all_global:.2f}x")
     if acc.mtp_blocks:
         kv.add_row("MTP blocks (apart)", str(acc.mtp_blocks), "", "", _bytes(acc.mtp_kv_bytes_at_context))
@@ -473,8 +515,11 @@ def print_stats(spec: Spec, *, as_json: bool = False, context: int = 262144, kv_
     for key, value in _ordered(acc.flops_per_token):
         flops.add_row(key, _count(value), _count(acc.flops_per_token_seq_mean[key]))
     flops.add_section()
-    flops.add_row("[bold]total (no MTP)[/bold]", _count(acc.flops_per_token_total),
-                  _count(acc.flops_per_token_seq_mean_total))
+    flops.add_row(
+        "[bold]total (no MTP)[/bold]",
+        _count(acc.flops_per_token_total),
+        _count(acc.flops_per_token_seq_mean_total),
+    )
     if acc.mtp_blocks:
         flops.add_row("per MTP block", _count(acc.mtp_flops_per_token_per_block), "")
     console.print(flops)

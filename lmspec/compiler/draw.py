@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import networkx as nx
 
 from lmspec.compiler.graph import Graph
 from lmspec.compiler.ops import OPS
-from lmspec.spec import Spec
 
 # Fill colours by what a node is; fused units share one colour so they stand out.
 COLORS = {
@@ -34,8 +32,15 @@ COLORS = {
     "layer": "#fff2b3",
     "other": "#f5f5f5",
 }
-LEGEND = [("fused unit", "fused"), ("attention", "attention"), ("rope", "rope"), ("MoE", "moe"),
-          ("projection", "linear"), ("collapsed layer", "layer"), ("loss", "loss")]
+LEGEND = [
+    ("fused unit", "fused"),
+    ("attention", "attention"),
+    ("rope", "rope"),
+    ("MoE", "moe"),
+    ("projection", "linear"),
+    ("collapsed layer", "layer"),
+    ("loss", "loss"),
+]
 
 
 def parse_layers(text: str | None, n_layers: int) -> set[int] | None:
@@ -88,7 +93,7 @@ class View:
 def _short(node_id: str, scope: str) -> str:
     if scope == "model":
         return node_id
-    return node_id[len(scope) + 1:] if node_id.startswith(scope + ".") else node_id
+    return node_id[len(scope) + 1 :] if node_id.startswith(scope + ".") else node_id
 
 
 def _dims(shape) -> str:
@@ -105,7 +110,9 @@ def _color(op: str) -> str:
         return "loss"
     if op in ("attention", "value_scale"):
         return "attention"
-    return {"rope": "rope", "moe": "moe", "native": "linear" if op == "linear" else "other"}.get(d.family, "other")
+    return {"rope": "rope", "moe": "moe", "native": "linear" if op == "linear" else "other"}.get(
+        d.family, "other"
+    )
 
 
 def _op_label(graph: Graph, n: str, d: dict) -> str:
@@ -145,7 +152,11 @@ def _layer_label(graph: Graph, scope: str, block: str) -> str:
     a, f = m.attention[b.attention], m.ffn[b.ffn]
     attn = f"{b.attention}: " + (f"W={a.window_keys}" if a.window_keys is not None else "global")
     attn += " +sink" if a.sink else ""
-    ffn = f"{b.ffn}: {f.num_experts}x top-{f.top_k}" if f.kind == "moe" else f"{b.ffn}: dense {f.intermediate_size}"
+    ffn = (
+        f"{b.ffn}: {f.num_experts}x top-{f.top_k}"
+        if f.kind == "moe"
+        else f"{b.ffn}: dense {f.intermediate_size}"
+    )
     return f"{scope.replace('model.', '')}\n[{block}] {attn}\n{ffn}"
 
 
@@ -157,8 +168,10 @@ def build_view(graph: Graph, expanded: set[int] | None) -> View:
     # MTP blocks: the first is expanded whenever any layer is; the rest repeat it.
     exp_paths |= {li.path for li in graph.mtp_layers[: 1 if expanded is not None else None]}
     fused = ", ".join(sorted(graph.fused_units)) or "none"
-    view = View(title=f"{spec.name}: {len(graph.layers)} layers + {len(graph.mtp_layers)} MTP blocks, "
-                      f"{graph.nx.number_of_nodes()} ops (fused: {fused})")
+    view = View(
+        title=f"{spec.name}: {len(graph.layers)} layers + {len(graph.mtp_layers)} MTP blocks, "
+        f"{graph.nx.number_of_nodes()} ops (fused: {fused})"
+    )
     # Consecutive collapsed layers stack in one frameless column, at most _STACK per column.
     column_of: dict[str, str] = {}
 
@@ -189,8 +202,9 @@ def build_view(graph: Graph, expanded: set[int] | None) -> View:
         if scope in infos and scope not in exp_paths:
             rep[n] = scope
             if scope not in view.nodes:
-                view.nodes[scope] = VNode(scope, _layer_label(graph, scope, infos[scope].block), "layer",
-                                          column_of[scope])
+                view.nodes[scope] = VNode(
+                    scope, _layer_label(graph, scope, infos[scope].block), "layer", column_of[scope]
+                )
                 view.collapsed.add(scope)
             continue
         if d["op"] == "input":
@@ -230,8 +244,10 @@ def to_text(graph: Graph, expanded: set[int] | None) -> str:
     for n in order:
         by_scope.setdefault(graph.node(n)["scope"], []).append(n)
     fused = ", ".join(sorted(graph.fused_units)) or "none"
-    lines = [f"{spec.name}: {graph.nx.number_of_nodes()} ops after {', '.join(graph.passes) or 'lowering'} "
-             f"(fused: {fused})"]
+    lines = [
+        f"{spec.name}: {graph.nx.number_of_nodes()} ops after {', '.join(graph.passes) or 'lowering'} "
+        f"(fused: {fused})"
+    ]
     width = max(len(_short(n, graph.node(n)["scope"])) for n in order) + 2
 
     def emit(n: str, indent: str) -> None:
@@ -242,7 +258,9 @@ def to_text(graph: Graph, expanded: set[int] | None) -> str:
         extra = []
         a = d["attrs"]
         if d["op"] == "attention":
-            extra.append(f"window_keys={a['window_keys']} sink={a['sink']} heads={a['num_heads']}/{a['num_kv_heads']}")
+            extra.append(
+                f"window_keys={a['window_keys']} sink={a['sink']} heads={a['num_heads']}/{a['num_kv_heads']}"
+            )
         if d["op"] in ("router", "topk", "experts"):
             extra.append(f"top_k={a['top_k']}/{a['num_experts']}")
         if d.get("members"):
@@ -251,8 +269,10 @@ def to_text(graph: Graph, expanded: set[int] | None) -> str:
         if params:
             extra.append(f"params={params:,}")
         tail = ("  " + "; ".join(extra)) if extra else ""
-        lines.append(f"{indent}{_short(n, scope):<{width}}{d['op']:<16}{_dims(d['shape']):<16}{d['dtype']:<9}"
-                     f"<- {ins or '-'}{tail}")
+        lines.append(
+            f"{indent}{_short(n, scope):<{width}}{d['op']:<16}{_dims(d['shape']):<16}{d['dtype']:<9}"
+            f"<- {ins or '-'}{tail}"
+        )
 
     top = by_scope.get("model", [])
     head = [n for n in top if graph.node(n)["op"] in ("input", "embedding")]
@@ -296,7 +316,7 @@ def to_dot(view: View) -> str:
         f"  label={_q(view.title)}; labelloc=t; fontsize=18; fontname=Helvetica;",
         "  rankdir=TB; nodesep=0.25; ranksep=0.3; newrank=true;",
         '  node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10];',
-        "  edge [arrowsize=0.6, color=\"#555555\"];",
+        '  edge [arrowsize=0.6, color="#555555"];',
     ]
     headers = dict(view.columns)
     for key, _ in view.columns:
@@ -306,7 +326,9 @@ def to_dot(view: View) -> str:
         clustered = key not in view.plain
         if clustered:
             out.append(f"  subgraph {_q('cluster_' + key)} {{")
-            out.append(f'    label={_q(headers[key])}; style="rounded,filled"; fillcolor="#fafafa"; color="#bbbbbb";')
+            out.append(
+                f'    label={_q(headers[key])}; style="rounded,filled"; fillcolor="#fafafa"; color="#bbbbbb";'
+            )
         for n in members:
             pen = ', penwidth=2, color="#c0392b"' if n.fused else ""
             out.append(f"    {_q(n.id)} [label={_q(n.label)}, fillcolor={_q(COLORS[n.color])}{pen}];")
@@ -343,7 +365,10 @@ def _layout(view: View) -> tuple[dict[str, tuple[float, float]], dict[str, tuple
             depth[n] = max((depth[p] + 1 for p in g.predecessors(n) if p in depth), default=0)
 
         def lone_source(p: str, depth: dict[str, int] = depth) -> bool:
-            return not any(q in depth for q in g.predecessors(p)) and sum(c in depth for c in g.successors(p)) == 1
+            return (
+                not any(q in depth for q in g.predecessors(p))
+                and sum(c in depth for c in g.successors(p)) == 1
+            )
 
         # Sources, and nodes fed only by their own lone sources (labels -> targets), sit just above
         # their first consumer instead of at the top of the column.
@@ -355,11 +380,16 @@ def _layout(view: View) -> tuple[dict[str, tuple[float, float]], dict[str, tuple
         for n in members:
             rows.setdefault(depth[n], []).append(n)
         width = max(len(r) for r in rows.values()) * _DX
-        local[key] = {n: ((i - (len(ns) - 1) / 2) * _DX + width / 2, r) for r, ns in rows.items()
-                      for i, n in enumerate(ns)}
+        local[key] = {
+            n: ((i - (len(ns) - 1) / 2) * _DX + width / 2, r)
+            for r, ns in rows.items()
+            for i, n in enumerate(ns)
+        }
         size[key] = (width, len(rows))
-    bands = [[k for k, _ in view.columns if k in size and not k.startswith("model.mtp.")],
-             [k for k, _ in view.columns if k in size and k.startswith("model.mtp.")]]
+    bands = [
+        [k for k, _ in view.columns if k in size and not k.startswith("model.mtp.")],
+        [k for k, _ in view.columns if k in size and k.startswith("model.mtp.")],
+    ]
 
     def band_width(keys: list[str]) -> float:
         return sum(size[k][0] for k in keys) + _GAP * max(len(keys) - 1, 0)
@@ -400,9 +430,11 @@ def _summary(graph: Graph) -> str:
 
     counts = graph.op_counts()
     units = ", ".join(f"{counts[u]} {u}" for u in sorted(graph.fused_units) if counts[u])
-    return (f"params {h(p['total'])} (+{h(p['mtp'])} MTP), active {h(p['active'])}\n"
-            f"forward {h(f['forward'])}FLOP/token at 4,096 context\n"
-            f"fused units: {units}")
+    return (
+        f"params {h(p['total'])} (+{h(p['mtp'])} MTP), active {h(p['active'])}\n"
+        f"forward {h(f['forward'])}FLOP/token at 4,096 context\n"
+        f"fused units: {units}"
+    )
 
 
 def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None:
@@ -423,18 +455,46 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
     for key, (x, y, w, r) in cols.items():
         if key in view.plain:
             continue
-        ax.add_patch(FancyBboxPatch((x - 0.05, y - r * _DY + 0.3), w + 0.1, r * _DY + 0.05,
-                                    boxstyle="round,pad=0.02,rounding_size=0.15",
-                                    fc="#f7f7f7", ec="#c8c8c8", lw=0.8, zorder=0))
-        ax.text(x + w / 2, y + 0.55, headers[key], ha="center", va="center", fontsize=9, weight="bold",
-                color="#333333")
+        ax.add_patch(
+            FancyBboxPatch(
+                (x - 0.05, y - r * _DY + 0.3),
+                w + 0.1,
+                r * _DY + 0.05,
+                boxstyle="round,pad=0.02,rounding_size=0.15",
+                fc="#f7f7f7",
+                ec="#c8c8c8",
+                lw=0.8,
+                zorder=0,
+            )
+        )
+        ax.text(
+            x + w / 2,
+            y + 0.55,
+            headers[key],
+            ha="center",
+            va="center",
+            fontsize=9,
+            weight="bold",
+            color="#333333",
+        )
     texts = {}
     for n, v in view.nodes.items():
         x, y = pos[n]
         texts[n] = ax.text(
-            x, y, v.label, ha="center", va="center", fontsize=7, zorder=3, linespacing=1.15,
-            bbox={"boxstyle": "round,pad=0.3", "fc": COLORS[v.color], "lw": 1.6 if v.fused else 0.6,
-                  "ec": "#c0392b" if v.fused else "#666666"},
+            x,
+            y,
+            v.label,
+            ha="center",
+            va="center",
+            fontsize=7,
+            zorder=3,
+            linespacing=1.15,
+            bbox={
+                "boxstyle": "round,pad=0.3",
+                "fc": COLORS[v.color],
+                "lw": 1.6 if v.fused else 0.6,
+                "ec": "#c0392b" if v.fused else "#666666",
+            },
         )
     for a, b in view.edges:
         (xa, ya), (xb, yb) = pos[a], pos[b]
@@ -442,19 +502,36 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
         # Skip connections inside a column bend to one side instead of running through the boxes.
         bend = not cross and abs(ya - yb) > 1.5 * _DY
         ax.annotate(
-            "", xy=(xb, yb), xytext=(xa, ya), zorder=2,
-            arrowprops={"arrowstyle": "-|>", "color": "#a0a0a0" if cross else "#505050", "lw": 0.7,
-                        "mutation_scale": 8, "shrinkA": 0, "shrinkB": 0,
-                        "patchA": texts[a].get_bbox_patch(), "patchB": texts[b].get_bbox_patch(),
-                        "connectionstyle": f"arc3,rad={0.35 if xa >= xb else -0.35}" if bend else "arc3"},
+            "",
+            xy=(xb, yb),
+            xytext=(xa, ya),
+            zorder=2,
+            arrowprops={
+                "arrowstyle": "-|>",
+                "color": "#a0a0a0" if cross else "#505050",
+                "lw": 0.7,
+                "mutation_scale": 8,
+                "shrinkA": 0,
+                "shrinkB": 0,
+                "patchA": texts[a].get_bbox_patch(),
+                "patchB": texts[b].get_bbox_patch(),
+                "connectionstyle": f"arc3,rad={0.35 if xa >= xb else -0.35}" if bend else "arc3",
+            },
         )
     fig.suptitle(view.title, fontsize=13, x=0.01, ha="left")
     band2_top = max((y for k, (_, y, *_rest) in cols.items() if k.startswith("model.mtp.")), default=bottom)
     if summary:
         ax.text(0.0, band2_top + 0.4, summary, ha="left", va="top", fontsize=9, family="monospace")
     handles = [Patch(fc=COLORS[c], ec="#c0392b" if c == "fused" else "#666666", label=t) for t, c in LEGEND]
-    ax.legend(handles=handles, loc="upper left", fontsize=9, frameon=False, ncol=2,
-              bbox_to_anchor=(0.0, band2_top - 1.6), bbox_transform=ax.transData)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        fontsize=9,
+        frameon=False,
+        ncol=2,
+        bbox_to_anchor=(0.0, band2_top - 1.6),
+        bbox_transform=ax.transData,
+    )
     fig.tight_layout()
     fig.savefig(path, format=fmt)
     plt.close(fig)
@@ -466,7 +543,9 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
 RENDERERS = ("auto", "dot", "matplotlib")
 
 
-def render(graph: Graph, fmt: str, layers: set[int] | None, path: Path | None, renderer: str = "auto") -> str | None:
+def render(
+    graph: Graph, fmt: str, layers: set[int] | None, path: Path | None, renderer: str = "auto"
+) -> str | None:
     """Render `graph` as `fmt` (text, dot, svg, png); text/dot return the source when `path` is None.
 
     Pictures use graphviz's `dot` when `renderer` is "dot", or "auto" and `dot` is installed;
@@ -492,33 +571,3 @@ def render(graph: Graph, fmt: str, layers: set[int] | None, path: Path | None, r
         return src
     path.write_text(src)
     return None
-
-
-def draw_command(
-    spec: Spec, fmt: str = "text", layers: str | None = None, output: str | None = None, renderer: str = "auto",
-) -> int:
-    """`lmspec graph`: compile `spec` and write its graph as text, DOT, SVG or PNG."""
-    from lmspec.cli import UsageError
-    from lmspec.compiler.stats import compile_graph
-
-    graph = compile_graph(spec)
-    try:
-        selected = parse_layers(layers, len(graph.layers))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    path = Path(output) if output else (Path(f"{spec.name}.{fmt}") if fmt in ("svg", "png") else None)
-    if path is not None and not path.parent.exists():
-        raise UsageError(f"-o: directory {str(path.parent)!r} does not exist")
-    if fmt not in ("text", "dot", "svg", "png"):
-        raise UsageError(f"--format: expected text, dot, svg or png, got {fmt!r}")
-    if renderer not in RENDERERS:
-        raise UsageError(f"--renderer: expected one of {', '.join(RENDERERS)}, got {renderer!r}")
-    try:
-        src = render(graph, fmt, selected, path, renderer)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    if src is not None:
-        sys.stdout.write(src)
-    else:
-        print(f"wrote {path}")
-    return 0

@@ -82,8 +82,16 @@ class Graph:
         if node_id in self.nx:
             raise GraphError(f"duplicate node id {node_id!r}")
         self.nx.add_node(
-            node_id, op=op, shape=shape, dtype=dtype, path=path, field=field, scope=scope,
-            params=dict(params or {}), buffers=dict(buffers or {}), attrs=dict(attrs or {}),
+            node_id,
+            op=op,
+            shape=shape,
+            dtype=dtype,
+            path=path,
+            field=field,
+            scope=scope,
+            params=dict(params or {}),
+            buffers=dict(buffers or {}),
+            attrs=dict(attrs or {}),
         )
         for arg, src in enumerate(inputs):
             self.nx.add_edge(src, node_id, arg=arg, port=0)
@@ -113,9 +121,7 @@ class Graph:
 
 
 def _is_shape(shape: Any) -> bool:
-    return isinstance(shape, tuple) and all(
-        (isinstance(d, int) and d > 0) or d in ("B", "T") for d in shape
-    )
+    return isinstance(shape, tuple) and all((isinstance(d, int) and d > 0) or d in ("B", "T") for d in shape)
 
 
 def verify(graph: Graph) -> None:

@@ -37,8 +37,18 @@ class _Builder:
         kw.setdefault("dtype", self.act)
         return self.graph.add_op(node_id, op, inputs=inputs, path=path or node_id, **kw)
 
-    def linear(self, node_id: str, x: str, out_features: int, in_features: int, *, bias: bool = False,
-               weight: str | None = None, path: str | None = None, **kw) -> str:
+    def linear(
+        self,
+        node_id: str,
+        x: str,
+        out_features: int,
+        in_features: int,
+        *,
+        bias: bool = False,
+        weight: str | None = None,
+        path: str | None = None,
+        **kw,
+    ) -> str:
         params = {weight or f"{node_id}.weight": (out_features, in_features)}
         if bias:
             params[f"{node_id}.bias"] = (out_features,)
@@ -46,8 +56,15 @@ class _Builder:
 
     def rmsnorm(self, node_id: str, x: str, *, scope: str) -> str:
         h = self.m.hidden_size
-        return self.op(node_id, "rmsnorm", x, field="model.norm", scope=scope,
-                       params={f"{node_id}.weight": (h,)}, attrs={"eps": self.m.norm.eps})
+        return self.op(
+            node_id,
+            "rmsnorm",
+            x,
+            field="model.norm",
+            scope=scope,
+            params={f"{node_id}.weight": (h,)},
+            attrs={"eps": self.m.norm.eps},
+        )
 
     # -- one decoder layer --------------------------------------------------------------------
 
@@ -62,27 +79,71 @@ class _Builder:
         common = {"scope": p}
 
         n1 = self.rmsnorm(f"{p}.input_layernorm", x, scope=p)
-        q = self.linear(f"{sa}.q_proj", n1, a.num_heads * a.qk_head_dim, h, bias=a.bias, field=afield, **common)
-        k = self.linear(f"{sa}.k_proj", n1, a.num_kv_heads * a.qk_head_dim, h, bias=a.bias, field=afield, **common)
-        v = self.linear(f"{sa}.v_proj", n1, a.num_kv_heads * a.v_head_dim, h, bias=a.bias, field=afield, **common)
+        q = self.linear(
+            f"{sa}.q_proj", n1, a.num_heads * a.qk_head_dim, h, bias=a.bias, field=afield, **common
+        )
+        k = self.linear(
+            f"{sa}.k_proj", n1, a.num_kv_heads * a.qk_head_dim, h, bias=a.bias, field=afield, **common
+        )
+        v = self.linear(
+            f"{sa}.v_proj", n1, a.num_kv_heads * a.v_head_dim, h, bias=a.bias, field=afield, **common
+        )
         rope = {"rope_dim": a.rope_dim, "head_dim": a.qk_head_dim, "theta": a.rope.theta, "kind": b.attention}
         rfield = f"{afield}.rope"
-        q = self.op(f"{sa}.rope_q", "rope", q, path=sa, field=rfield, attrs={**rope, "num_heads": a.num_heads},
-                    **common)
-        k = self.op(f"{sa}.rope_k", "rope", k, path=sa, field=rfield,
-                    attrs={**rope, "num_heads": a.num_kv_heads}, **common)
+        q = self.op(
+            f"{sa}.rope_q",
+            "rope",
+            q,
+            path=sa,
+            field=rfield,
+            attrs={**rope, "num_heads": a.num_heads},
+            **common,
+        )
+        k = self.op(
+            f"{sa}.rope_k",
+            "rope",
+            k,
+            path=sa,
+            field=rfield,
+            attrs={**rope, "num_heads": a.num_kv_heads},
+            **common,
+        )
         if a.value_scale != 1.0:
-            v = self.op(f"{sa}.value_scale", "value_scale", v, path=sa, field=f"{afield}.value_scale",
-                        attrs={"value_scale": a.value_scale}, **common)
+            v = self.op(
+                f"{sa}.value_scale",
+                "value_scale",
+                v,
+                path=sa,
+                field=f"{afield}.value_scale",
+                attrs={"value_scale": a.value_scale},
+                **common,
+            )
         attrs = {
-            "kind": a.kind, "attention": b.attention, "window_keys": a.window_keys, "sink": a.sink,
-            "num_heads": a.num_heads, "num_kv_heads": a.num_kv_heads, "gqa_group": a.num_heads // a.num_kv_heads,
-            "qk_head_dim": a.qk_head_dim, "v_head_dim": a.v_head_dim, "scale": a.scale,
+            "kind": a.kind,
+            "attention": b.attention,
+            "window_keys": a.window_keys,
+            "sink": a.sink,
+            "num_heads": a.num_heads,
+            "num_kv_heads": a.num_kv_heads,
+            "gqa_group": a.num_heads // a.num_kv_heads,
+            "qk_head_dim": a.qk_head_dim,
+            "v_head_dim": a.v_head_dim,
+            "scale": a.scale,
             "value_scale": a.value_scale,
         }
         params = {f"{sa}.sinks": (a.num_heads,)} if a.sink else {}
-        o = self.op(f"{sa}.attention", "attention", q, k, v, path=sa, field=afield, params=params, attrs=attrs,
-                    **common)
+        o = self.op(
+            f"{sa}.attention",
+            "attention",
+            q,
+            k,
+            v,
+            path=sa,
+            field=afield,
+            params=params,
+            attrs=attrs,
+            **common,
+        )
         o = self.linear(f"{sa}.o_proj", o, h, a.num_heads * a.v_head_dim, field=afield, **common)
         r1 = self.op(f"{p}.attn_residual", "add", o, x, path=p, field=f"model.blocks.{block}", **common)
 
@@ -111,22 +172,46 @@ class _Builder:
         scores = self.op(f"{gate}.score", f.score_function, logits, **r)
         selection = scores
         if f.correction_bias:
-            selection = self.op(f"{gate}.correction_bias", "correction_bias", scores, **r,
-                                buffers={f"{gate}.e_score_correction_bias": (e,)})
-        routing = {"top_k": f.top_k, "num_experts": e, "num_groups": f.num_groups,
-                   "top_k_groups": f.top_k_groups}
+            selection = self.op(
+                f"{gate}.correction_bias",
+                "correction_bias",
+                scores,
+                **r,
+                buffers={f"{gate}.e_score_correction_bias": (e,)},
+            )
+        routing = {
+            "top_k": f.top_k,
+            "num_experts": e,
+            "num_groups": f.num_groups,
+            "top_k_groups": f.top_k_groups,
+        }
         topk_inputs = (selection, scores) if selection != scores else (scores,)
         w = self.op(f"{gate}.topk", "topk", *topk_inputs, **r, attrs=routing)
         if f.renormalize:
             w = self.op(f"{gate}.renormalize", "renormalize", w, **r)
         if f.routed_scaling_factor != 1.0:
-            w = self.op(f"{gate}.routed_scale", "routed_scale", w, **r,
-                        attrs={"routed_scaling_factor": f.routed_scaling_factor})
+            w = self.op(
+                f"{gate}.routed_scale",
+                "routed_scale",
+                w,
+                **r,
+                attrs={"routed_scaling_factor": f.routed_scaling_factor},
+            )
         i = f.expert_intermediate_size
-        out = self.op(f"{mp}.experts", "experts", x, w, field=field, scope=scope, attrs=routing,
-                      params={f"{mp}.experts.gate_up_proj": (e, 2 * i, h), f"{mp}.experts.down_proj": (e, h, i)})
+        out = self.op(
+            f"{mp}.experts",
+            "experts",
+            x,
+            w,
+            field=field,
+            scope=scope,
+            attrs=routing,
+            params={f"{mp}.experts.gate_up_proj": (e, 2 * i, h), f"{mp}.experts.down_proj": (e, h, i)},
+        )
         if f.num_shared_experts:
-            shared = self.swiglu_mlp(f"{mp}.shared_experts", x, f.num_shared_experts * i, field=field, scope=scope)
+            shared = self.swiglu_mlp(
+                f"{mp}.shared_experts", x, f.num_shared_experts * i, field=field, scope=scope
+            )
             out = self.op(f"{mp}.shared_add", "add", out, shared, path=mp, field=field, scope=scope)
         return out
 
@@ -135,13 +220,21 @@ class _Builder:
     def build(self) -> Graph:
         m, g = self.m, self.graph
         h, vocab = m.hidden_size, m.vocab_size
-        ids = self.op("input_ids", "input", path="model", field="model.vocab_size", dtype="int64",
-                      attrs={"shape": _TOKENS})
-        labels = self.op("labels", "input", path="model", field="model.vocab_size", dtype="int64",
-                         attrs={"shape": _TOKENS})
+        ids = self.op(
+            "input_ids",
+            "input",
+            path="model",
+            field="model.vocab_size",
+            dtype="int64",
+            attrs={"shape": _TOKENS},
+        )
+        labels = self.op(
+            "labels", "input", path="model", field="model.vocab_size", dtype="int64", attrs={"shape": _TOKENS}
+        )
         embed_w = "model.embed_tokens.weight"
-        x = self.op("model.embed_tokens", "embedding", ids, field="model.vocab_size",
-                    params={embed_w: (vocab, h)})
+        x = self.op(
+            "model.embed_tokens", "embedding", ids, field="model.vocab_size", params={embed_w: (vocab, h)}
+        )
         for i, block in enumerate(m.layer_blocks):
             b = m.blocks[block]
             p = f"model.layers.{i}"
@@ -151,7 +244,9 @@ class _Builder:
         head_w = embed_w if m.tie_word_embeddings else "lm_head.weight"
         n = self.rmsnorm("model.norm", hidden, scope="model")
         logits = self.linear("lm_head", n, vocab, h, weight=head_w, field="model.vocab_size")
-        self.op("loss", "cross_entropy", logits, labels, path="lm_head", field="model.vocab_size", dtype="float32")
+        self.op(
+            "loss", "cross_entropy", logits, labels, path="lm_head", field="model.vocab_size", dtype="float32"
+        )
 
         if m.mtp is not None:
             block = m.mtp.block
@@ -164,12 +259,26 @@ class _Builder:
                 s = {"scope": p, "field": "model.mtp"}
                 tokens = labels
                 if k > 1:
-                    tokens = self.op(f"{p}.tokens", "shift_tokens", labels, path=p, dtype="int64",
-                                     attrs={"offset": k - 1}, **s)
-                targets = self.op(f"{p}.targets", "shift_tokens", labels, path=p, dtype="int64",
-                                  attrs={"offset": k}, **s)
-                emb = self.op(f"{p}.embed_tokens", "embedding", tokens, path="model.embed_tokens",
-                              params={embed_w: (vocab, h)}, **s)
+                    tokens = self.op(
+                        f"{p}.tokens",
+                        "shift_tokens",
+                        labels,
+                        path=p,
+                        dtype="int64",
+                        attrs={"offset": k - 1},
+                        **s,
+                    )
+                targets = self.op(
+                    f"{p}.targets", "shift_tokens", labels, path=p, dtype="int64", attrs={"offset": k}, **s
+                )
+                emb = self.op(
+                    f"{p}.embed_tokens",
+                    "embedding",
+                    tokens,
+                    path="model.embed_tokens",
+                    params={embed_w: (vocab, h)},
+                    **s,
+                )
                 en = self.rmsnorm(f"{p}.enorm", emb, scope=p)
                 hn = self.rmsnorm(f"{p}.hnorm", prev, scope=p)
                 cat = self.op(f"{p}.concat", "concat", en, hn, path=p, **s)  # embedding first, hidden second

@@ -92,7 +92,9 @@ def _linear(inputs, params, attrs):
 
 def _heads(shape: Shape, heads: int, dim: int, what: str) -> None:
     if shape[-1] != heads * dim:
-        raise ShapeError(f"{what}: expected {heads} heads x {dim} = {heads * dim} features, got shape {shape}")
+        raise ShapeError(
+            f"{what}: expected {heads} heads x {dim} = {heads * dim} features, got shape {shape}"
+        )
 
 
 def _rope(inputs, params, attrs):
@@ -170,7 +172,9 @@ def _experts(inputs, params, attrs):
         )
     _last(x, h, "experts input vs hidden size")
     if weights != (*x[:-1], attrs["top_k"]):
-        raise ShapeError(f"experts: routing weights {weights} do not match tokens {x[:-1]} x top_k {attrs['top_k']}")
+        raise ShapeError(
+            f"experts: routing weights {weights} do not match tokens {x[:-1]} x top_k {attrs['top_k']}"
+        )
     return x
 
 
@@ -210,28 +214,47 @@ def _lm_head_ce(inputs, params, attrs):
 
 _DEFS = [
     OpDef("input", "native", "graph input (token ids or labels)", _input),
-    OpDef("shift_tokens", "native", "tokens k positions ahead (MTP inputs and targets); -100 past the end", _shift),
+    OpDef(
+        "shift_tokens",
+        "native",
+        "tokens k positions ahead (MTP inputs and targets); -100 past the end",
+        _shift,
+    ),
     OpDef("embedding", "native", "token embedding lookup", _embedding),
     OpDef("rmsnorm", "rmsnorm", "RMSNorm with a learned weight", _rmsnorm),
     OpDef("linear", "native", "x @ W.T (+ b)", _linear),
     OpDef("rope", "rope", "rotary embedding on the leading rope_dim dims of each head", _rope),
-    OpDef("value_scale", "attention", "values times value_scale (an argument of the attention op)", _value_scale),
-    OpDef("attention", "attention", "causal GQA attention, global or sliding, optional sink logit", _attention),
+    OpDef(
+        "value_scale", "attention", "values times value_scale (an argument of the attention op)", _value_scale
+    ),
+    OpDef(
+        "attention", "attention", "causal GQA attention, global or sliding, optional sink logit", _attention
+    ),
     OpDef("add", "native", "residual add", _same(2, "add")),
     OpDef("concat", "native", "concatenate on the feature dim", _concat),
     OpDef("silu_mul", "swiglu", "silu(gate) * up", _same(2, "silu_mul")),
     OpDef("sigmoid", "moe", "router scores: sigmoid of the logits", _same(1, "sigmoid")),
     OpDef("softmax", "moe", "router scores: softmax of the logits", _same(1, "softmax")),
     OpDef("correction_bias", "moe", "scores + e_score_correction_bias, used for selection only", _bias_add),
-    OpDef("topk", "moe", "top-k experts on the selection scores; weights gathered from the raw scores", _topk),
+    OpDef(
+        "topk", "moe", "top-k experts on the selection scores; weights gathered from the raw scores", _topk
+    ),
     OpDef("renormalize", "moe", "top-k weights divided by their sum", _same(1, "renormalize")),
     OpDef("routed_scale", "moe", "top-k weights times routed_scaling_factor", _same(1, "routed_scale")),
     OpDef("experts", "moe", "grouped SwiGLU experts weighted by the router", _experts),
     OpDef("cross_entropy", "native", "mean next-token cross-entropy over labels != -100", _cross_entropy),
-    OpDef("add_rmsnorm", "rmsnorm", "fused residual add + RMSNorm (returns norm and sum)", _add_rmsnorm, True),
+    OpDef(
+        "add_rmsnorm", "rmsnorm", "fused residual add + RMSNorm (returns norm and sum)", _add_rmsnorm, True
+    ),
     OpDef("swiglu", "swiglu", "fused gate/up projections + silu(gate) * up", _swiglu, True),
     OpDef("router", "moe", "fused scores + correction bias + top-k + renorm + scale", _router, True),
-    OpDef("lm_head_ce", "lm_head_ce", "fused LM head + cross-entropy, logits never materialised", _lm_head_ce, True),
+    OpDef(
+        "lm_head_ce",
+        "lm_head_ce",
+        "fused LM head + cross-entropy, logits never materialised",
+        _lm_head_ce,
+        True,
+    ),
 ]
 
 OPS: dict[str, OpDef] = {d.name: d for d in _DEFS}

@@ -130,7 +130,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = latest_checkpoint(p.parent if p.name == CHECKPOINTS else p)
     if found is not None:
         return found
-    from lmspec.cli import UsageError
+    from lmspec.errors import UsageError
 
     if not p.exists():
         raise UsageError(f"{path}: no such run or checkpoint directory")

@@ -81,7 +81,9 @@ def _slots(attn: AttentionBase, max_len: int, slack: int) -> int:
     return min(window + slack, max_len)
 
 
-def cache_layout(spec: Spec, max_len: int, *, slack: int = 0, mtp_blocks: int | None = None) -> list[LayerLayout]:
+def cache_layout(
+    spec: Spec, max_len: int, *, slack: int = 0, mtp_blocks: int | None = None
+) -> list[LayerLayout]:
     """The cache's layers for a context of ``max_len`` tokens: every decoder layer, then MTP blocks.
 
     ``slack`` extra ring slots per sliding layer (= the speculative depth D: a verify step writes D+1
@@ -160,9 +162,13 @@ class _LayerCache:
                 f"{lay.qk_head_dim}), got {tuple(k.shape)}"
             )
         if v.shape[:3] != k.shape[:3] or v.shape[3] != lay.v_head_dim:
-            raise ValueError(f"{lay.key}: expected v of shape {(B, H, T, lay.v_head_dim)}, got {tuple(v.shape)}")
+            raise ValueError(
+                f"{lay.key}: expected v of shape {(B, H, T, lay.v_head_dim)}, got {tuple(v.shape)}"
+            )
         if position_ids.shape != (B, T):
-            raise ValueError(f"{lay.key}: expected position_ids of shape {(B, T)}, got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"{lay.key}: expected position_ids of shape {(B, T)}, got {tuple(position_ids.shape)}"
+            )
 
     def update(self, k: Tensor, v: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._check(k, v, position_ids)
@@ -264,7 +270,9 @@ class HybridKVCache:
         self._layers = {lay.key: _LayerCache(lay, batch_size, self.device, dtype) for lay in self.layouts}
 
     # -- the contract -------------------------------------------------------------------------
-    def update(self, layer_key: str, k: Tensor, v: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def update(
+        self, layer_key: str, k: Tensor, v: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Store this step's keys/values; return (k_all, v_all, k_pos) covering all the step may see."""
         try:
             layer = self._layers[layer_key]
@@ -287,7 +295,9 @@ class HybridKVCache:
             raise ValueError(f"expected {self.batch_size} lengths, got shape {tuple(t.shape)}")
         return t
 
-    def rollback(self, new_lengths: Tensor | Sequence[int] | int, *, keys: Iterable[str] | None = None) -> None:
+    def rollback(
+        self, new_lengths: Tensor | Sequence[int] | int, *, keys: Iterable[str] | None = None
+    ) -> None:
         """Forget every position >= ``new_lengths[b]`` of sequence b (in ``keys``, default all layers)."""
         lengths = self._lengths(new_lengths)
         for key in self._layers if keys is None else keys:

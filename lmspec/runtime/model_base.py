@@ -117,7 +117,9 @@ def seq_aux_loss(scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -
     probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)  # (B*T, E)
     p = probs.view(batch, seq, num_experts).mean(1)  # (B, E)
     counts = torch.zeros(batch, num_experts, device=scores.device, dtype=scores.dtype)
-    counts.scatter_add_(1, topk_indices.view(batch, seq * top_k), torch.ones_like(counts[:, :1]).expand(batch, seq * top_k))
+    counts.scatter_add_(
+        1, topk_indices.view(batch, seq * top_k), torch.ones_like(counts[:, :1]).expand(batch, seq * top_k)
+    )
     f = counts * (num_experts / (top_k * seq))  # (B, E)
     return (f * p).sum(-1).mean()
 
@@ -190,7 +192,9 @@ class CausalLMBase(nn.Module):
         rotary = self.model.rotary
         unknown = set(thetas) - set(rotary.keys())
         if unknown:
-            raise ValueError(f"unknown attention kinds {sorted(unknown)}; expected some of {sorted(rotary.keys())}")
+            raise ValueError(
+                f"unknown attention kinds {sorted(unknown)}; expected some of {sorted(rotary.keys())}"
+            )
         for kind, theta in thetas.items():
             rotary[kind].set_theta(theta)
 
@@ -204,7 +208,12 @@ class CausalLMBase(nn.Module):
         return [layer.mlp for layer in self.model.layers if hasattr(layer.mlp, "gate")]
 
     def mtp_forward(
-        self, k: int, hidden: Tensor, next_ids: Tensor, position_ids: Tensor | None, cache: KVCache | None = None
+        self,
+        k: int,
+        hidden: Tensor,
+        next_ids: Tensor,
+        position_ids: Tensor | None,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor]:
         raise ValueError("this model has no MTP blocks (the spec sets no model.mtp)")
 

@@ -23,18 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
-from lmspec.cli import UsageError
 from lmspec.codegen import compile_spec
+from lmspec.errors import CheckpointError
 from lmspec.runtime.model_base import CausalLMBase, write_atomic
 from lmspec.spec import Spec, SpecError, dump_spec, load_spec, spec_to_data
 from lmspec.spec.loader import apply_override, validate
 
 __all__ = ["CheckpointError", "build", "from_pretrained", "load_hf_state_dict", "save_pretrained"]
-
-
-
-class CheckpointError(UsageError, ValueError):
-    """A checkpoint folder that does not fit its spec (the CLI prints it as one line, exit status 2)."""
 
 
 SPEC_FILE = "spec.yaml"
@@ -77,7 +72,9 @@ def build(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     with dev:
         model = compiled.model_class(
-            backend=backend, op_overrides=op_overrides, kernel_dir=None if kernel_dir is None else str(kernel_dir)
+            backend=backend,
+            op_overrides=op_overrides,
+            kernel_dir=None if kernel_dir is None else str(kernel_dir),
         )
     model.spec = spec
     if dev.type != "meta":
@@ -92,7 +89,9 @@ def build(
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -129,7 +128,9 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
         out[name] = t
     for prefix, projs in experts.items():
         n = len(projs.get("gate_proj", {}))
-        if not n or any(sorted(projs.get(p, {})) != list(range(n)) for p in ("gate_proj", "up_proj", "down_proj")):
+        if not n or any(
+            sorted(projs.get(p, {})) != list(range(n)) for p in ("gate_proj", "up_proj", "down_proj")
+        ):
             raise CheckpointError(f"{directory}: incomplete per-expert tensors under {prefix}")
         gate_up = [torch.cat([projs["gate_proj"][e], projs["up_proj"][e]], dim=0) for e in range(n)]
         out[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)  # (E, 2I, H): gate rows first
@@ -153,7 +154,9 @@ def _spec_from_dir(directory: Path) -> Spec:
         from lmspec.codegen.hf import config_to_spec
 
         return config_to_spec(json.loads(config_file.read_text()), name=directory.name or "imported")
-    raise SpecError(str(directory), 1, 1, "", f"expected {SPEC_FILE} or {CONFIG_FILE} in the folder, found neither")
+    raise SpecError(
+        str(directory), 1, 1, "", f"expected {SPEC_FILE} or {CONFIG_FILE} in the folder, found neither"
+    )
 
 
 def from_pretrained(
@@ -197,14 +200,18 @@ def from_pretrained(
             )
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:  # as transformers does by default: keep the dtype the weights were saved in
-        saved = [t.dtype for k, t in state.items() if t.is_floating_point() and "e_score_correction_bias" not in k]
+        saved = [
+            t.dtype for k, t in state.items() if t.is_floating_point() and "e_score_correction_bias" not in k
+        ]
         dtype = saved[0] if saved else None
     model.to_empty(device=dev)
     if dtype is not None:
         model.to(dtype)
     model.keep_fp32_buffers()  # before loading, so the saved fp32 balancing bias is not rounded
     if missing:
-        warnings.warn(f"{directory}: no MTP weights in the checkpoint; MTP blocks are freshly initialised", stacklevel=2)
+        warnings.warn(
+            f"{directory}: no MTP weights in the checkpoint; MTP blocks are freshly initialised", stacklevel=2
+        )
         model.init_weights()
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=False)
     if tied:
@@ -253,4 +260,3 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     write_atomic(directory / SPEC_FILE, dump_spec(spec).encode())
     return directory
-

@@ -6,7 +6,6 @@ Both expose the same small surface (`vocab_size`, `encode`, `decode`, `eos_id`, 
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -58,7 +57,7 @@ class BPETokenizer:
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception on unreadable JSON
-            from lmspec.cli import UsageError
+            from lmspec.errors import UsageError
 
             raise UsageError(f"{path}: not a tokenizers JSON file ({e})") from None
         self.name = self.path.name
@@ -92,7 +91,7 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
         return ByteTokenizer()
     p = Path(path)
     if not p.is_file():
-        from lmspec.cli import UsageError
+        from lmspec.errors import UsageError
 
         raise UsageError(f"--tokenizer: no such file {path}")
     return BPETokenizer(p)
@@ -101,7 +100,7 @@ def load_tokenizer(path: str | Path | None) -> Tokenizer:
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
     """The model's embedding must have a row for every token id."""
     if tokenizer.vocab_size > vocab_size:
-        from lmspec.cli import UsageError
+        from lmspec.errors import UsageError
 
         raise UsageError(
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the spec's model.vocab_size is "
@@ -116,7 +115,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str | Path) -> BPET
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257:
-        from lmspec.cli import UsageError
+        from lmspec.errors import UsageError
 
         raise UsageError(f"--vocab-size: expected at least 257 (256 bytes + {EOS}), got {vocab_size}")
     tok = HFTokenizer(models.BPE())
@@ -133,19 +132,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, output: str | Path) -> BPET
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(out))
     return BPETokenizer(out)
-
-
-def tokenizer_command(args: argparse.Namespace) -> int:
-    """`lmspec tokenizer train --data ... --vocab-size N -o tok.json`."""
-    from lmspec.runtime.data import read_documents
-
-    docs = read_documents(args.data)
-    tok = train_bpe((d.text for d in docs), args.vocab_size, args.output)
-    n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
-    sample = docs[0].text[:20000]
-    ratio = len(sample.encode("utf-8")) / max(len(tok.encode(sample)), 1)
-    print(
-        f"wrote {args.output}: {tok.vocab_size} tokens, trained on {len(docs)} documents "
-        f"({n_bytes / 1e6:.1f} MB), {ratio:.2f} bytes/token on the first document"
-    )
-    return 0

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lmspec.spec.errors import SpecError
+from lmspec.errors import SpecError
 from lmspec.spec.pattern import PatternError
 from lmspec.spec.schema import Spec
 
@@ -54,6 +54,8 @@ def _fmt_path(path: Path_) -> str:
 
 
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
+
+
 def _tag(node: yaml.Node) -> str:
     """A tag as the user wrote it: `!!binary`, `!foo`."""
     return node.tag.replace("tag:yaml.org,2002:", "!!")
@@ -72,17 +74,27 @@ class _Builder:
         self.values = 0
 
     def _error(self, node: yaml.Node, path: Path_, message: str) -> SpecError:
-        return SpecError(self.file, node.start_mark.line + 1, node.start_mark.column + 1, _fmt_path(path), message)
+        return SpecError(
+            self.file, node.start_mark.line + 1, node.start_mark.column + 1, _fmt_path(path), message
+        )
 
     def _pos(self, key_node: yaml.Node, value_node: yaml.Node) -> Pos:
         style = value_node.style if isinstance(value_node, yaml.ScalarNode) else None
-        return Pos(self.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                   value_node.start_mark.line + 1, value_node.start_mark.column + 1, style)
+        return Pos(
+            self.file,
+            key_node.start_mark.line + 1,
+            key_node.start_mark.column + 1,
+            value_node.start_mark.line + 1,
+            value_node.start_mark.column + 1,
+            style,
+        )
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.values += 1
         if self.values > _MAX_VALUES:
-            raise self._error(node, path, f"expected at most {_MAX_VALUES} YAML values (aliases expanded), got more")
+            raise self._error(
+                node, path, f"expected at most {_MAX_VALUES} YAML values (aliases expanded), got more"
+            )
         if len(path) > _MAX_DEPTH:
             raise self._error(node, path, f"expected at most {_MAX_DEPTH} levels of nesting, got more")
         if isinstance(node, yaml.MappingNode):
@@ -104,8 +116,9 @@ class _Builder:
             return loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError):
             # An explicit tag the text does not fit, such as `!!float x` or `!!timestamp 2020-99-99`.
-            raise self._error(node, path, f"expected a value of type {node.tag.rsplit(':', 1)[-1]}, "
-                                          f"got {node.value!r}") from None
+            raise self._error(
+                node, path, f"expected a value of type {node.tag.rsplit(':', 1)[-1]}, got {node.value!r}"
+            ) from None
         finally:
             loader.dispose()
 
@@ -113,14 +126,18 @@ class _Builder:
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise self._error(key_node, path, "expected plain keys, got a YAML merge key '<<' (use extends:)")
+                raise self._error(
+                    key_node, path, "expected plain keys, got a YAML merge key '<<' (use extends:)"
+                )
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self._error(key_node, path, "expected a string key, got a complex key")
             key = str(key_node.value)  # the key as written: `1:` is the name "1", never the number
             child = (*path, key)
             if key in out:
                 raise self._error(
-                    key_node, child, f"expected each key once, got a duplicate of the key on line {self.positions[child].line}"
+                    key_node,
+                    child,
+                    f"expected each key once, got a duplicate of the key on line {self.positions[child].line}",
                 )
             self.positions[child] = self._pos(key_node, value_node)
             out[key] = self.build(value_node, child)
@@ -139,7 +156,9 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
         raise SpecError(file, 0, 0, "", f"YAML syntax: {e}") from None
     except RecursionError:
         # PyYAML's composer recurses once per nesting level: `[[[[...]]]]` thousands deep.
-        raise SpecError(file, 0, 0, "", f"YAML syntax: expected at most {_MAX_DEPTH} levels of nesting, got far more") from None
+        raise SpecError(
+            file, 0, 0, "", f"YAML syntax: expected at most {_MAX_DEPTH} levels of nesting, got far more"
+        ) from None
     positions: dict[Path_, Pos] = {}
     if node is None:
         return {}, positions
@@ -170,7 +189,9 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
     except FileNotFoundError:
         raise SpecError(shown, 0, 0, "", "expected a spec file, got a path that does not exist") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise SpecError(shown, 0, 0, "", f"expected a readable UTF-8 text file, got {type(e).__name__}") from None
+        raise SpecError(
+            shown, 0, 0, "", f"expected a readable UTF-8 text file, got {type(e).__name__}"
+        ) from None
     data, positions = _parse_yaml(text, shown)
     if not isinstance(data, dict):
         raise SpecError(shown, 1, 1, "", f"expected a mapping at the top level, got {type(data).__name__}")
@@ -186,14 +207,23 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
         # Point at the `extends` that closes the loop, in the file that wrote it.
         names = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
         raise SpecError(
-            shown, pos.value_line, pos.value_col, "extends",
+            shown,
+            pos.value_line,
+            pos.value_col,
+            "extends",
             f"expected an acyclic chain of extends, got a cycle: {names}",
         )
     try:
         base, base_positions = _load_file(parent_path, chain)
     except SpecError as e:
         if e.line == 0 and e.file == str(parent_path):
-            raise SpecError(shown, pos.value_line, pos.value_col, "extends", f"expected an existing spec file, got {parent!r}") from None
+            raise SpecError(
+                shown,
+                pos.value_line,
+                pos.value_col,
+                "extends",
+                f"expected an existing spec file, got {parent!r}",
+            ) from None
         raise
     replaced: list[Path_] = []
     merged = _deep_merge(base, data, (), replaced)
@@ -217,8 +247,12 @@ def _annotation_at(path: Path_, data: Any) -> Any:
         ann = _field_annotation(cls, part, node)
         if ann is None:
             return None
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+        node = (
+            node.get(part)
+            if isinstance(node, dict)
+            else (
+                node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+            )
         )
         cls = _resolve(ann, node)
     return cls
@@ -305,7 +339,9 @@ def apply_override(
     parts: list[str | int] = [int(p) if p.strip().isdigit() else p.strip() for p in names]
     if any(p == "" for p in parts):
         bad = next(i for i, p in enumerate(parts) if p == "")
-        raise SpecError(SET_FILE, index, starts[bad], dotted, "expected a dotted path of field names, got an empty name")
+        raise SpecError(
+            SET_FILE, index, starts[bad], dotted, "expected a dotted path of field names, got an empty name"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
@@ -320,7 +356,10 @@ def apply_override(
         if isinstance(node, list):
             if not isinstance(part, int) or not 0 <= part < len(node):
                 raise SpecError(
-                    SET_FILE, index, col, dotted,
+                    SET_FILE,
+                    index,
+                    col,
+                    dotted,
                     f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {part!r}",
                 )
         elif isinstance(node, dict):
@@ -329,13 +368,19 @@ def apply_override(
                 if not (last and (part in keys or _accepts_any_key(here, data))):
                     options = sorted(set(keys) | {str(k) for k in node})
                     raise SpecError(
-                        SET_FILE, index, col, dotted,
+                        SET_FILE,
+                        index,
+                        col,
+                        dotted,
                         f"expected an existing field at {_fmt_path((*here, part))}, got {part!r}"
                         + suggest(str(part), options),
                     )
         else:
             raise SpecError(
-                SET_FILE, index, col, dotted,
+                SET_FILE,
+                index,
+                col,
+                dotted,
                 f"expected a mapping or list at {_fmt_path(here) or 'the top level'}, got a value",
             )
         if last:
@@ -391,9 +436,14 @@ def _clean_loc(loc: tuple, data: Any) -> Path_:
         elif isinstance(node, list) and isinstance(part, int):
             out.append(part)
             node = node[part] if part < len(node) else None
-        elif isinstance(node, dict) and isinstance(part, str) and not (
-            part.startswith("function-") or part in ("global", "sliding", "dense", "moe")
-            and part == node.get("kind")
+        elif (
+            isinstance(node, dict)
+            and isinstance(part, str)
+            and not (
+                part.startswith("function-")
+                or part in ("global", "sliding", "dense", "moe")
+                and part == node.get("kind")
+            )
         ):
             out.append(part)
             node = None
@@ -423,7 +473,9 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
     elif kind in _EXPECTED:
         message = f"expected {_EXPECTED[kind]}, got {got!r}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[
+            kind
+        ]
         bound = next(iter(err["ctx"].values()))
         message = f"expected a value {sym} {bound}, got {got!r}"
     elif kind in ("too_short", "too_long"):
@@ -439,8 +491,11 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
             if layers is not None:
                 quote = 1 if layers.value_style in ('"', "'") else 0
                 return SpecError(
-                    layers.file, layers.value_line, layers.value_col + quote + cause.offset,
-                    "model.layers", cause.short,
+                    layers.file,
+                    layers.value_line,
+                    layers.value_col + quote + cause.offset,
+                    "model.layers",
+                    cause.short,
                 )
             return SpecError(file, 0, 0, "model.layers", cause.short)
         message = str(cause) if cause is not None else err["msg"]
@@ -450,8 +505,13 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
             sub = tuple(int(p) if p.isdigit() else p for p in head.split("."))
             for candidate in ((*loc, *sub), sub):
                 if candidate in positions:
-                    return SpecError(positions[candidate].file, positions[candidate].line, positions[candidate].col,
-                                     _fmt_path(candidate), rest)
+                    return SpecError(
+                        positions[candidate].file,
+                        positions[candidate].line,
+                        positions[candidate].col,
+                        _fmt_path(candidate),
+                        rest,
+                    )
             field = _fmt_path((*loc, *sub))
             message = rest
     else:

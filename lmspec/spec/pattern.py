@@ -39,7 +39,9 @@ def _tokenize(pattern: str) -> list[tuple[str, str, int]]:
         m = _TOKEN.match(pattern, pos)
         if m is None or m.end() == pos:
             bad = pos + len(pattern[pos:]) - len(pattern[pos:].lstrip())
-            raise PatternError(f"expected a block name, '(', ')', '*' or a count, got {pattern[bad]!r}", bad, pattern)
+            raise PatternError(
+                f"expected a block name, '(', ')', '*' or a count, got {pattern[bad]!r}", bad, pattern
+            )
         kind = m.lastgroup or "op"
         tokens.append((kind, m.group(kind), m.start(kind)))
         pos = m.end()
@@ -89,9 +91,7 @@ class _Parser:
         if kind == "name":
             self.i += 1
             if self.known is not None and text not in self.known:
-                raise self._error(
-                    f"expected a block name among {sorted(self.known)}, got {text!r}", offset
-                )
+                raise self._error(f"expected a block name among {sorted(self.known)}, got {text!r}", offset)
             atom = [text]
         elif text == "(":
             self.i += 1

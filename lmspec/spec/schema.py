@@ -48,9 +48,7 @@ class AttentionBase(StrictModel):
     value_scale: PositiveFloat = Field(1.0, description="Values are multiplied by this before attention.")
     sink: bool = Field(False, description="Learnable per-head sink logit in the softmax denominator.")
     bias: bool = Field(False, description="Bias on the q/k/v projections (o_proj never has one).")
-    softmax_scale: PositiveFloat | None = Field(
-        None, description="Logit scale; default qk_head_dim ** -0.5."
-    )
+    softmax_scale: PositiveFloat | None = Field(None, description="Logit scale; default qk_head_dim ** -0.5.")
 
     @model_validator(mode="after")
     def _check_heads(self) -> AttentionBase:
@@ -210,9 +208,7 @@ class ModelSpec(StrictModel):
                 raise ValueError(f"blocks.{name}.ffn: expected one of {sorted(self.ffn)}, got {block.ffn!r}")
         expand_pattern(self.layers, known=set(self.blocks))
         if self.mtp is not None and self.mtp.block not in self.blocks:
-            raise ValueError(
-                f"mtp.block: expected one of {sorted(self.blocks)}, got {self.mtp.block!r}"
-            )
+            raise ValueError(f"mtp.block: expected one of {sorted(self.blocks)}, got {self.mtp.block!r}")
         return self
 
     @property

@@ -4,7 +4,7 @@
 - ``strategies``: Hypothesis strategies drawing kernel cases from a spec's constants.
 - ``checks``: one forward+backward check per kernel family.
 - ``suite``: ``run_kernel_suite(constants, examples) -> list[KernelRow]``, ``print_kernel_table`` and
-  ``test_kernels_command(spec, examples=, seq_len=)`` behind ``lmspec test-kernels``.
+  ``run_kernel_suite`` and ``print_kernel_table``, behind ``lmspec test-kernels``.
 
 Importing this package registers the Hypothesis profiles ``lmspec-kernels`` and ``lmspec-kernels-ci`` (the
 one for a ``CI`` environment); ``register_profiles(load=True)`` also loads it (tests/kernels does).
@@ -19,7 +19,7 @@ from lmspec.testing.compare import (
     tolerance,
 )
 from lmspec.testing.profiles import profile_name, register_profiles
-from lmspec.testing.suite import KernelRow, print_kernel_table, run_kernel_suite, test_kernels_command
+from lmspec.testing.suite import KernelRow, print_kernel_table, run_kernel_suite
 
 PROFILE = register_profiles()
 
@@ -35,6 +35,5 @@ __all__ = [
     "register_profiles",
     "relative_error",
     "run_kernel_suite",
-    "test_kernels_command",
     "tolerance",
 ]

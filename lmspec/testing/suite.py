@@ -192,24 +192,3 @@ def print_kernel_table(rows: list[KernelRow], *, console: Any = None, details: b
         for r in rows:
             if r.verdict != "pass" and r.detail:
                 console.print(f"[bold red]{r.kernel}[/]: {r.detail}", markup=True, highlight=False)
-
-
-def test_kernels_command(
-    spec: Any, *, examples: int = 50, seq_len: int | None = None, dtypes: tuple[str, ...] = ("float32",)
-) -> int:
-    """``lmspec test-kernels SPEC``: run the suite on the spec's kernel constants, print the table.
-
-    Returns the exit status: 0 when every kernel passes, 1 otherwise. ``seq_len`` caps sequence lengths.
-    """
-    from rich.console import Console
-
-    from lmspec.codegen import kernel_constants
-
-    console = Console()
-    name = getattr(spec, "name", "spec")
-    console.print(
-        f"property-testing the kernels of {name}: {examples} examples per kernel, dtypes {', '.join(dtypes)}"
-    )
-    rows = run_kernel_suite(kernel_constants(spec), examples, dtypes=dtypes, max_seq=seq_len)
-    print_kernel_table(rows, console=console)
-    return 0 if all(r.verdict == "pass" for r in rows) else 1

@@ -45,14 +45,30 @@ def test_generated_code_is_readable_and_self_describing(tiny_spec):
     imports |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imports <= {"torch", "triton", "lmspec", "__future__"}
     assert "from lmspec.runtime" in src and "lmspec.compiler" not in src and "lmspec.spec" not in src
-    assert spec_hash(tiny_spec) in src and lmspec.__version__ in src and "examples/mimo_v2_flash_tiny.yaml" in src
+    assert (
+        spec_hash(tiny_spec) in src
+        and lmspec.__version__ in src
+        and "examples/mimo_v2_flash_tiny.yaml" in src
+    )
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
-    assert {"GlobalAttention", "SwaAttention", "DenseFFN", "MoeFFN", "G0Block", "GBlock", "SBlock",
-            "MTPBlock", "MTPLayer", "MimoV2FlashTinyForCausalLM"} <= classes
+    assert {
+        "GlobalAttention",
+        "SwaAttention",
+        "DenseFFN",
+        "MoeFFN",
+        "G0Block",
+        "GBlock",
+        "SBlock",
+        "MTPBlock",
+        "MTPLayer",
+        "MimoV2FlashTinyForCausalLM",
+    } <= classes
     assert "window=32 previous_plus_self -> 33 keys; sink: learnable" in src
     lines = (EXAMPLES / "mimo_v2_flash_tiny.yaml").read_text().splitlines()
     line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("swa:"))
-    assert f"Spec: model.attention.swa (examples/mimo_v2_flash_tiny.yaml:{line})" in src  # where the kind is set
+    assert (
+        f"Spec: model.attention.swa (examples/mimo_v2_flash_tiny.yaml:{line})" in src
+    )  # where the kind is set
     assert "for e in range" not in src  # experts run as grouped GEMMs in the backend
 
 

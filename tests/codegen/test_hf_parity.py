@@ -22,35 +22,78 @@ G, S = "full_attention", "sliding_attention"
 CONFIGS = {
     # several global and sliding layers, routed MoE, sinks, value scale, GQA, qk != v, window 9
     "hybrid": dict(
-        num_hidden_layers=6, layer_types=[G, S, S, G, S, S], mlp_layer_types=["dense"] + ["sparse"] * 5,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=12, v_head_dim=8, sliding_window=9,
-        attention_value_scale=0.707, n_routed_experts=6, num_experts_per_tok=2,
-        rope_parameters={G: {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.334},
-                         S: {"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5}},
+        num_hidden_layers=6,
+        layer_types=[G, S, S, G, S, S],
+        mlp_layer_types=["dense"] + ["sparse"] * 5,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=12,
+        v_head_dim=8,
+        sliding_window=9,
+        attention_value_scale=0.707,
+        n_routed_experts=6,
+        num_experts_per_tok=2,
+        rope_parameters={
+            G: {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.334},
+            S: {"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5},
+        },
     ),
     # odd sizes, group-limited routing, no renormalisation, scaling factor, sliding first, tied head
     "grouped": dict(
-        num_hidden_layers=4, layer_types=[S, G, S, S], mlp_layer_types=["sparse", "dense", "sparse", "sparse"],
-        num_attention_heads=6, num_key_value_heads=3, head_dim=10, v_head_dim=14, sliding_window=5,
-        attention_value_scale=1.3, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
-        norm_topk_prob=False, routed_scaling_factor=2.5, tie_word_embeddings=True,
-        rope_parameters={G: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
-                         S: {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.4}},
+        num_hidden_layers=4,
+        layer_types=[S, G, S, S],
+        mlp_layer_types=["sparse", "dense", "sparse", "sparse"],
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=10,
+        v_head_dim=14,
+        sliding_window=5,
+        attention_value_scale=1.3,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=False,
+        routed_scaling_factor=2.5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            G: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+            S: {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.4},
+        },
     ),
     # MHA on global layers, no value scale, a single expert chosen
     "mha": dict(
-        num_hidden_layers=3, layer_types=[G, S, G], mlp_layer_types=["sparse"] * 3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, v_head_dim=16, sliding_window=7,
-        attention_value_scale=None, n_routed_experts=4, num_experts_per_tok=1,
-        rope_parameters={G: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-                         S: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+        num_hidden_layers=3,
+        layer_types=[G, S, G],
+        mlp_layer_types=["sparse"] * 3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        v_head_dim=16,
+        sliding_window=7,
+        attention_value_scale=None,
+        n_routed_experts=4,
+        num_experts_per_tok=1,
+        rope_parameters={
+            G: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            S: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        },
     ),
 }
 
 
 def hf_model(name: str, seed: int = 0) -> MiMoV2FlashForCausalLM:
-    kw = dict(vocab_size=97, hidden_size=40, intermediate_size=56, moe_intermediate_size=20,
-              max_position_embeddings=512, initializer_range=0.1) | CONFIGS[name]
+    kw = (
+        dict(
+            vocab_size=97,
+            hidden_size=40,
+            intermediate_size=56,
+            moe_intermediate_size=20,
+            max_position_embeddings=512,
+            initializer_range=0.1,
+        )
+        | CONFIGS[name]
+    )
     config = MiMoV2FlashConfig(**kw)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -143,7 +186,9 @@ def test_full_spec_exports_the_hub_config():
     assert config["n_routed_experts"] == 256 and config["num_experts_per_tok"] == 8
     assert config["rope_parameters"][S]["rope_theta"] == 1e4
     assert config["num_nextn_predict_layers"] == 3
-    hf_config = MiMoV2FlashConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    hf_config = MiMoV2FlashConfig(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
     assert hf_config.sliding_window == 129
     back = config_to_spec(config, name=spec.name)
     assert back.model.num_layers == 48 and back.model.layer_blocks == spec.model.layer_blocks
@@ -154,7 +199,9 @@ def test_full_spec_exports_the_hub_config():
 
 def test_spec_transformers_cannot_express_still_round_trips(tiny_spec):
     config = spec_to_config(tiny_spec)
-    assert config["lmspec_unsupported_by_transformers"] == ["sliding num_kv_heads is not 2 x global num_kv_heads"]
+    assert config["lmspec_unsupported_by_transformers"] == [
+        "sliding num_kv_heads is not 2 x global num_kv_heads"
+    ]
     assert config_to_spec(config).model == tiny_spec.model
 
 
@@ -181,7 +228,10 @@ def test_from_pretrained_errors(tmp_path):
     ref.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_hidden_layers"] = 2
-    config["layer_types"], config["mlp_layer_types"] = config["layer_types"][:2], config["mlp_layer_types"][:2]
+    config["layer_types"], config["mlp_layer_types"] = (
+        config["layer_types"][:2],
+        config["mlp_layer_types"][:2],
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no place for"):
         lmspec.from_pretrained(tmp_path)
@@ -190,18 +240,43 @@ def test_from_pretrained_errors(tmp_path):
 def test_hub_style_config_gives_the_example_spec():
     """The flat keys of the released config.json (as the converter and SGLang read them) give examples/mimo_v2_flash."""
     hub = {
-        "model_type": "mimo_v2_flash", "vocab_size": 152576, "hidden_size": 4096, "intermediate_size": 16384,
-        "num_hidden_layers": 48, "num_attention_heads": 64, "num_key_value_heads": 4,
-        "swa_num_key_value_heads": 8, "head_dim": 192, "v_head_dim": 128, "swa_head_dim": 192,
-        "swa_v_head_dim": 128, "rope_theta": 5000000, "swa_rope_theta": 10000, "partial_rotary_factor": 0.334,
-        "sliding_window": 128, "sliding_window_size": 128, "attention_value_scale": 0.707,
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 152576,
+        "hidden_size": 4096,
+        "intermediate_size": 16384,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 4,
+        "swa_num_key_value_heads": 8,
+        "head_dim": 192,
+        "v_head_dim": 128,
+        "swa_head_dim": 192,
+        "swa_v_head_dim": 128,
+        "rope_theta": 5000000,
+        "swa_rope_theta": 10000,
+        "partial_rotary_factor": 0.334,
+        "sliding_window": 128,
+        "sliding_window_size": 128,
+        "attention_value_scale": 0.707,
         "hybrid_layer_pattern": [0 if i == 0 or (i + 1) % 6 == 0 else 1 for i in range(48)],
-        "moe_layer_freq": [0] + [1] * 47, "n_routed_experts": 256, "num_experts_per_tok": 8,
-        "moe_intermediate_size": 2048, "n_shared_experts": None, "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc", "norm_topk_prob": True, "routed_scaling_factor": None, "n_group": 1,
-        "topk_group": 1, "layernorm_epsilon": 1e-5, "max_position_embeddings": 262144,
-        "tie_word_embeddings": False, "add_full_attention_sink_bias": False, "add_swa_attention_sink_bias": True,
-        "num_nextn_predict_layers": 3, "initializer_range": 0.006,
+        "moe_layer_freq": [0] + [1] * 47,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 2048,
+        "n_shared_experts": None,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": None,
+        "n_group": 1,
+        "topk_group": 1,
+        "layernorm_epsilon": 1e-5,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "add_full_attention_sink_bias": False,
+        "add_swa_attention_sink_bias": True,
+        "num_nextn_predict_layers": 3,
+        "initializer_range": 0.006,
     }
     spec = config_to_spec(hub, name="mimo_v2_flash")
     example = load_spec(FULL).model

@@ -92,7 +92,9 @@ def test_aux_loss_is_the_sequence_wise_form(model):
     x = tokens(2, 20, seed=4)
     E, K, T = 8, 2, 20
     inputs: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, args, res: inputs.append(args[0])) for m in model.moe_layers()]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, res: inputs.append(args[0])) for m in model.moe_layers()
+    ]
     try:
         with torch.no_grad():
             out = model(x)
@@ -141,7 +143,11 @@ class ConcatCache:
     def update(self, layer_key, k, v, position_ids):
         if layer_key in self.store:
             k0, v0, p0 = self.store[layer_key]
-            k, v, position_ids = torch.cat([k0, k], 2), torch.cat([v0, v], 2), torch.cat([p0, position_ids], 1)
+            k, v, position_ids = (
+                torch.cat([k0, k], 2),
+                torch.cat([v0, v], 2),
+                torch.cat([p0, position_ids], 1),
+            )
         self.store[layer_key] = (k, v, position_ids)
         return k, v, position_ids
 
@@ -293,8 +299,13 @@ def test_a_checkpoint_records_the_rope_theta_it_was_saved_with(tiny_spec, tmp_pa
     m.save_pretrained(tmp_path)
     back = lmspec.from_pretrained(tmp_path)
     assert back.rope_thetas()["global"] == 640000.0
-    assert back.spec == m.spec and back.spec.model.attention["global"].rope.theta == 5.0e6  # spec.yaml unchanged
-    assert json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["full_attention"]["rope_theta"] == 640000.0
+    assert (
+        back.spec == m.spec and back.spec.model.attention["global"].rope.theta == 5.0e6
+    )  # spec.yaml unchanged
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["rope_parameters"]["full_attention"]["rope_theta"]
+        == 640000.0
+    )
     x = tokens(1, 40, seed=13)
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)

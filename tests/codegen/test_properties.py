@@ -23,7 +23,10 @@ def attention(draw, kind: str, hidden: int) -> dict:
         "num_kv_heads": draw(st.sampled_from([d for d in (1, 2, 4) if heads % d == 0])),
         "qk_head_dim": draw(st.sampled_from([4, 8, 12])),
         "v_head_dim": draw(st.sampled_from([4, 6, 8])),
-        "rope": {"theta": draw(st.sampled_from([100.0, 10000.0])), "fraction": draw(st.sampled_from([0.5, 1.0]))},
+        "rope": {
+            "theta": draw(st.sampled_from([100.0, 10000.0])),
+            "fraction": draw(st.sampled_from([0.5, 1.0])),
+        },
         "value_scale": draw(st.sampled_from([1.0, 0.707])),
         "sink": draw(st.booleans()),
         "bias": draw(st.booleans()),
@@ -37,7 +40,11 @@ def attention(draw, kind: str, hidden: int) -> dict:
 @st.composite
 def small_specs(draw, all_sliding: bool = False) -> Spec:
     hidden = draw(st.sampled_from([16, 24]))
-    kinds = ["sliding"] if all_sliding else draw(st.sampled_from([["global"], ["sliding"], ["global", "sliding"]]))
+    kinds = (
+        ["sliding"]
+        if all_sliding
+        else draw(st.sampled_from([["global"], ["sliding"], ["global", "sliding"]]))
+    )
     att = {k: draw(attention(k, hidden)) for k in kinds}
     experts = draw(st.integers(2, 6))
     # group-limited routing scores a group by its best two experts, so a group holds at least two
@@ -116,7 +123,9 @@ def test_counts_causality_and_gradients(spec, seed, t):
 def test_sliding_only_models_forget_beyond_their_receptive_field(spec, seed):
     model = _build(spec, seed)
     m = spec.model
-    reach = sum(m.layer_attention(i).window_keys - 1 for i in range(m.num_layers))  # positions back a layer stack sees
+    reach = sum(
+        m.layer_attention(i).window_keys - 1 for i in range(m.num_layers)
+    )  # positions back a layer stack sees
     T = reach + 6
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, m.vocab_size, (1, T), generator=g)
@@ -175,7 +184,16 @@ def _semantics(m) -> tuple:
     if m.mtp is not None and m.mtp.num_blocks:
         block = m.blocks[m.mtp.block]
         mtp = (m.mtp.num_blocks, att(block.attention), m.ffn[block.ffn])
-    return layers, mtp, m.vocab_size, m.hidden_size, m.max_position_embeddings, m.norm, m.tie_word_embeddings, m.init_std
+    return (
+        layers,
+        mtp,
+        m.vocab_size,
+        m.hidden_size,
+        m.max_position_embeddings,
+        m.norm,
+        m.tie_word_embeddings,
+        m.init_std,
+    )
 
 
 @settings(max_examples=40)
@@ -191,19 +209,32 @@ def expressible_specs(draw) -> Spec:
     """Specs stock transformers can run: the round trip then goes through the plain config keys only."""
     kv = draw(st.sampled_from([1, 2]))
     shared = {
-        "num_heads": 4, "qk_head_dim": draw(st.sampled_from([4, 8])), "v_head_dim": draw(st.sampled_from([4, 6])),
-        "value_scale": draw(st.sampled_from([1.0, 0.707])), "bias": draw(st.booleans()),
+        "num_heads": 4,
+        "qk_head_dim": draw(st.sampled_from([4, 8])),
+        "v_head_dim": draw(st.sampled_from([4, 6])),
+        "value_scale": draw(st.sampled_from([1.0, 0.707])),
+        "bias": draw(st.booleans()),
     }
     rope = {"theta": 1000.0, "fraction": draw(st.sampled_from([0.5, 1.0]))}
     data = dict(draw(small_specs()).model.model_dump())
     data["attention"] = {
         "global": {"kind": "global", "num_kv_heads": kv, "sink": False, "rope": rope, **shared},
-        "swa": {"kind": "sliding", "num_kv_heads": 2 * kv, "sink": True, "window": draw(st.integers(1, 6)),
-                "window_convention": draw(st.sampled_from(["previous_plus_self", "keys"])),
-                "rope": {"theta": 10.0, "fraction": rope["fraction"]}, **shared},
+        "swa": {
+            "kind": "sliding",
+            "num_kv_heads": 2 * kv,
+            "sink": True,
+            "window": draw(st.integers(1, 6)),
+            "window_convention": draw(st.sampled_from(["previous_plus_self", "keys"])),
+            "rope": {"theta": 10.0, "fraction": rope["fraction"]},
+            **shared,
+        },
     }
     data["ffn"]["moe"] |= {"num_shared_experts": 0, "score_function": "sigmoid", "correction_bias": True}
-    kinds = draw(st.lists(st.sampled_from(["global", "swa"]), min_size=len(data["blocks"]), max_size=len(data["blocks"])))
+    kinds = draw(
+        st.lists(
+            st.sampled_from(["global", "swa"]), min_size=len(data["blocks"]), max_size=len(data["blocks"])
+        )
+    )
     for block, kind in zip(data["blocks"], kinds, strict=True):
         data["blocks"][block] = {"attention": kind, "ffn": data["blocks"][block]["ffn"]}
     if data["mtp"] is not None:

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 def test_triton_backend_matches_torch(tiny_spec):
     torch.manual_seed(0)
-    model = lmspec.build(tiny_spec, overrides=["model.layers=G0 S G", "model.mtp.num_blocks=1", "serving.speculative_depth=1"])
+    model = lmspec.build(
+        tiny_spec, overrides=["model.layers=G0 S G", "model.mtp.num_blocks=1", "serving.speculative_depth=1"]
+    )
     x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))  # past the 33-key window
     with torch.no_grad():
         ref = model(x)

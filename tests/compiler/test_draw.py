@@ -29,7 +29,9 @@ def test_parse_layers():
 
 def test_text_lists_every_op_once(graph):
     text = to_text(graph, None)
-    assert text.splitlines()[0].startswith("mimo_v2_flash_tiny: 151 ops after shapes, check, accounting, fusion")
+    assert text.splitlines()[0].startswith(
+        "mimo_v2_flash_tiny: 151 ops after shapes, check, accounting, fusion"
+    )
     op_lines = [line for line in text.splitlines()[1:] if "<-" in line]
     assert len(op_lines) == graph.nx.number_of_nodes()
     assert "  model.layers.3  [G: attention global, ffn moe]" in text
@@ -47,8 +49,14 @@ def test_text_collapses_layers_outside_the_range(graph):
 def test_view_collapses_and_keeps_edges_consistent(graph):
     assert default_expanded(graph) == {0, 1, 3}  # first G0, S and G layers
     view = build_view(graph, default_expanded(graph))
-    assert view.collapsed == {"model.layers.2", "model.layers.4", "model.layers.5", "model.layers.6",
-                              "model.mtp.layers.1", "model.mtp.layers.2"}
+    assert view.collapsed == {
+        "model.layers.2",
+        "model.layers.4",
+        "model.layers.5",
+        "model.layers.6",
+        "model.mtp.layers.1",
+        "model.mtp.layers.2",
+    }
     assert all(a in view.nodes and b in view.nodes and a != b for a, b in view.edges)
     assert ("model.layers.5", "model.layers.6") in view.edges
     fused = {n.id for n in view.nodes.values() if n.fused}

@@ -13,8 +13,14 @@ def _inputs(hidden=24, inter=40, tokens=7, dtype=torch.float64):
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=dtype)
 
-    return (r(2, tokens, hidden), r(2, tokens, hidden), 1 + 0.1 * r(hidden), r(inter, hidden) / 5,
-            r(inter, hidden) / 5, r(hidden, inter) / 5)
+    return (
+        r(2, tokens, hidden),
+        r(2, tokens, hidden),
+        1 + 0.1 * r(hidden),
+        r(inter, hidden) / 5,
+        r(inter, hidden) / 5,
+        r(hidden, inter) / 5,
+    )
 
 
 @pytest.mark.parametrize("layers", [1, 3])

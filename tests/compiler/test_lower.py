@@ -16,7 +16,11 @@ def test_layers_and_mtp_layers(mimo):
     assert [li.path for li in g.layers] == [f"model.layers.{i}" for i in range(48)]
     assert [li.index for li in g.layers if li.attention == "global"] == [0, 5, 11, 17, 23, 29, 35, 41, 47]
     assert [li.ffn for li in g.layers].count("dense") == 1 and g.layers[0].ffn == "dense"
-    assert [li.path for li in g.mtp_layers] == ["model.mtp.layers.0", "model.mtp.layers.1", "model.mtp.layers.2"]
+    assert [li.path for li in g.mtp_layers] == [
+        "model.mtp.layers.0",
+        "model.mtp.layers.1",
+        "model.mtp.layers.2",
+    ]
     assert {(li.block, li.attention, li.ffn) for li in g.mtp_layers} == {("MTP", "swa", "dense")}
     assert g.fused_units == set() and g.passes == []
 
@@ -28,16 +32,44 @@ def test_layers_and_mtp_layers(mimo):
 #   add      = 2 residuals x 51 = 102; rope = q and k x 51 = 102
 #   shift_tokens = 3 MTP targets + inputs of blocks 2 and 3 = 5
 MIMO_COUNTS = {
-    "input": 2, "embedding": 4, "rmsnorm": 112, "linear": 270, "rope": 102, "value_scale": 51, "attention": 51,
-    "add": 102, "silu_mul": 4, "sigmoid": 47, "correction_bias": 47, "topk": 47, "renormalize": 47,
-    "experts": 47, "cross_entropy": 4, "concat": 3, "shift_tokens": 5,
+    "input": 2,
+    "embedding": 4,
+    "rmsnorm": 112,
+    "linear": 270,
+    "rope": 102,
+    "value_scale": 51,
+    "attention": 51,
+    "add": 102,
+    "silu_mul": 4,
+    "sigmoid": 47,
+    "correction_bias": 47,
+    "topk": 47,
+    "renormalize": 47,
+    "experts": 47,
+    "cross_entropy": 4,
+    "concat": 3,
+    "shift_tokens": 5,
 }
 # Tiny: 7 layers `G0 S*2 G S*2 G` + 3 MTP = 10 decoder layers; 1 + 3 dense, 6 MoE.
 #   rmsnorm = 20 + 1 + 9 = 30; linear = 40 + 12 + 6 + 3 + 4 = 65
 TINY_COUNTS = {
-    "input": 2, "embedding": 4, "rmsnorm": 30, "linear": 65, "rope": 20, "value_scale": 10, "attention": 10,
-    "add": 20, "silu_mul": 4, "sigmoid": 6, "correction_bias": 6, "topk": 6, "renormalize": 6,
-    "experts": 6, "cross_entropy": 4, "concat": 3, "shift_tokens": 5,
+    "input": 2,
+    "embedding": 4,
+    "rmsnorm": 30,
+    "linear": 65,
+    "rope": 20,
+    "value_scale": 10,
+    "attention": 10,
+    "add": 20,
+    "silu_mul": 4,
+    "sigmoid": 6,
+    "correction_bias": 6,
+    "topk": 6,
+    "renormalize": 6,
+    "experts": 6,
+    "cross_entropy": 4,
+    "concat": 3,
+    "shift_tokens": 5,
 }
 
 
@@ -52,9 +84,20 @@ def test_attention_nodes_carry_the_spec(mimo):
     g = run_passes(lower(mimo), only=("shapes",))
     swa = g.node("model.layers.1.self_attn.attention")
     assert swa["field"] == "model.attention.swa" and swa["path"] == "model.layers.1.self_attn"
-    assert swa["attrs"].items() >= {"kind": "sliding", "window_keys": 129, "sink": True, "num_heads": 64,
-                                    "num_kv_heads": 8, "gqa_group": 8, "qk_head_dim": 192, "v_head_dim": 128,
-                                    "value_scale": 0.707}.items()
+    assert (
+        swa["attrs"].items()
+        >= {
+            "kind": "sliding",
+            "window_keys": 129,
+            "sink": True,
+            "num_heads": 64,
+            "num_kv_heads": 8,
+            "gqa_group": 8,
+            "qk_head_dim": 192,
+            "v_head_dim": 128,
+            "value_scale": 0.707,
+        }.items()
+    )
     assert swa["params"] == {"model.layers.1.self_attn.sinks": (64,)}
     assert swa["shape"] == ("B", "T", 64 * 128)
     ga = g.node("model.layers.5.self_attn.attention")
@@ -98,9 +141,13 @@ def test_parameter_names_and_shapes_match_transformers(mimo):
 
     m = mimo.model
     cfg = MiMoV2FlashConfig(
-        layer_types=["sliding_attention" if m.layer_attention(i).kind == "sliding" else "full_attention"
-                     for i in range(m.num_layers)],
-        mlp_layer_types=["dense" if m.layer_ffn(i).kind == "dense" else "sparse" for i in range(m.num_layers)],
+        layer_types=[
+            "sliding_attention" if m.layer_attention(i).kind == "sliding" else "full_attention"
+            for i in range(m.num_layers)
+        ],
+        mlp_layer_types=[
+            "dense" if m.layer_ffn(i).kind == "dense" else "sparse" for i in range(m.num_layers)
+        ],
     )
     with torch.device("meta"):  # full size, no memory
         hf = MiMoV2FlashForCausalLM(cfg)

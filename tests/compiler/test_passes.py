@@ -5,9 +5,9 @@ import logging
 import pytest
 
 from lmspec.compiler import PassContext, lower, run_passes, verify
-from lmspec.compiler.errors import CompileError
 from lmspec.compiler.ops import OPS, OpDef
 from lmspec.compiler.passes import PIPELINE
+from lmspec.errors import CompileError
 from lmspec.spec import SpecError, load_spec
 
 from .conftest import EXAMPLES
@@ -45,21 +45,36 @@ def test_derived_fused_counts_spelled_out():
     # MiMo: 48*2 + 3*2 add_rmsnorm; 1 + 3 swiglu; 47 routers; 1 + 3 lm_head_ce; 10 plain rmsnorm left
     # (layer 0's input_layernorm and enorm, hnorm, input_layernorm of each MTP block).
     assert MIMO_FUSED == {
-        "input": 2, "embedding": 4, "rmsnorm": 10, "add_rmsnorm": 102, "linear": 211, "rope": 102,
-        "value_scale": 51, "attention": 51, "swiglu": 4, "router": 47, "experts": 47, "lm_head_ce": 4,
-        "concat": 3, "shift_tokens": 5,
+        "input": 2,
+        "embedding": 4,
+        "rmsnorm": 10,
+        "add_rmsnorm": 102,
+        "linear": 211,
+        "rope": 102,
+        "value_scale": 51,
+        "attention": 51,
+        "swiglu": 4,
+        "router": 47,
+        "experts": 47,
+        "lm_head_ce": 4,
+        "concat": 3,
+        "shift_tokens": 5,
     }
     assert sum(MIMO_FUSED.values()) == 643 and sum(TINY_FUSED.values()) == 151
 
 
-@pytest.mark.parametrize("name,unfused,fused", [("mimo", MIMO_COUNTS, MIMO_FUSED), ("tiny", TINY_COUNTS, TINY_FUSED)])
+@pytest.mark.parametrize(
+    "name,unfused,fused", [("mimo", MIMO_COUNTS, MIMO_FUSED), ("tiny", TINY_COUNTS, TINY_FUSED)]
+)
 def test_op_counts_before_and_after_each_pass(request, name, unfused, fused):
     spec = request.getfixturevalue(name)
     g = lower(spec)
     verify(g)
     expected_after = {"shapes": unfused, "check": unfused, "accounting": unfused, "fusion": fused}
     for p in PIPELINE:
-        assert dict(g.op_counts()) == (unfused if p == "shapes" else expected_after[PIPELINE[PIPELINE.index(p) - 1]])
+        assert dict(g.op_counts()) == (
+            unfused if p == "shapes" else expected_after[PIPELINE[PIPELINE.index(p) - 1]]
+        )
         g = run_passes(g, only=(p,))
         verify(g)
         assert dict(g.op_counts()) == expected_after[p], p
@@ -73,7 +88,10 @@ def test_fused_nodes_keep_members_and_wiring(mimo):
     assert norm["op"] == "add_rmsnorm"
     assert norm["members"] == [("model.layers.47.mlp_residual", "add"), ("model.norm", "rmsnorm")]
     # Its residual input is the sum (port 1) of the fused post-attention norm.
-    assert g.inputs("model.norm") == ["model.layers.47.mlp.experts", "model.layers.47.post_attention_layernorm"]
+    assert g.inputs("model.norm") == [
+        "model.layers.47.mlp.experts",
+        "model.layers.47.post_attention_layernorm",
+    ]
     assert g.nx.edges["model.layers.47.post_attention_layernorm", "model.norm"] == {"arg": 1, "port": 1}
     # MTP block 1 reads the main model's hidden state: the sum (port 1) of the fused final norm.
     (edge,) = g.nx.in_edges("model.mtp.layers.0.hnorm", data=True)
@@ -81,7 +99,12 @@ def test_fused_nodes_keep_members_and_wiring(mimo):
     assert g.nx.edges["model.norm", "loss"] == {"arg": 0, "port": 0}
     router = g.node("model.layers.1.mlp.gate")
     assert router["op"] == "router" and [op for _, op in router["members"]] == [
-        "linear", "sigmoid", "correction_bias", "topk", "renormalize"]
+        "linear",
+        "sigmoid",
+        "correction_bias",
+        "topk",
+        "renormalize",
+    ]
     assert router["params"] == {"model.layers.1.mlp.gate.weight": (256, 4096)}
     assert router["buffers"] == {"model.layers.1.mlp.gate.e_score_correction_bias": (256,)}
     assert router["shape"] == ("B", "T", 8) and router["dtype"] == "float32"
@@ -90,7 +113,10 @@ def test_fused_nodes_keep_members_and_wiring(mimo):
     assert g.users("model.layers.0.mlp.swiglu") == ["model.layers.0.mlp.down_proj"]
     ce = g.node("model.mtp.layers.2.loss")
     assert ce["op"] == "lm_head_ce" and ce["params"] == {"lm_head.weight": (152576, 4096)}
-    assert g.inputs("model.mtp.layers.2.loss") == ["model.mtp.layers.2.final_layernorm", "model.mtp.layers.2.targets"]
+    assert g.inputs("model.mtp.layers.2.loss") == [
+        "model.mtp.layers.2.final_layernorm",
+        "model.mtp.layers.2.targets",
+    ]
     # Accounting survives fusion: members' FLOPs are summed into the unit.
     assert sw["flops"] == 2 * 2 * 4096 * 16384
     assert router["flops"] == 2 * 4096 * 256
@@ -157,8 +183,10 @@ def test_check_rejects_rope_dim_beyond_head_dim(tiny):
     with pytest.raises(CompileError) as e:
         _check(g)
     msg = str(e.value)
-    assert msg == ("spec mimo_v2_flash_tiny: model.attention.swa.rope: model.layers.1.self_attn.rope_q: "
-                   "rope_dim 64 exceeds qk_head_dim 48")
+    assert msg == (
+        "spec mimo_v2_flash_tiny: model.attention.swa.rope: model.layers.1.self_attn.rope_q: "
+        "rope_dim 64 exceeds qk_head_dim 48"
+    )
     assert isinstance(e.value, SpecError) and "\n" not in msg
 
 
@@ -172,9 +200,12 @@ def test_check_rejects_odd_rope_dim(tiny):
 def test_check_rejects_mismatched_hidden_sizes(tiny):
     g = _shaped(tiny)
     g.node("model.layers.2.self_attn.o_proj")["params"]["model.layers.2.self_attn.o_proj.weight"] = (128, 96)
-    with pytest.raises(CompileError, match=r"model.attention.swa: model.layers.2.self_attn.o_proj \(linear\): "
-                                           r"linear input vs weight \(out, in\): expected last dim 96, "
-                                           r"got shape \('B', 'T', 128\)"):
+    with pytest.raises(
+        CompileError,
+        match=r"model.attention.swa: model.layers.2.self_attn.o_proj \(linear\): "
+        r"linear input vs weight \(out, in\): expected last dim 96, "
+        r"got shape \('B', 'T', 128\)",
+    ):
         _check(g)
     # The shapes pass finds the same problem when it runs first.
     g = lower(tiny)
@@ -198,7 +229,9 @@ def test_check_rejects_ops_without_backend(tiny, monkeypatch):
     monkeypatch.setitem(OPS, "gelu_mul", OpDef("gelu_mul", "gelu", "gelu(gate) * up", OPS["silu_mul"].rule))
     g = _shaped(tiny)
     g.node("model.layers.0.mlp.act")["op"] = "gelu_mul"
-    with pytest.raises(CompileError, match=r"model.ffn.dense: .*op 'gelu_mul' \(family 'gelu'\) has no backend"):
+    with pytest.raises(
+        CompileError, match=r"model.ffn.dense: .*op 'gelu_mul' \(family 'gelu'\) has no backend"
+    ):
         _check(g)
 
 
@@ -208,7 +241,14 @@ def test_check_rejects_bad_gqa_and_dead_nodes(tiny):
     with pytest.raises(CompileError, match="num_kv_heads 3 must divide num_heads 4"):
         _check(g)
     g = _shaped(tiny)
-    g.add_op("model.layers.1.extra", "rmsnorm", inputs=["model.layers.1.attn_residual"], dtype="float32",
-             path="model.layers.1.extra", field="model.norm", params={"model.layers.1.extra.weight": (128,)})
+    g.add_op(
+        "model.layers.1.extra",
+        "rmsnorm",
+        inputs=["model.layers.1.attn_residual"],
+        dtype="float32",
+        path="model.layers.1.extra",
+        field="model.norm",
+        params={"model.layers.1.extra.weight": (128,)},
+    )
     with pytest.raises(CompileError, match="model.layers.1.extra: computes a value no loss depends on"):
         run_passes(g, only=("shapes", "check"))

@@ -19,7 +19,9 @@ def test_mimo_figures(mimo):
     p = s["params"]
     assert p["total"] == 308_778_768_832  # "308.78B without MTP" (facts: derived check)
     assert p["active"] == 15_445_924_288  # "15.45B with embedding+head"
-    assert p["active"] - p["by_component"]["embedding"] - p["by_component"]["lm_head"] == 14_196_021_696  # 14.20B
+    assert (
+        p["active"] - p["by_component"]["embedding"] - p["by_component"]["lm_head"] == 14_196_021_696
+    )  # 14.20B
     assert p["mtp"] == 3 * 329_273_408  # 0.329B per MTP block without the shared embedding/head
     assert p["buffers"] == 47 * 256  # e_score_correction_bias, not a parameter
     assert sum(p["by_component"].values()) == p["total"]
@@ -71,8 +73,9 @@ def _compare(spec: Spec, context: int) -> None:
                 bias["mtp" if d["scope"].startswith("model.mtp.") else "main"] += 2 * math.prod(shape)
     assert f["forward"] == pytest.approx(acc.flops_per_token_total - bias["main"], rel=1e-12)
     assert f["forward_mean"] == pytest.approx(acc.flops_per_token_seq_mean_total - bias["main"], rel=1e-12)
-    assert f["mtp_forward"] == pytest.approx(acc.mtp_flops_per_token_per_block * acc.mtp_blocks - bias["mtp"],
-                                             rel=1e-12)
+    assert f["mtp_forward"] == pytest.approx(
+        acc.mtp_flops_per_token_per_block * acc.mtp_blocks - bias["mtp"], rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: Path(p).stem)
@@ -88,28 +91,49 @@ def specs(draw) -> Spec:
     kv = draw(st.sampled_from([h for h in (1, 2, 3, 6) if heads % h == 0]))
     qk = draw(st.sampled_from([8, 12, 20]))
     rope = {"theta": 1e4, "fraction": draw(st.sampled_from([0.5, 1.0]))}
-    common = {"num_heads": heads, "num_kv_heads": kv, "qk_head_dim": qk, "v_head_dim": draw(st.sampled_from([4, 8, 12])),
-              "rope": rope, "value_scale": draw(st.sampled_from([1.0, 0.5])), "bias": draw(st.booleans())}
+    common = {
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "qk_head_dim": qk,
+        "v_head_dim": draw(st.sampled_from([4, 8, 12])),
+        "rope": rope,
+        "value_scale": draw(st.sampled_from([1.0, 0.5])),
+        "bias": draw(st.booleans()),
+    }
     experts = draw(st.sampled_from([4, 6, 8]))
-    moe = {"kind": "moe", "num_experts": experts, "top_k": draw(st.integers(1, 3)),
-           "expert_intermediate_size": draw(st.sampled_from([8, 24])),
-           "num_shared_experts": draw(st.integers(0, 2)),
-           "score_function": draw(st.sampled_from(["sigmoid", "softmax"])),
-           "correction_bias": draw(st.booleans()), "renormalize": draw(st.booleans()),
-           "routed_scaling_factor": draw(st.sampled_from([1.0, 2.5]))}
+    moe = {
+        "kind": "moe",
+        "num_experts": experts,
+        "top_k": draw(st.integers(1, 3)),
+        "expert_intermediate_size": draw(st.sampled_from([8, 24])),
+        "num_shared_experts": draw(st.integers(0, 2)),
+        "score_function": draw(st.sampled_from(["sigmoid", "softmax"])),
+        "correction_bias": draw(st.booleans()),
+        "renormalize": draw(st.booleans()),
+        "routed_scaling_factor": draw(st.sampled_from([1.0, 2.5])),
+    }
     pattern = draw(st.sampled_from(["G0 S G", "S*3", "G0 (S*2 G)*2", "G"]))
     model = {
-        "vocab_size": draw(st.sampled_from([64, 100])), "hidden_size": draw(st.sampled_from([16, 48])),
-        "max_position_embeddings": 512, "tie_word_embeddings": draw(st.booleans()),
+        "vocab_size": draw(st.sampled_from([64, 100])),
+        "hidden_size": draw(st.sampled_from([16, 48])),
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": draw(st.booleans()),
         "attention": {
             "global": {"kind": "global", **common, "sink": draw(st.booleans())},
-            "swa": {"kind": "sliding", "window": draw(st.integers(1, 40)),
-                    "window_convention": draw(st.sampled_from(["keys", "previous_plus_self"])),
-                    **common, "sink": draw(st.booleans())},
+            "swa": {
+                "kind": "sliding",
+                "window": draw(st.integers(1, 40)),
+                "window_convention": draw(st.sampled_from(["keys", "previous_plus_self"])),
+                **common,
+                "sink": draw(st.booleans()),
+            },
         },
         "ffn": {"dense": {"kind": "dense", "intermediate_size": 32}, "moe": moe},
-        "blocks": {"G0": {"attention": "global", "ffn": "dense"}, "G": {"attention": "global", "ffn": "moe"},
-                   "S": {"attention": "swa", "ffn": draw(st.sampled_from(["moe", "dense"]))}},
+        "blocks": {
+            "G0": {"attention": "global", "ffn": "dense"},
+            "G": {"attention": "global", "ffn": "moe"},
+            "S": {"attention": "swa", "ffn": draw(st.sampled_from(["moe", "dense"]))},
+        },
         "layers": pattern,
     }
     n_mtp = draw(st.integers(0, 2))
@@ -135,4 +159,7 @@ def test_param_total_from_weight_shapes_alone(tiny):
     names = {}
     for _, d in g.nx.nodes(data=True):
         names.update(d["params"])
-    assert sum(math.prod(s) for s in names.values()) == stats_from_graph(compile_graph(tiny))["params"]["total_with_mtp"]
+    assert (
+        sum(math.prod(s) for s in names.values())
+        == stats_from_graph(compile_graph(tiny))["params"]["total_with_mtp"]
+    )

@@ -11,7 +11,9 @@ import lmspec
 TINY = Path(__file__).resolve().parents[2] / "examples" / "mimo_v2_flash_tiny.yaml"
 
 
-def small_overrides(*, window: int = 32, vocab: int = 256, init_std: float = 0.02, hidden: int = 32) -> list[str]:
+def small_overrides(
+    *, window: int = 32, vocab: int = 256, init_std: float = 0.02, hidden: int = 32
+) -> list[str]:
     """The tiny spec's layout (G0 S*2 G S*2 G, sink, MoE top-2, 3 MTP blocks) at a few thousand parameters."""
     out = [
         f"model.attention.swa.window={window}",

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lmspec.cli import main
-from lmspec.runtime.generate import Generator
-from lmspec.runtime.sampling import SamplingParams
+from lmspec.serve.engine import Generator
+from lmspec.serve.sampling import SamplingParams
 
 from .conftest import small_model
 
@@ -29,11 +29,29 @@ def checkpoint(tmp_path_factory):
 
 def test_generate_streams_the_greedy_text_and_prints_stats(checkpoint, capsys):
     model, path = checkpoint
-    rc = main(["generate", str(path / "spec.yaml"), "--checkpoint", str(path), "--prompt", "hello",
-               "--max-tokens", "12", "--temperature", "0", "--speculative-depth", "2"])
+    rc = main(
+        [
+            "generate",
+            str(path / "spec.yaml"),
+            "--checkpoint",
+            str(path),
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--speculative-depth",
+            "2",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0
-    want = Generator(model, speculative_depth=0).generate("hello", SamplingParams(temperature=0, max_tokens=12)).text
+    want = (
+        Generator(model, speculative_depth=0)
+        .generate("hello", SamplingParams(temperature=0, max_tokens=12))
+        .text
+    )
     assert out.out == "hello" + want + "\n"
     assert "12 tokens" in out.err and "acceptance length" in out.err and "speculative depth 2" in out.err
 
@@ -68,9 +86,24 @@ def test_serve_command_answers_on_loopback(checkpoint):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmspec", "serve", str(path / "spec.yaml"), "--checkpoint", str(path),
-         "--port", str(port), "--speculative-depth", "1", "--max-batch", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lmspec",
+            "serve",
+            str(path / "spec.yaml"),
+            "--checkpoint",
+            str(path),
+            "--port",
+            str(port),
+            "--speculative-depth",
+            "1",
+            "--max-batch",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     try:
         deadline = time.time() + 60
@@ -84,8 +117,11 @@ def test_serve_command_answers_on_loopback(checkpoint):
                 time.sleep(0.2)
         assert r.json()["status"] == "ok"
         name = r.json()["model"]
-        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                         json={"model": name, "prompt": "ab", "max_tokens": 4, "temperature": 0}, timeout=30)
+        out = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": name, "prompt": "ab", "max_tokens": 4, "temperature": 0},
+            timeout=30,
+        )
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
     finally:
         proc.terminate()

@@ -111,7 +111,11 @@ def test_ring_is_window_plus_slack_and_global_is_max_len():
     layouts = {lay.key: lay for lay in cache.layouts}
     assert layouts[SWA].slots == 33 + 3
     assert layouts[GLOBAL].slots == 512
-    assert [k for k in layouts if "mtp" in k] == ["model.mtp.layers.0", "model.mtp.layers.1", "model.mtp.layers.2"]
+    assert [k for k in layouts if "mtp" in k] == [
+        "model.mtp.layers.0",
+        "model.mtp.layers.1",
+        "model.mtp.layers.2",
+    ]
     assert HybridKVCache(spec, 1, 16, extra_slots=3).layouts[1].slots == 16  # never more than the context
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmspec.runtime.sampling import SamplingParams, accept_drafts, probs, sample
+from lmspec.serve.sampling import SamplingParams, accept_drafts, probs, sample
 
 from .test_speculative import _chi2_pvalue
 
@@ -28,12 +28,15 @@ def test_temperature_top_k_and_top_p():
     assert torch.allclose(top2, torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
     # top_p keeps the smallest prefix whose mass reaches top_p: 0.5 + 0.2 = 0.7 >= 0.7.
     assert torch.allclose(probs(logits, SamplingParams(top_p=0.7)), torch.tensor([5 / 7, 2 / 7, 0, 0, 0]))
-    assert torch.allclose(probs(logits, SamplingParams(top_p=0.71)), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85)
+    assert torch.allclose(
+        probs(logits, SamplingParams(top_p=0.71)), torch.tensor([0.5, 0.2, 0.15, 0, 0]) / 0.85
+    )
     assert torch.allclose(probs(logits, SamplingParams(top_p=0.1)), torch.tensor([1.0, 0, 0, 0, 0]))
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_tokens", -1)]
+    ("field", "value"),
+    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_tokens", -1)],
 )
 def test_invalid_params_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):

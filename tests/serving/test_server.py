@@ -14,10 +14,10 @@ import openai
 import pytest
 import uvicorn
 
-from lmspec.runtime.generate import Generator
-from lmspec.runtime.sampling import SamplingParams
-from lmspec.runtime.server import create_app
 from lmspec.runtime.tokenizer import ByteTokenizer
+from lmspec.serve.engine import Generator
+from lmspec.serve.sampling import SamplingParams
+from lmspec.serve.server import create_app
 
 from .conftest import small_model
 
@@ -54,7 +54,11 @@ def served():
 
 
 def _greedy(model, prompt: str, n: int) -> str:
-    return Generator(model, speculative_depth=0).generate(prompt, SamplingParams(temperature=0.0, max_tokens=n)).text
+    return (
+        Generator(model, speculative_depth=0)
+        .generate(prompt, SamplingParams(temperature=0.0, max_tokens=n))
+        .text
+    )
 
 
 def test_models_and_health(served):
@@ -70,7 +74,9 @@ def test_completion_plain_and_streamed_equal_the_generator(served):
     out = client.completions.create(model=name, prompt="The cat", max_tokens=20, temperature=0)
     assert out.choices[0].text == want and out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == 7 and out.usage.completion_tokens == 20 and out.usage.total_tokens == 27
-    chunks = list(client.completions.create(model=name, prompt="The cat", max_tokens=20, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model=name, prompt="The cat", max_tokens=20, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
@@ -84,7 +90,9 @@ def test_chat_plain_and_streamed_use_the_chat_template(served):
     out = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0)
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want
     assert out.usage.prompt_tokens == len(prompt.encode())
-    stream = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=12, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
@@ -101,9 +109,15 @@ def test_eight_concurrent_clients_get_their_own_complete_answers(served):
 
     def ask(i: int) -> str:
         if i % 2:
-            chunks = client.completions.create(model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=True)
+            chunks = client.completions.create(
+                model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0, stream=True
+            )
             return "".join(c.choices[0].text for c in chunks if c.choices)
-        return client.completions.create(model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0).choices[0].text
+        return (
+            client.completions.create(model=name, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+            .choices[0]
+            .text
+        )
 
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, range(8)))

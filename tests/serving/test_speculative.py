@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmspec.runtime.generate import Generator
-from lmspec.runtime.sampling import SamplingParams
+from lmspec.serve.engine import Generator
+from lmspec.serve.sampling import SamplingParams
 
 from .conftest import small_model
 
@@ -82,7 +82,7 @@ def _chi2_pvalue(counts: torch.Tensor, expected_p: torch.Tensor) -> float:
 
 def _exact_marginals(model, prompt: list[int], steps: int, params: SamplingParams) -> list[torch.Tensor]:
     """P(x_1), ..., P(x_steps) by enumerating every continuation (vocab ** (steps - 1) sequences)."""
-    from lmspec.runtime.sampling import probs
+    from lmspec.serve.sampling import probs
 
     V = model.spec.model.vocab_size
     marginals = []
@@ -105,7 +105,10 @@ def _exact_marginals(model, prompt: list[int], steps: int, params: SamplingParam
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(temperature=1.0, max_tokens=3), SamplingParams(temperature=0.7, top_p=0.9, top_k=8, max_tokens=3)],
+    [
+        SamplingParams(temperature=1.0, max_tokens=3),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=8, max_tokens=3),
+    ],
     ids=["t1", "t0.7-top_p-top_k"],
 )
 def test_speculative_sampling_keeps_the_distribution(params):
@@ -119,12 +122,14 @@ def test_speculative_sampling_keeps_the_distribution(params):
     assert sum(c.stats.accepted for c in out) > 0.1 * n  # the draft is used, not just rejected
     for j in range(3):
         counts = torch.bincount(tokens[:, j], minlength=16).double()
-        assert _chi2_pvalue(counts, exact[j]) > 1e-3, f"token {j + 1}: {counts.tolist()} vs {exact[j].tolist()}"
+        assert _chi2_pvalue(counts, exact[j]) > 1e-3, (
+            f"token {j + 1}: {counts.tolist()} vs {exact[j].tolist()}"
+        )
 
 
 def test_a_wrong_rule_is_detected():
     """The test above has power: taking every draft (no rejection) fails it on the same model."""
-    from lmspec.runtime import generate as gen_mod
+    from lmspec.serve import engine as gen_mod
 
     model = small_model(2, window=3, vocab=16, init_std=0.3)
     prompt = [3, 1, 4, 1, 5]
@@ -132,7 +137,7 @@ def test_a_wrong_rule_is_detected():
     exact = _exact_marginals(model, prompt, 3, params)
 
     def accept_all(p, q, drafts, generator):
-        from lmspec.runtime.sampling import sample
+        from lmspec.serve.sampling import sample
 
         return len(drafts), sample(p[len(drafts)], generator)
 
@@ -168,10 +173,10 @@ def test_stop_strings_max_tokens_and_streaming_text():
     assert "".join(e.text for e in pieces) == full.text and pieces[-1].finished
     # Stop at a string that occurs in the greedy text: output ends right before it.
     text = full.text
-    stop = next(
-        (text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[: i + 2]), None
-    )
+    stop = next((text[i : i + 2] for i in range(3, len(text) - 2) if "\ufffd" not in text[: i + 2]), None)
     if stop is not None:
         cut = gen.generate("ab", SamplingParams(temperature=0.0, max_tokens=30, stop=(stop,)))
         assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop)]
-    assert list(itertools.islice(gen.stream([1], SamplingParams(max_tokens=0)), 5))[-1].finish_reason == "length"
+    assert (
+        list(itertools.islice(gen.stream([1], SamplingParams(max_tokens=0)), 5))[-1].finish_reason == "length"
+    )

@@ -102,8 +102,10 @@ def attention_kinds(draw) -> dict:
     }
     if draw(st.booleans()):
         return {"kind": "global", **out}
-    window = {"window": draw(st.integers(1, 300)),
-              "window_convention": draw(st.sampled_from(["previous_plus_self", "keys"]))}
+    window = {
+        "window": draw(st.integers(1, 300)),
+        "window_convention": draw(st.sampled_from(["previous_plus_self", "keys"])),
+    }
     return {"kind": "sliding", **window, **out}
 
 
@@ -137,8 +139,14 @@ def stages(draw, attention_names: list[str]) -> dict:
     kind = draw(st.sampled_from(["constant", "cosine", "linear", "wsd"]))
     peak = draw(FLOATS)
     warmup = draw(FRACTION) * tokens / 2
-    lr = {"kind": kind, "peak": peak, "final": draw(FRACTION) * peak, "warmup_tokens": warmup,
-          "warmup_start": draw(FRACTION) * peak, "decay_shape": draw(st.sampled_from(["cosine", "linear"]))}
+    lr = {
+        "kind": kind,
+        "peak": peak,
+        "final": draw(FRACTION) * peak,
+        "warmup_tokens": warmup,
+        "warmup_start": draw(FRACTION) * peak,
+        "decay_shape": draw(st.sampled_from(["cosine", "linear"])),
+    }
     if kind == "wsd":
         lr["decay_tokens"] = draw(FRACTION) * tokens / 2
     size = draw(st.integers(1, 4096))
@@ -152,8 +160,14 @@ def stages(draw, attention_names: list[str]) -> dict:
     for key in ("mtp_loss_weight", "bias_update", "seq_aux_coef"):
         if draw(st.booleans()):
             overrides[key] = draw(FRACTION)
-    return {"name": draw(NAMES), "tokens": tokens, "seq_len": draw(st.integers(1, 1 << 18)),
-            "batch_size": batch, "lr": lr, "overrides": overrides}
+    return {
+        "name": draw(NAMES),
+        "tokens": tokens,
+        "seq_len": draw(st.integers(1, 1 << 18)),
+        "batch_size": batch,
+        "lr": lr,
+        "overrides": overrides,
+    }
 
 
 @st.composite
@@ -163,8 +177,10 @@ def spec_data(draw) -> dict:
     attention = {n: draw(attention_kinds()) for n in draw(names)}
     ffn = {n: draw(ffn_kinds()) for n in draw(names)}
     block_names = draw(st.lists(NAMES, min_size=1, max_size=4, unique=True))
-    blocks = {n: {"attention": draw(st.sampled_from(sorted(attention))), "ffn": draw(st.sampled_from(sorted(ffn)))}
-              for n in block_names}
+    blocks = {
+        n: {"attention": draw(st.sampled_from(sorted(attention))), "ffn": draw(st.sampled_from(sorted(ffn)))}
+        for n in block_names
+    }
     model = {
         "vocab_size": draw(st.integers(1, 1000)),
         "hidden_size": draw(st.integers(1, 256)),
@@ -180,13 +196,20 @@ def spec_data(draw) -> dict:
     depth = 0
     if draw(st.booleans()):
         depth = draw(st.integers(0, 3))
-        model["mtp"] = {"num_blocks": depth, "block": draw(st.sampled_from(block_names)),
-                        "loss_weight": draw(FRACTION)}
+        model["mtp"] = {
+            "num_blocks": depth,
+            "block": draw(st.sampled_from(block_names)),
+            "loss_weight": draw(FRACTION),
+        }
     data = {"name": draw(st.text(min_size=1, max_size=12)), "model": model}
     if draw(st.booleans()):
         data["training"] = {
-            "optimizer": {"kind": "adamw", "betas": [draw(FRACTION), draw(FRACTION)], "eps": draw(FLOATS),
-                          "weight_decay": draw(FRACTION)},
+            "optimizer": {
+                "kind": "adamw",
+                "betas": [draw(FRACTION), draw(FRACTION)],
+                "eps": draw(FLOATS),
+                "weight_decay": draw(FRACTION),
+            },
             "grad_clip": draw(st.none() | FLOATS),
             "precision": draw(st.sampled_from(["fp32", "bf16"])),
             "balancing": {"bias_update": draw(FRACTION), "seq_aux_coef": draw(FRACTION)},
@@ -194,9 +217,12 @@ def spec_data(draw) -> dict:
             "stages": draw(st.lists(stages(sorted(attention)), min_size=1, max_size=3)),
         }
     if draw(st.booleans()):
-        data["serving"] = {"speculative_depth": draw(st.integers(0, depth)),
-                           "chat_template": draw(st.text(max_size=40)),
-                           "temperature": draw(FRACTION) * 2, "top_p": draw(st.floats(1e-3, 1.0))}
+        data["serving"] = {
+            "speculative_depth": draw(st.integers(0, depth)),
+            "chat_template": draw(st.text(max_size=40)),
+            "temperature": draw(FRACTION) * 2,
+            "top_p": draw(st.floats(1e-3, 1.0)),
+        }
     return data
 
 

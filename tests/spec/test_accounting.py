@@ -134,7 +134,9 @@ def test_tied_shared_and_bias(tiny):
     assert tied.active_with_head == tied.active_with_embedding_and_head == base.active_with_head
     assert tied.flops_per_token["lm_head"] == base.flops_per_token["lm_head"]
 
-    shared = account(_variant(tiny, ffn__moe={**spec_to_data(tiny)["model"]["ffn"]["moe"], "num_shared_experts": 2}))
+    shared = account(
+        _variant(tiny, ffn__moe={**spec_to_data(tiny)["model"]["ffn"]["moe"], "num_shared_experts": 2})
+    )
     width = 2 * 96
     assert shared.params["shared_experts.moe"] == 6 * 3 * H * width  # 6 MoE layers
     assert shared.active["shared_experts.moe"] == shared.params["shared_experts.moe"]  # always on
@@ -151,13 +153,26 @@ def test_matches_transformers_module_structure(mimo):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     m = mimo.model
-    layer_types = ["full_attention" if m.layer_attention(i).kind == "global" else "sliding_attention"
-                   for i in range(m.num_layers)]
+    layer_types = [
+        "full_attention" if m.layer_attention(i).kind == "global" else "sliding_attention"
+        for i in range(m.num_layers)
+    ]
     config = transformers.MiMoV2FlashConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=16384, num_hidden_layers=m.num_layers,
-        num_attention_heads=64, num_key_value_heads=4, head_dim=192, v_head_dim=128,
-        moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8, layer_types=layer_types,
-        mlp_layer_types=["dense" if m.layer_ffn(i).kind == "dense" else "sparse" for i in range(m.num_layers)],
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=16384,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=192,
+        v_head_dim=128,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        num_experts_per_tok=8,
+        layer_types=layer_types,
+        mlp_layer_types=[
+            "dense" if m.layer_ffn(i).kind == "dense" else "sparse" for i in range(m.num_layers)
+        ],
     )
     with torch.device("meta"):
         model = transformers.MiMoV2FlashForCausalLM(config)
@@ -203,17 +218,29 @@ def test_stats_cli_rejects_bad_context(run_cli):
 
 
 def _minimal(attention: dict, layers: str = "A*3") -> Spec:
-    return Spec.model_validate({
-        "name": "minimal",
-        "model": {
-            "vocab_size": 10, "hidden_size": 8, "max_position_embeddings": 64,
-            "attention": {"a": {"num_heads": 2, "num_kv_heads": 1, "qk_head_dim": 4, "v_head_dim": 2,
-                                "rope": {"theta": 1e4}, **attention}},
-            "ffn": {"f": {"kind": "dense", "intermediate_size": 5}},
-            "blocks": {"A": {"attention": "a", "ffn": "f"}},
-            "layers": layers,
-        },
-    })
+    return Spec.model_validate(
+        {
+            "name": "minimal",
+            "model": {
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "max_position_embeddings": 64,
+                "attention": {
+                    "a": {
+                        "num_heads": 2,
+                        "num_kv_heads": 1,
+                        "qk_head_dim": 4,
+                        "v_head_dim": 2,
+                        "rope": {"theta": 1e4},
+                        **attention,
+                    }
+                },
+                "ffn": {"f": {"kind": "dense", "intermediate_size": 5}},
+                "blocks": {"A": {"attention": "a", "ffn": "f"}},
+                "layers": layers,
+            },
+        }
+    )
 
 
 def test_all_sliding_model_compares_against_itself_without_a_window():

@@ -28,7 +28,9 @@ def test_check_summary(run_cli):
         f"{MIMO}: ok — mimo_v2_flash: 48 layers (1xG0, 39xS, 8xG), hidden 4096, vocab 152576, "
         "3 MTP blocks, 3 training stages"
     )
-    code, out, _ = run_cli("check", TINY, "--set", "model.mtp.num_blocks=1", "--set", "serving.speculative_depth=1")
+    code, out, _ = run_cli(
+        "check", TINY, "--set", "model.mtp.num_blocks=1", "--set", "serving.speculative_depth=1"
+    )
     assert code == 0 and "1 MTP blocks" in out
 
 
@@ -42,7 +44,9 @@ def test_schema_is_json_schema_of_the_spec(run_cli):
     assert schema["additionalProperties"] is False
     assert schema == Spec.model_json_schema()
     sliding = schema["$defs"]["SlidingAttention"]
-    assert {"window", "window_convention", "num_kv_heads", "qk_head_dim", "v_head_dim"} <= set(sliding["properties"])
+    assert {"window", "window_convention", "num_kv_heads", "qk_head_dim", "v_head_dim"} <= set(
+        sliding["properties"]
+    )
 
 
 def test_spec_stage_imports_neither_torch_nor_jinja2():

@@ -28,36 +28,62 @@ def _error(run_cli, *args) -> str:
 
 # (name, YAML text, expected "line:col: field:" after the file name, expected message fragment)
 CASES = [
-    ("yaml_syntax", """
+    (
+        "yaml_syntax",
+        """
         name: x
         model: {hidden_size: 4
-        """, "3:1:", "YAML syntax: expected ',' or '}', but got '<stream end>'"),
-    ("duplicate_key", """
+        """,
+        "3:1:",
+        "YAML syntax: expected ',' or '}', but got '<stream end>'",
+    ),
+    (
+        "duplicate_key",
+        """
         extends: TINY
         name: a
         model:
           hidden_size: 64
           hidden_size: 32
-        """, "5:3: model.hidden_size:", "expected each key once, got a duplicate of the key on line 4"),
-    ("unknown_key", """
+        """,
+        "5:3: model.hidden_size:",
+        "expected each key once, got a duplicate of the key on line 4",
+    ),
+    (
+        "unknown_key",
+        """
         extends: TINY
         model:
           attention:
             swa: {windw: 16}
-        """, "4:11: model.attention.swa.windw:",
-     "expected one of the known fields, got unknown key 'windw' (did you mean 'window'?)"),
-    ("wrong_type", """
+        """,
+        "4:11: model.attention.swa.windw:",
+        "expected one of the known fields, got unknown key 'windw' (did you mean 'window'?)",
+    ),
+    (
+        "wrong_type",
+        """
         extends: TINY
         model:
           hidden_size: wide
-        """, "3:3: model.hidden_size:", "expected an integer, got 'wide'"),
-    ("wrong_kind", """
+        """,
+        "3:3: model.hidden_size:",
+        "expected an integer, got 'wide'",
+    ),
+    (
+        "wrong_kind",
+        """
         extends: TINY
         model:
           ffn:
             moe: {kind: mixture}
-        """, "4:5: model.ffn.moe:", "expected kind one of 'dense', 'moe', got 'mixture'"),
-    ("missing_field", """
+        """,
+        "4:5: model.ffn.moe:",
+        "expected kind one of 'dense', 'moe', got 'mixture'",
+    ),
+    (
+        "missing_field",
+        """
         name: x
         model:
           vocab_size: 256
@@ -66,48 +92,88 @@ CASES = [
           ffn: {d: {kind: dense, intermediate_size: 32}}
           blocks: {G: {attention: g, ffn: d}}
           layers: G*2
-        """, "2:1: model.max_position_embeddings:", "expected this required field, got nothing"),
-    ("kv_heads_not_dividing", """
+        """,
+        "2:1: model.max_position_embeddings:",
+        "expected this required field, got nothing",
+    ),
+    (
+        "kv_heads_not_dividing",
+        """
         extends: TINY
         model:
           attention:
             swa:
               num_kv_heads: 3
-        """, "5:7: model.attention.swa.num_kv_heads:", "expected a divisor of num_heads (4), got 3"),
-    ("top_k_above_experts", """
+        """,
+        "5:7: model.attention.swa.num_kv_heads:",
+        "expected a divisor of num_heads (4), got 3",
+    ),
+    (
+        "top_k_above_experts",
+        """
         extends: TINY
         model:
           ffn:
             moe: {top_k: 9}
-        """, "4:11: model.ffn.moe.top_k:", "expected at most num_experts (8), got 9"),
-    ("non_positive_window", """
+        """,
+        "4:11: model.ffn.moe.top_k:",
+        "expected at most num_experts (8), got 9",
+    ),
+    (
+        "non_positive_window",
+        """
         extends: TINY
         model:
           attention:
             swa: {window: 0}
-        """, "4:11: model.attention.swa.window:", "expected a value > 0, got 0"),
-    ("undefined_block_in_pattern", """
+        """,
+        "4:11: model.attention.swa.window:",
+        "expected a value > 0, got 0",
+    ),
+    (
+        "undefined_block_in_pattern",
+        """
         extends: TINY
         model:
           layers: "G0 S*2 X G"
-        """, "3:19: model.layers:", "expected a block name among ['G', 'G0', 'MTP', 'S'], got 'X'"),
-    ("unclosed_group", """
+        """,
+        "3:19: model.layers:",
+        "expected a block name among ['G', 'G0', 'MTP', 'S'], got 'X'",
+    ),
+    (
+        "unclosed_group",
+        """
         extends: TINY
         model:
           layers: G0 (S*5 G
-        """, "3:14: model.layers:", "expected ')' to close this '(', got the end of the pattern"),
-    ("bad_repeat_count", """
+        """,
+        "3:14: model.layers:",
+        "expected ')' to close this '(', got the end of the pattern",
+    ),
+    (
+        "bad_repeat_count",
+        """
         extends: TINY
         model:
           layers: 'G0 S*x'
-        """, "3:17: model.layers:", "expected a repeat count after '*', got 'x'"),
-    ("block_naming_unknown_attention", """
+        """,
+        "3:17: model.layers:",
+        "expected a repeat count after '*', got 'x'",
+    ),
+    (
+        "block_naming_unknown_attention",
+        """
         extends: TINY
         model:
           blocks:
             S: {attention: sliding, ffn: moe}
-        """, "4:9: model.blocks.S.attention:", "expected one of ['global', 'swa'], got 'sliding'"),
-    ("stage_lr_invalid", """
+        """,
+        "4:9: model.blocks.S.attention:",
+        "expected one of ['global', 'swa'], got 'sliding'",
+    ),
+    (
+        "stage_lr_invalid",
+        """
         extends: TINY
         training:
           stages:
@@ -116,8 +182,13 @@ CASES = [
               seq_len: 128
               batch_size: {size: 4}
               lr: {kind: cosine, peak: -3.0e-4}
-        """, "8:26: training.stages.0.lr.peak:", "expected a value > 0.0, got -0.0003"),
-    ("stage_lr_final_above_peak", """
+        """,
+        "8:26: training.stages.0.lr.peak:",
+        "expected a value > 0.0, got -0.0003",
+    ),
+    (
+        "stage_lr_final_above_peak",
+        """
         extends: TINY
         training:
           stages:
@@ -126,8 +197,13 @@ CASES = [
               seq_len: 128
               batch_size: {size: 4}
               lr: {kind: cosine, peak: 1.0e-4, final: 1.0e-3}
-        """, "8:40: training.stages.0.lr.final:", "expected at most peak (0.0001), got 0.001"),
-    ("stage_token_budget_invalid", """
+        """,
+        "8:40: training.stages.0.lr.final:",
+        "expected at most peak (0.0001), got 0.001",
+    ),
+    (
+        "stage_token_budget_invalid",
+        """
         extends: TINY
         training:
           stages:
@@ -136,8 +212,13 @@ CASES = [
               seq_len: 128
               batch_size: {size: 4}
               lr: {kind: constant, peak: 1.0e-4}
-        """, "5:7: training.stages.0.tokens:", "expected a value > 0.0, got 0"),
-    ("stage_schedule_over_budget", """
+        """,
+        "5:7: training.stages.0.tokens:",
+        "expected a value > 0.0, got 0",
+    ),
+    (
+        "stage_schedule_over_budget",
+        """
         extends: TINY
         training:
           stages:
@@ -146,14 +227,23 @@ CASES = [
               seq_len: 128
               batch_size: {size: 4}
               lr: {kind: wsd, peak: 1.0e-4, warmup_tokens: 1.0e6, decay_tokens: 5.0e5}
-        """, "8:7: training.stages.0.lr:",
-     "expected warmup_tokens + decay_tokens at most the stage's 1e+06 tokens, got 1.5e+06"),
-    ("no_stages", """
+        """,
+        "8:7: training.stages.0.lr:",
+        "expected warmup_tokens + decay_tokens at most the stage's 1e+06 tokens, got 1.5e+06",
+    ),
+    (
+        "no_stages",
+        """
         extends: TINY
         training:
           stages: []
-        """, "3:3: training.stages:", "expected at least 1 item(s), got 0"),
-    ("rope_override_unknown_kind", """
+        """,
+        "3:3: training.stages:",
+        "expected at least 1 item(s), got 0",
+    ),
+    (
+        "rope_override_unknown_kind",
+        """
         extends: TINY
         training:
           stages:
@@ -163,38 +253,80 @@ CASES = [
               batch_size: {size: 4}
               lr: {kind: constant, peak: 1.0e-4}
               overrides: {rope_theta: {globl: 1.0e6}}
-        """, "9:32: training.stages.0.overrides.rope_theta.globl:",
-     "expected an attention kind among ['global', 'swa'], got 'globl'"),
-    ("speculative_deeper_than_mtp", """
+        """,
+        "9:32: training.stages.0.overrides.rope_theta.globl:",
+        "expected an attention kind among ['global', 'swa'], got 'globl'",
+    ),
+    (
+        "speculative_deeper_than_mtp",
+        """
         extends: TINY
         serving: {speculative_depth: 4}
-        """, "2:11: serving.speculative_depth:", "expected at most mtp.num_blocks (3), got 4"),
-    ("python_tag", """
+        """,
+        "2:11: serving.speculative_depth:",
+        "expected at most mtp.num_blocks (3), got 4",
+    ),
+    (
+        "python_tag",
+        """
         name: !!python/object/apply:os.system [echo]
-        """, "1:7: name:", "expected a plain list, got one tagged '!!python/object/apply:os.system'"),
-    ("tag_that_does_not_fit", """
+        """,
+        "1:7: name:",
+        "expected a plain list, got one tagged '!!python/object/apply:os.system'",
+    ),
+    (
+        "tag_that_does_not_fit",
+        """
         extends: TINY
         model: {init_std: !!float small}
-        """, "2:19: model.init_std:", "expected a value of type float, got 'small'"),
-    ("infinite_number", """
+        """,
+        "2:19: model.init_std:",
+        "expected a value of type float, got 'small'",
+    ),
+    (
+        "infinite_number",
+        """
         extends: TINY
         model: {init_std: .inf}
-        """, "2:9: model.init_std:", "expected a finite number, got inf"),
-    ("merge_key", """
+        """,
+        "2:9: model.init_std:",
+        "expected a finite number, got inf",
+    ),
+    (
+        "merge_key",
+        """
         extends: TINY
         model:
           <<: {hidden_size: 64}
-        """, "3:3: model:", "expected plain keys, got a YAML merge key '<<' (use extends:)"),
-    ("self_referencing_alias", """
+        """,
+        "3:3: model:",
+        "expected plain keys, got a YAML merge key '<<' (use extends:)",
+    ),
+    (
+        "self_referencing_alias",
+        """
         name: &a [*a]
-        """, "1:7: " + ".".join(["name"] + ["0"] * 64) + ":", "expected at most 64 levels of nesting, got more"),
-    ("missing_top_level_field", """
+        """,
+        "1:7: " + ".".join(["name"] + ["0"] * 64) + ":",
+        "expected at most 64 levels of nesting, got more",
+    ),
+    (
+        "missing_top_level_field",
+        """
         name: x
-        """, "1:1: model:", "expected this required field, got nothing"),
-    ("top_level_not_a_mapping", """
+        """,
+        "1:1: model:",
+        "expected this required field, got nothing",
+    ),
+    (
+        "top_level_not_a_mapping",
+        """
         - a
         - b
-        """, "1:1:", "expected a mapping at the top level, got list"),
+        """,
+        "1:1:",
+        "expected a mapping at the top level, got list",
+    ),
 ]
 
 
@@ -217,7 +349,9 @@ def test_circular_extends(tmp_path, run_cli):
 
 def test_extends_missing_file(tmp_path, run_cli):
     path = _write(tmp_path, "name: a\nextends: nowhere.yaml\n")
-    assert _error(run_cli, path) == f"{path}:2:10: extends: expected an existing spec file, got 'nowhere.yaml'"
+    assert (
+        _error(run_cli, path) == f"{path}:2:10: extends: expected an existing spec file, got 'nowhere.yaml'"
+    )
 
 
 def test_spec_file_missing(tmp_path, run_cli):
@@ -226,11 +360,15 @@ def test_spec_file_missing(tmp_path, run_cli):
 
 
 def test_error_in_a_parent_file_points_into_the_parent(tmp_path, run_cli):
-    _write(tmp_path, """
+    _write(
+        tmp_path,
+        """
         extends: TINY
         model:
           hidden_size: -8
-        """, "base.yaml")
+        """,
+        "base.yaml",
+    )
     child = _write(tmp_path, "extends: base.yaml\nname: child\n", "child.yaml")
     line = _error(run_cli, child)
     assert line == f"{tmp_path / 'base.yaml'}:3:3: model.hidden_size: expected a value > 0, got -8"
@@ -238,12 +376,15 @@ def test_error_in_a_parent_file_points_into_the_parent(tmp_path, run_cli):
 
 def test_child_replacing_a_list_drops_the_parents_positions(tmp_path, run_cli):
     # The parent's stage 0 had `lr` at another line; the error must point at the child's text.
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
         extends: TINY
         training:
           stages:
             - {name: a, tokens: 1.0e6, seq_len: 128, batch_size: {size: 4}, lr: {kind: cosine}}
-        """)
+        """,
+    )
     line = _error(run_cli, path)
     assert line.startswith(f"{path}:4:69: training.stages.0.lr.peak: "), line
     assert line.endswith("expected this required field, got nothing")
@@ -251,25 +392,72 @@ def test_child_replacing_a_list_drops_the_parents_positions(tmp_path, run_cli):
 
 # --set: errors in the assignment point into it as `--set:<which>:<column>`.
 SET_CASES = [
-    ("path_does_not_exist", "model.attention.swa.windw=16", "--set:2:21: model.attention.swa.windw:",
-     "expected an existing field at model.attention.swa.windw, got 'windw' (did you mean 'window'?)"),
-    ("unknown_section", "modle.hidden_size=64", "--set:2:1: modle.hidden_size:",
-     "expected an existing field at modle, got 'modle' (did you mean 'model'?)"),
-    ("index_out_of_range", "training.stages.5.tokens=1", "--set:2:17: training.stages.5.tokens:",
-     "expected an index below 3 at training.stages.5, got 5"),
-    ("through_a_value", "name.first=x", "--set:2:6: name.first:", "expected a mapping or list at name, got a value"),
-    ("no_equals", "model.hidden_size", "--set:2:1: model.hidden_size:", "expected path.to.field=value, got no '='"),
-    ("bad_yaml_value", "model.hidden_size=[64", "--set:2:22: model.hidden_size:", "expected a YAML value, got '[64'"),
-    ("invalid_value", "model.attention.swa.window=0", "--set:2:1: model.attention.swa.window:",
-     "expected a value > 0, got 0"),
-    ("validator_on_set_value", "model.attention.global.num_kv_heads=3", "--set:2:1: model.attention.global.num_kv_heads:",
-     "expected a divisor of num_heads (4), got 3"),
-    ("pattern_in_set", "model.layers=G0 (S*2 G", "--set:2:17: model.layers:",
-     "expected ')' to close this '(', got the end of the pattern"),
-    ("quoted_pattern_in_set", "model.layers='S S*x'", "--set:2:19: model.layers:",
-     "expected a repeat count after '*', got 'x'"),
-    ("mapping_set_missing_field", "model.attention.swa={kind: sliding}", "--set:2:1: model.attention.swa.num_heads:",
-     "expected this required field, got nothing"),
+    (
+        "path_does_not_exist",
+        "model.attention.swa.windw=16",
+        "--set:2:21: model.attention.swa.windw:",
+        "expected an existing field at model.attention.swa.windw, got 'windw' (did you mean 'window'?)",
+    ),
+    (
+        "unknown_section",
+        "modle.hidden_size=64",
+        "--set:2:1: modle.hidden_size:",
+        "expected an existing field at modle, got 'modle' (did you mean 'model'?)",
+    ),
+    (
+        "index_out_of_range",
+        "training.stages.5.tokens=1",
+        "--set:2:17: training.stages.5.tokens:",
+        "expected an index below 3 at training.stages.5, got 5",
+    ),
+    (
+        "through_a_value",
+        "name.first=x",
+        "--set:2:6: name.first:",
+        "expected a mapping or list at name, got a value",
+    ),
+    (
+        "no_equals",
+        "model.hidden_size",
+        "--set:2:1: model.hidden_size:",
+        "expected path.to.field=value, got no '='",
+    ),
+    (
+        "bad_yaml_value",
+        "model.hidden_size=[64",
+        "--set:2:22: model.hidden_size:",
+        "expected a YAML value, got '[64'",
+    ),
+    (
+        "invalid_value",
+        "model.attention.swa.window=0",
+        "--set:2:1: model.attention.swa.window:",
+        "expected a value > 0, got 0",
+    ),
+    (
+        "validator_on_set_value",
+        "model.attention.global.num_kv_heads=3",
+        "--set:2:1: model.attention.global.num_kv_heads:",
+        "expected a divisor of num_heads (4), got 3",
+    ),
+    (
+        "pattern_in_set",
+        "model.layers=G0 (S*2 G",
+        "--set:2:17: model.layers:",
+        "expected ')' to close this '(', got the end of the pattern",
+    ),
+    (
+        "quoted_pattern_in_set",
+        "model.layers='S S*x'",
+        "--set:2:19: model.layers:",
+        "expected a repeat count after '*', got 'x'",
+    ),
+    (
+        "mapping_set_missing_field",
+        "model.attention.swa={kind: sliding}",
+        "--set:2:1: model.attention.swa.num_heads:",
+        "expected this required field, got nothing",
+    ),
 ]
 
 
@@ -280,8 +468,14 @@ def test_bad_set(run_cli, name, assignment, where, message):
 
 
 def test_set_adds_an_entry_to_a_free_form_mapping(run_cli):
-    code, out, err = run_cli("check", TINY, "--set", "model.blocks.X={attention: swa, ffn: dense}",
-                             "--set", "model.layers=G0 X*3 G")
+    code, out, err = run_cli(
+        "check",
+        TINY,
+        "--set",
+        "model.blocks.X={attention: swa, ffn: dense}",
+        "--set",
+        "model.layers=G0 X*3 G",
+    )
     assert code == 0, err
     assert "5 layers (1xG0, 3xX, 1xG)" in out
 
@@ -304,4 +498,6 @@ def test_alias_bomb(tmp_path, run_cli):
 
 def test_deep_nesting(tmp_path, run_cli):
     path = _write(tmp_path, "name: " + "[" * 5000 + "]" * 5000 + "\n")
-    assert _error(run_cli, path) == f"{path}: YAML syntax: expected at most 64 levels of nesting, got far more"
+    assert (
+        _error(run_cli, path) == f"{path}: YAML syntax: expected at most 64 levels of nesting, got far more"
+    )

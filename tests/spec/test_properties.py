@@ -73,8 +73,13 @@ def test_file_and_data_agree(data):
 # ---------------------------------------------------------------------------------------------
 
 JUNK = st.one_of(
-    st.text(max_size=8), st.integers(-10, 10), st.floats(allow_nan=True), st.booleans(), st.none(),
-    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.text(max_size=8),
+    st.integers(-10, 10),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -113,8 +118,12 @@ def corrupted(draw) -> str:
         path = draw(st.sampled_from(paths))
         _parent(data, path)[path[-1]] = draw(JUNK)
     elif how == "negate":
-        numeric = [p for p in paths if isinstance(_parent(data, p)[p[-1]], (int, float))
-                   and not isinstance(_parent(data, p)[p[-1]], bool)]
+        numeric = [
+            p
+            for p in paths
+            if isinstance(_parent(data, p)[p[-1]], (int, float))
+            and not isinstance(_parent(data, p)[p[-1]], bool)
+        ]
         if numeric:
             path = draw(st.sampled_from(numeric))
             value = _parent(data, path)[path[-1]]
@@ -125,7 +134,7 @@ def corrupted(draw) -> str:
     if how == "text":
         at = draw(st.integers(0, len(text)))
         cut = draw(st.integers(0, 5))
-        text = text[:at] + draw(st.text(alphabet=":{}[]-'\"\t\n #&*!|>%@`,", max_size=4)) + text[at + cut:]
+        text = text[:at] + draw(st.text(alphabet=":{}[]-'\"\t\n #&*!|>%@`,", max_size=4)) + text[at + cut :]
     return text
 
 
@@ -170,8 +179,12 @@ def test_unknown_key_in_a_model_is_named(data, key):
 def test_set_overrides_give_a_spec_error(data, choice):
     """`--set` on any existing or made-up path with any value: a Spec or a SpecError."""
     paths = [".".join(map(str, p)) for p in _paths(data)]
-    dotted = choice.draw(st.sampled_from(paths) | st.from_regex(r"[a-z_]{1,6}(\.[a-z0-9_]{1,6}){0,3}", fullmatch=True))
-    value = choice.draw(st.sampled_from(["-1", "0", "x", "[1, 2", "{a: 1}", "null", "1e400", "'S*'", "true", ""]))
+    dotted = choice.draw(
+        st.sampled_from(paths) | st.from_regex(r"[a-z_]{1,6}(\.[a-z0-9_]{1,6}){0,3}", fullmatch=True)
+    )
+    value = choice.draw(
+        st.sampled_from(["-1", "0", "x", "[1, 2", "{a: 1}", "null", "1e400", "'S*'", "true", ""])
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         path.write_text(to_yaml(data))

@@ -42,7 +42,10 @@ def _fmt_counts(graph: Graph) -> str:
 
 
 def run_passes(
-    graph: Graph, disable: Iterable[str] = (), *, ctx: PassContext | None = None,
+    graph: Graph,
+    disable: Iterable[str] = (),
+    *,
+    ctx: PassContext | None = None,
     only: Iterable[str] | None = None,
 ) -> Graph:
     """Run the pipeline (or the passes in `only`, in pipeline order) except those named in `disable`."""

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 import networkx as nx
 
-from lmspec.compiler.errors import CompileError
 from lmspec.compiler.graph import Graph
 from lmspec.compiler.ops import BACKEND_FAMILIES, OPS
 from lmspec.compiler.passes.shapes import node_shape
+from lmspec.errors import CompileError
 
 if TYPE_CHECKING:
     from lmspec.compiler.passes import PassContext
@@ -40,8 +40,10 @@ def check(graph: Graph, ctx: PassContext) -> Graph:
         if op not in OPS:
             fail(f"unknown op {op!r}; the runtime implements {sorted(OPS)}")
         if OPS[op].family not in BACKEND_FAMILIES:
-            fail(f"op {op!r} (family {OPS[op].family!r}) has no backend implementation; "
-                 f"backends implement {sorted(BACKEND_FAMILIES)}")
+            fail(
+                f"op {op!r} (family {OPS[op].family!r}) has no backend implementation; "
+                f"backends implement {sorted(BACKEND_FAMILIES)}"
+            )
         if op == "rope":
             if attrs["rope_dim"] > attrs["head_dim"]:
                 fail(f"rope_dim {attrs['rope_dim']} exceeds qk_head_dim {attrs['head_dim']}")
@@ -66,6 +68,9 @@ def check(graph: Graph, ctx: PassContext) -> Graph:
     live = set(outputs).union(*(nx.ancestors(graph.nx, o) for o in outputs)) if outputs else set()
     dead = [n for n in graph.nx if n not in live]
     if dead:
-        raise CompileError(name, graph.node(dead[0])["field"],
-                           f"{dead[0]}: computes a value no loss depends on ({len(dead)} such nodes)")
+        raise CompileError(
+            name,
+            graph.node(dead[0])["field"],
+            f"{dead[0]}: computes a value no loss depends on ({len(dead)} such nodes)",
+        )
     return graph

@@ -26,8 +26,15 @@ _SUMMED = ("n_params", "flops", "flops_per_key", "flops_at_context")
 
 
 def _fuse(
-    graph: Graph, members: list[str], *, new_id: str, op: str, principal: str,
-    inputs: list[tuple[str, int]], ports: dict[str, int], attrs: dict[str, Any] | None = None,
+    graph: Graph,
+    members: list[str],
+    *,
+    new_id: str,
+    op: str,
+    principal: str,
+    inputs: list[tuple[str, int]],
+    ports: dict[str, int],
+    attrs: dict[str, Any] | None = None,
 ) -> str:
     """Replace `members` with one `op` node fed by `inputs` ((producer, port) in argument order).
 
@@ -38,12 +45,21 @@ def _fuse(
     group = set(members)
     outgoing = [
         (ports[m], user, data["arg"])
-        for m in members for _, user, data in g.out_edges(m, data=True) if user not in group
+        for m in members
+        for _, user, data in g.out_edges(m, data=True)
+        if user not in group
     ]
     p = g.nodes[principal]
     node = {
-        "op": op, "shape": p["shape"], "dtype": p["dtype"], "path": p["path"], "field": p["field"],
-        "scope": p["scope"], "params": {}, "buffers": {}, "attrs": {},
+        "op": op,
+        "shape": p["shape"],
+        "dtype": p["dtype"],
+        "path": p["path"],
+        "field": p["field"],
+        "scope": p["scope"],
+        "params": {},
+        "buffers": {},
+        "attrs": {},
         "members": [(m, g.nodes[m]["op"]) for m in members],
     }
     for m in members:
@@ -90,8 +106,15 @@ def fuse_add_rmsnorm(graph: Graph) -> int:
         if not norms:
             continue
         norm = min(norms, key=lambda n: _norm_preference(graph, add, n))
-        _fuse(graph, [add, norm], new_id=norm, op="add_rmsnorm", principal=norm,
-              inputs=[_in(graph, add, 0), _in(graph, add, 1)], ports={norm: 0, add: 1})
+        _fuse(
+            graph,
+            [add, norm],
+            new_id=norm,
+            op="add_rmsnorm",
+            principal=norm,
+            inputs=[_in(graph, add, 0), _in(graph, add, 1)],
+            ports={norm: 0, add: 1},
+        )
         count += 1
     return count
 
@@ -132,9 +155,19 @@ def fuse_router(graph: Graph) -> int:
                 break
             last = users[0]
             members.append(last)
-        _fuse(graph, members, new_id=logits, op="router", principal=last, inputs=[_in(graph, logits, 0)],
-              ports={last: 0}, attrs={"score_function": _op(graph, scores),
-                                      "renormalize": any(_op(graph, m) == "renormalize" for m in members)})
+        _fuse(
+            graph,
+            members,
+            new_id=logits,
+            op="router",
+            principal=last,
+            inputs=[_in(graph, logits, 0)],
+            ports={last: 0},
+            attrs={
+                "score_function": _op(graph, scores),
+                "renormalize": any(_op(graph, m) == "renormalize" for m in members),
+            },
+        )
         count += 1
     return count
 
@@ -145,8 +178,15 @@ def fuse_lm_head_ce(graph: Graph) -> int:
         head, _ = _in(graph, ce, 0)
         if _op(graph, head) != "linear" or graph.users(head) != [ce]:
             continue
-        _fuse(graph, [head, ce], new_id=ce, op="lm_head_ce", principal=ce,
-              inputs=[_in(graph, head, 0), _in(graph, ce, 1)], ports={ce: 0})
+        _fuse(
+            graph,
+            [head, ce],
+            new_id=ce,
+            op="lm_head_ce",
+            principal=ce,
+            inputs=[_in(graph, head, 0), _in(graph, ce, 1)],
+            ports={ce: 0},
+        )
         count += 1
     return count
 

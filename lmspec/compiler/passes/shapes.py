@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lmspec.compiler.errors import CompileError
 from lmspec.compiler.graph import Graph
 from lmspec.compiler.ops import OPS, Shape, ShapeError, infer_shape
+from lmspec.errors import CompileError
 
 if TYPE_CHECKING:
     from lmspec.compiler.passes import PassContext
@@ -28,7 +28,7 @@ def local_tensors(node: dict[str, Any]) -> dict[str, Shape]:
     prefix = node["path"] + "."
     out = {}
     for name, shape in (*node["params"].items(), *node["buffers"].items()):
-        out[name[len(prefix):] if name.startswith(prefix) else name.rsplit(".", 1)[-1]] = shape
+        out[name[len(prefix) :] if name.startswith(prefix) else name.rsplit(".", 1)[-1]] = shape
     return out
 
 

@@ -204,9 +204,14 @@ def _banded_attention(
     qb = q.reshape(B, Hq, nblk, block, Dqk)
     if sinks is not None:
         qb = torch.cat((qb, qb.new_ones(B, Hq, nblk, block, 1)), dim=-1)  # (B, Hq, nblk, block, Dqk + 1)
-        sink_key = torch.cat((q.new_zeros(Hq, 1, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1, 1)), dim=-1)
+        sink_key = torch.cat(
+            (q.new_zeros(Hq, 1, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1, 1)), dim=-1
+        )
         kb = torch.cat(
-            (sink_key.expand(B, Hq, nblk, 1, Dqk + 1), torch.cat((kb, kb.new_zeros(B, Hq, nblk, L, 1)), dim=-1)),
+            (
+                sink_key.expand(B, Hq, nblk, 1, Dqk + 1),
+                torch.cat((kb, kb.new_zeros(B, Hq, nblk, L, 1)), dim=-1),
+            ),
             dim=3,
         )  # (B, Hq, nblk, 1 + L, Dqk + 1)
         vb = torch.cat((vb.new_zeros(B, Hq, nblk, 1, Dv), vb), dim=3)  # (B, Hq, nblk, 1 + L, Dv)
@@ -216,7 +221,13 @@ def _banded_attention(
 
 
 def _sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, value_scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: Tensor | None,
+    *,
+    scale: float,
+    value_scale: float,
     window_keys: int | None,
 ) -> Tensor:
     """Dense-position attention through ``F.scaled_dot_product_attention`` (same semantics as ``attention``).

@@ -16,7 +16,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def update_correction_bias(moe_layers: list[nn.Module], expert_load: torch.Tensor, bias_update: float) -> None:
+def update_correction_bias(
+    moe_layers: list[nn.Module], expert_load: torch.Tensor, bias_update: float
+) -> None:
     """Apply the sign rule to each layer's `gate.e_score_correction_bias`; `expert_load` is (layers, experts)."""
     if bias_update == 0.0 or not moe_layers:
         return

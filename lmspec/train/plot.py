@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmspec.runtime.metrics import METRICS_FILE, read_metrics
+from lmspec.train.metrics import METRICS_FILE, read_metrics
 
 
 def _stage_starts(rows: list[dict[str, Any]]) -> list[tuple[float, str]]:
@@ -46,7 +46,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run = Path(run_dir)
     rows = [r for r in read_metrics(run / METRICS_FILE) if "step" in r]
     if not rows:
-        from lmspec.cli import UsageError
+        from lmspec.errors import UsageError
 
         raise UsageError(f"{run / METRICS_FILE}: no training steps logged yet")
     out = Path(output) if output is not None else run / "plot.png"
@@ -60,6 +60,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     def held(key: str) -> list[float]:
         values = [r[key] for r in rows]
         return values + values[-1:]
+
     stages = _stage_starts(rows)
     span = max(1, len(rows) // 50)
 
@@ -75,14 +76,23 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     total = [r["loss"] for r in rows]
     ax_loss.plot(x, ce, color="tab:blue", alpha=0.2, lw=0.8)
     ax_loss.plot(x, _smooth(ce, span), color="tab:blue", lw=1.6, label="train CE")
-    ax_loss.plot(x, _smooth(total, span), color="tab:purple", lw=1.0, ls="--", label="train total (CE+MTP+aux)")
+    ax_loss.plot(
+        x, _smooth(total, span), color="tab:purple", lw=1.0, ls="--", label="train total (CE+MTP+aux)"
+    )
     val = [(r["tokens"] / scale, r["val_loss"], r["val_bpb"]) for r in rows if "val_loss" in r]
     if val:
         vx, vl, vb = zip(*val, strict=True)
         ax_loss.plot(vx, vl, "o-", color="tab:red", ms=4, lw=1.4, label="held-out CE")
         ax_bpb.plot(vx, vb, "o-", color="tab:red", ms=4, lw=1.4, label="held-out")
-        ax_bpb.annotate(f"{vb[-1]:.3f}", (vx[-1], vb[-1]), textcoords="offset points", xytext=(-4, 8),
-                        ha="right", fontsize=9, color="tab:red")
+        ax_bpb.annotate(
+            f"{vb[-1]:.3f}",
+            (vx[-1], vb[-1]),
+            textcoords="offset points",
+            xytext=(-4, 8),
+            ha="right",
+            fontsize=9,
+            color="tab:red",
+        )
     ax_loss.set_ylabel("loss (nats/token)")
     smooth_total = _smooth(total, span)
     lo = min(min(ce), min(vl) if val else min(ce))
@@ -116,9 +126,18 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
             if i > 0:
                 ax.axvline(start / scale, color="k", lw=0.8, ls="--", alpha=0.5)
     for start, name in stages:
-        ax_lr.annotate(name, (start / scale, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                       textcoords="offset points", va="top", ha="left", fontsize=8, color="0.25",
-                       bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.8", "alpha": 0.9})
+        ax_lr.annotate(
+            name,
+            (start / scale, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            ha="left",
+            fontsize=8,
+            color="0.25",
+            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.8", "alpha": 0.9},
+        )
 
     loads = [r for r in rows if r.get("expert_load")]
     if loads:
@@ -150,13 +169,3 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def plot_command(run_dir: str, output: str | None) -> int:
-    """`lmspec plot RUN_DIR [-o PNG]`."""
-    if not (Path(run_dir) / METRICS_FILE).is_file():
-        from lmspec.cli import UsageError
-
-        raise UsageError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
-    print(plot_run(run_dir, output))
-    return 0

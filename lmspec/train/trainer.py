@@ -17,13 +17,10 @@ writes the same metrics as an uninterrupted one (bitwise on CPU).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import math
-import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +29,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmspec.runtime import distributed
-from lmspec.runtime.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.runtime.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
     load_trainer_state,
     save_checkpoint,
 )
-from lmspec.runtime.data import Corpus, TokenStream, bits_per_byte, read_documents
-from lmspec.runtime.losses import training_loss
-from lmspec.runtime.metrics import ConsoleReporter, MetricsWriter
-from lmspec.runtime.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
 from lmspec.runtime.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
 from lmspec.spec import Spec, dump_spec, load_spec, spec_hash
+from lmspec.train import distributed
+from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
+from lmspec.train.data import Corpus, TokenStream, bits_per_byte, read_documents
+from lmspec.train.losses import training_loss
+from lmspec.train.metrics import ConsoleReporter, MetricsWriter
+from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
 
 DEFAULT_EVAL_TOKENS = 16384
 EVALS_PER_RUN = 10
@@ -69,7 +66,7 @@ class TrainResult:
 
 
 def _usage(msg: str) -> Exception:
-    from lmspec.cli import UsageError
+    from lmspec.errors import UsageError
 
     return UsageError(msg)
 
@@ -80,7 +77,10 @@ def _usage(msg: str) -> Exception:
 
 
 def resolve_spec(
-    spec: Spec | str | Path, *, overrides: tuple[str, ...] | list[str] = (), max_tokens: float | None = None,
+    spec: Spec | str | Path,
+    *,
+    overrides: tuple[str, ...] | list[str] = (),
+    max_tokens: float | None = None,
     scale: float | None = None,
 ) -> Spec:
     """The spec a run trains: loaded, overridden, with its token schedule scaled."""
@@ -128,7 +128,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+        torch.cuda.set_rng_state(
+            torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
+        )
 
 
 def _chunks(rows: slice, n_chunks: int) -> list[slice]:
@@ -161,8 +163,14 @@ def _autocast(spec: Spec, device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, d: distributed.Dist, spec: Spec,
-    micro: int | None, corpus: Corpus,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    d: distributed.Dist,
+    spec: Spec,
+    micro: int | None,
+    corpus: Corpus,
 ) -> tuple[float, float]:
     """(mean next-token CE in nats, bits per byte) on held-out sequences, split over ranks."""
     totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
@@ -170,7 +178,9 @@ def evaluate(
         x, y = inputs[sl].to(d.device), labels[sl]
         with _autocast(spec, d.device):
             out = model(x, labels=y.to(d.device))
-        totals += torch.tensor([float(out.loss) * y.numel(), y.numel(), corpus.token_bytes(y)], dtype=torch.float64)
+        totals += torch.tensor(
+            [float(out.loss) * y.numel(), y.numel(), corpus.token_bytes(y)], dtype=torch.float64
+        )
     if hasattr(model, "reshard"):
         # FSDP2 keeps the root's weights gathered after a forward until the backward that never comes in
         # evaluation; reshard so the parameters are the sharded ones the optimizer holds again.
@@ -288,7 +298,9 @@ def train(
     # --- run directory: fresh, or resumed from LATEST -------------------------------------------------
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not resume:
-        raise _usage(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out")
+        raise _usage(
+            f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out"
+        )
     run_spec_file = run_dir / "spec.yaml"
     if ckpt is not None and run_spec_file.is_file():
         from lmspec.spec import loads_spec
@@ -339,7 +351,9 @@ def train(
     step = int(state.get("step", 0))
     tokens = int(state.get("tokens", 0))
     elapsed = float(state.get("elapsed_s", 0.0))
-    metrics = MetricsWriter(run_dir, truncate_after_step=step if ckpt is not None else None) if d.is_main else None
+    metrics = (
+        MetricsWriter(run_dir, truncate_after_step=step if ckpt is not None else None) if d.is_main else None
+    )
     extra_files = {TOKENIZER_FILE: Path(tokenizer)} if tokenizer is not None else None
     reporter.log(
         f"{spec.name}: {n_params / 1e6:.2f}M parameters, {len(spec.training.stages)} stages, "
@@ -360,13 +374,20 @@ def train(
         writer = _model_writer(model, spec, d)
         if d.is_main:
             save_checkpoint(
-                run_dir, step,
+                run_dir,
+                step,
                 save_model=writer,
                 optimizer_state=opt_state,
                 trainer_state={
-                    "step": step, "tokens": tokens, "data_position": stream.position, "rng": _rng_state(),
-                    "corpus": corpus.fingerprint, "spec_hash": spec_hash(spec), "world_size": d.world_size,
-                    "elapsed_s": elapsed, "last_val": last_val,
+                    "step": step,
+                    "tokens": tokens,
+                    "data_position": stream.position,
+                    "rng": _rng_state(),
+                    "corpus": corpus.fingerprint,
+                    "spec_hash": spec_hash(spec),
+                    "world_size": d.world_size,
+                    "elapsed_s": elapsed,
+                    "last_val": last_val,
                 },
                 extra_files=extra_files,
                 keep=keep_checkpoints,
@@ -429,7 +450,7 @@ def train(
         unigram = corpus.unigram_bpb(vy)
     plot_path = None
     if plot and d.is_main and (run_dir / "metrics.jsonl").is_file():
-        from lmspec.runtime.plot import plot_run
+        from lmspec.train.plot import plot_run
 
         plot_path = plot_run(run_dir)
     result = TrainResult(
@@ -451,8 +472,14 @@ def train(
 
 
 def _train_step(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, sched: StepSchedule, *,
-    d: distributed.Dist, spec: Spec, micro: int | None,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    sched: StepSchedule,
+    *,
+    d: distributed.Dist,
+    spec: Spec,
+    micro: int | None,
 ) -> dict[str, Any]:
     """Forward and backward over this rank's micro-batches; returns the global batch's loss parts."""
     batch = inputs.shape[0]
@@ -481,13 +508,21 @@ def _train_step(
         d.all_sum(load)
         load = load.cpu()
     return {
-        "loss": sums[0].item(), "ce": sums[1].item(), "aux": sums[2].item(),
-        "mtp": sums[3:].tolist(), "expert_load": load,
+        "loss": sums[0].item(),
+        "ce": sums[1].item(),
+        "aux": sums[2].item(),
+        "mtp": sums[3:].tolist(),
+        "expert_load": load,
     }
 
 
 def _metrics_row(
-    step: int, tokens: int, sched: StepSchedule, parts: dict[str, Any], grad_norm: float, dt: float,
+    step: int,
+    tokens: int,
+    sched: StepSchedule,
+    parts: dict[str, Any],
+    grad_norm: float,
+    dt: float,
     elapsed: float,
 ) -> dict[str, Any]:
     load = parts["expert_load"]
@@ -520,42 +555,3 @@ def _metrics_row(
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
-
-
-def train_command(args: argparse.Namespace) -> int:
-    """`lmspec train SPEC ...`: run the schedule, then print where the results are."""
-    progress = False if args.no_progress else None
-    result = train(
-        args.spec,
-        data=args.data,
-        out=args.out,
-        max_tokens=args.max_tokens,
-        scale=args.scale,
-        resume=args.resume,
-        backend=args.backend,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        overrides=tuple(args.overrides),
-        progress=progress,
-        eval_every=getattr(args, "eval_every", None),
-        checkpoint_every=getattr(args, "checkpoint_every", None),
-        micro_batch_size=getattr(args, "micro_batch_size", None),
-        eval_tokens=getattr(args, "eval_tokens", None) or DEFAULT_EVAL_TOKENS,
-    )
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    lines = [f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s"]
-    if result.val_loss is not None:
-        lines.append(
-            f"held-out: loss {result.val_loss:.4f} nats/token, {result.val_bpb:.3f} bits/byte "
-            f"(unigram baseline {result.unigram_bpb:.3f} bits/byte)"
-        )
-    if result.max_load_ratio is not None:
-        lines.append(f"MoE load: busiest expert at {result.max_load_ratio:.2f}x uniform (last step)")
-    lines.append(f"metrics:    {result.run_dir / 'metrics.jsonl'}")
-    if result.plot is not None:
-        lines.append(f"plot:       {result.plot}")
-    if result.checkpoint is not None:
-        lines.append(f"checkpoint: {result.checkpoint}")
-    print("\n".join(lines), file=sys.stdout)
-    return 0

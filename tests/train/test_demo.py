@@ -5,8 +5,8 @@ Run in CI with `pytest -m slow tests/runtime/test_demo.py`.
 
 import pytest
 
-from lmspec.runtime.metrics import read_metrics
-from lmspec.runtime.train import train
+from lmspec.train.metrics import read_metrics
+from lmspec.train.trainer import train
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 import pytest
 
-from lmspec.cli import UsageError, main
+from lmspec.cli import main
+from lmspec.errors import UsageError
 from lmspec.runtime.tokenizer import ByteTokenizer, check_vocab, load_tokenizer, train_bpe
 
 TEXT = ["def f(x):\n    return x + 1\n", "héllo wörld ✓\n", "class A:\n    pass\n"] * 20
@@ -43,6 +44,12 @@ def test_tokenizer_command(tmp_path, capsys):
     for i, t in enumerate(TEXT[:3]):
         (tmp_path / f"{i}.txt").write_text(t * 5)
     out = tmp_path / "tok.json"
-    assert main(["tokenizer", "train", "--data", str(tmp_path / "*.txt"), "--vocab-size", "280", "-o", str(out)]) == 0
+    assert (
+        main(["tokenizer", "train", "--data", str(tmp_path / "*.txt"), "--vocab-size", "280", "-o", str(out)])
+        == 0
+    )
     assert out.is_file() and "280 tokens" in capsys.readouterr().out
-    assert main(["tokenizer", "train", "--data", str(tmp_path / "*.txt"), "--vocab-size", "10", "-o", str(out)]) == 2
+    assert (
+        main(["tokenizer", "train", "--data", str(tmp_path / "*.txt"), "--vocab-size", "10", "-o", str(out)])
+        == 2
+    )

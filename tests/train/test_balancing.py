@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lmspec
-from lmspec.runtime.balancing import load_fractions, max_over_uniform, update_correction_bias
-from lmspec.runtime.losses import training_loss
+from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
+from lmspec.train.losses import training_loss
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lmspec.cli import UsageError
+from lmspec.errors import UsageError
 from lmspec.runtime.checkpoint import (
     latest_checkpoint,
     load_optimizer_state,
@@ -13,7 +13,7 @@ from lmspec.runtime.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from lmspec.runtime.metrics import MetricsWriter, read_metrics, without_timing
+from lmspec.train.metrics import MetricsWriter, read_metrics, without_timing
 
 
 def _save(run, step, **kw):
@@ -22,8 +22,12 @@ def _save(run, step, **kw):
         (path / "spec.yaml").write_text("name: x\n")
 
     return save_checkpoint(
-        run, step, save_model=model, optimizer_state={"state": {"w": torch.ones(2) * step}},
-        trainer_state={"step": step}, **kw,
+        run,
+        step,
+        save_model=model,
+        optimizer_state={"state": {"w": torch.ones(2) * step}},
+        trainer_state={"step": step},
+        **kw,
     )
 
 
@@ -31,11 +35,20 @@ def test_layout_latest_and_pruning(tmp_path):
     for step in (1, 2, 3, 4):
         path = _save(tmp_path, step, keep=2)
     assert path.name == "step_00000004"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["LATEST", "step_00000003", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "LATEST",
+        "step_00000003",
+        "step_00000004",
+    ]
     assert latest_checkpoint(tmp_path) == path
     assert load_trainer_state(path) == {"step": 4}
     assert torch.equal(load_optimizer_state(path)["state"]["w"], torch.full((2,), 4.0))
-    assert {p.name for p in path.iterdir()} == {"model.safetensors", "spec.yaml", "optimizer.pt", "trainer_state.json"}
+    assert {p.name for p in path.iterdir()} == {
+        "model.safetensors",
+        "spec.yaml",
+        "optimizer.pt",
+        "trainer_state.json",
+    }
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):

@@ -29,19 +29,16 @@ kept per sequence (``_Seq.hidden``).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lmspec.runtime.kv_cache import HybridKVCache
-from lmspec.runtime.sampling import SamplingParams, accept_drafts, probs, sample
 from lmspec.runtime.tokenizer import ByteTokenizer, Tokenizer
+from lmspec.serve.sampling import SamplingParams, accept_drafts, probs, sample
 
 __all__ = [
     "Completion",
@@ -49,8 +46,7 @@ __all__ = [
     "Event",
     "Generator",
     "RequestStats",
-    "generate_command",
-    "load_serving_model",
+    "decode_threads",
 ]
 
 
@@ -520,21 +516,14 @@ class Generator:
                 texts[ev.rid] += ev.text
                 if ev.finished:
                     done[ev.rid] = ev
-        return [Completion(texts[r], tokens[r], done[r].finish_reason or "length", done[r].stats) for r in rids]
+        return [
+            Completion(texts[r], tokens[r], done[r].finish_reason or "length", done[r].stats) for r in rids
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and the CLI
 # ---------------------------------------------------------------------------------------------
-
-
-def _find_tokenizer(checkpoint_arg: Path, ckpt: Path) -> Tokenizer:
-    from lmspec.runtime.tokenizer import TOKENIZER_FILE, load_tokenizer
-
-    for d in (ckpt, checkpoint_arg, ckpt.parent.parent):
-        if (d / TOKENIZER_FILE).is_file():
-            return load_tokenizer(d / TOKENIZER_FILE)
-    return ByteTokenizer()
 
 
 # Below this hidden size a CPU decode step multiplies matrices too small to split: intra-op threads
@@ -543,87 +532,10 @@ def _find_tokenizer(checkpoint_arg: Path, ckpt: Path) -> Tokenizer:
 _SINGLE_THREAD_HIDDEN = 1024
 
 
-def _decode_threads(model: nn.Module) -> None:
+def decode_threads(model: nn.Module) -> None:
     import os
 
     param = next(model.parameters())
     if param.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         if model.spec.model.hidden_size < _SINGLE_THREAD_HIDDEN:
             torch.set_num_threads(1)
-
-
-def load_serving_model(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, int]:
-    """The checkpoint's model (checked against the SPEC's architecture), its tokenizer and the draft depth.
-
-    The checkpoint's weights and architecture are authoritative; the SPEC argument supplies the
-    serving section (speculative depth, chat template, sampling defaults) and must describe the same
-    model.
-    """
-    from lmspec.cli import UsageError
-    from lmspec.runtime.checkpoint import resolve_checkpoint
-    from lmspec.runtime.modeling import from_pretrained
-    from lmspec.runtime.tokenizer import check_vocab
-    from lmspec.spec import load_spec
-
-    spec = load_spec(args.spec, args.overrides)
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = from_pretrained(ckpt).eval()
-    if model.spec.model != spec.model:
-        raise UsageError(
-            f"{args.checkpoint}: the checkpoint's model differs from {args.spec}'s model section; "
-            f"serve it with the spec.yaml of its run directory"
-        )
-    model.spec = spec  # keep the caller's serving section
-    tokenizer = _find_tokenizer(Path(args.checkpoint), ckpt)
-    check_vocab(tokenizer, spec.model.vocab_size)
-    depth = spec.serving.speculative_depth if args.speculative_depth is None else args.speculative_depth
-    available = spec.model.mtp.num_blocks if spec.model.mtp else 0
-    if not 0 <= depth <= available:
-        raise UsageError(f"--speculative-depth: expected 0..{available} (the spec's MTP blocks), got {depth}")
-    _decode_threads(model)
-    return model, tokenizer, depth
-
-
-def generate_command(args: argparse.Namespace) -> int:
-    """`lmspec generate`: stream a completion to stdout, then print timing and acceptance stats."""
-    from lmspec.cli import UsageError
-
-    model, tokenizer, depth = load_serving_model(args)
-    serving = model.spec.serving
-    try:
-        params = SamplingParams(
-            temperature=serving.temperature if args.temperature is None else args.temperature,
-            top_p=serving.top_p if args.top_p is None else args.top_p,
-            top_k=0 if args.top_k is None else args.top_k,
-            max_tokens=args.max_tokens,
-            stop=tuple(args.stop),
-            seed=args.seed,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    generator = Generator(model, tokenizer, speculative_depth=depth)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise UsageError("--prompt: expected at least one token, got an empty prompt")
-    limit = model.spec.model.max_position_embeddings
-    if len(ids) + params.max_tokens > limit:
-        raise UsageError(
-            f"--max-tokens: prompt ({len(ids)} tokens) + max tokens ({params.max_tokens}) exceeds the context of {limit}"
-        )
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    last = None
-    for ev in generator.stream(ids, params):
-        sys.stdout.write(ev.text)
-        sys.stdout.flush()
-        last = ev
-    sys.stdout.write("\n")
-    if last is not None:
-        st = last.stats
-        print(
-            f"[{st.completion_tokens} tokens, {st.tokens_per_s:.1f} tok/s "
-            f"(decode {st.decode_tokens_per_s:.1f} tok/s), speculative depth {depth}, "
-            f"acceptance length {st.acceptance_length:.2f}, finish: {last.finish_reason}]",
-            file=sys.stderr,
-        )
-    return 0

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmspec.runtime.checkpoint import latest_checkpoint, resolve_checkpoint
-from lmspec.runtime.metrics import read_metrics, without_timing
-from lmspec.runtime.schedule import schedule_at, stage_bounds
 from lmspec.spec import load_spec
+from lmspec.train.metrics import read_metrics, without_timing
+from lmspec.train.schedule import schedule_at, stage_bounds
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = str(ROOT / "examples" / "mimo_v2_flash_tiny.yaml")
@@ -68,10 +68,17 @@ def test_logged_schedule_follows_the_spec_at_every_step(reference):
         start = r["tokens"] - r["batch_size"] * r["seq_len"]
         s = schedule_at(spec, start)
         assert (r["stage"], r["stage_index"], r["batch_size"], r["seq_len"]) == (
-            s.stage_name, s.stage, s.batch_size, s.seq_len)
+            s.stage_name,
+            s.stage,
+            s.batch_size,
+            s.seq_len,
+        )
         assert r["lr"] == s.lr and r["rope_theta"] == s.rope_theta
         assert (r["mtp_loss_weight"], r["bias_update"], r["seq_aux_coef"]) == (
-            s.mtp_loss_weight, s.bias_update, s.seq_aux_coef)
+            s.mtp_loss_weight,
+            s.bias_update,
+            s.seq_aux_coef,
+        )
         # ... and those are the values the spec file declares for that stage.
         stage = declared.training.stages[s.stage]
         assert r["seq_len"] == stage.seq_len and r["mtp_loss_weight"] == stage.overrides.mtp_loss_weight
@@ -117,7 +124,12 @@ def test_command_reports_results_and_writes_the_run_dir(reference):
     assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = latest_checkpoint(run)
     assert {p.name for p in ckpt.iterdir()} >= {
-        "spec.yaml", "config.json", "model.safetensors", "optimizer.pt", "trainer_state.json"}
+        "spec.yaml",
+        "config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+    }
     assert len(list((run / "checkpoints").glob("step_*"))) == 3  # keep the last 3
 
 
@@ -189,8 +201,14 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path):
     run = tmp_path / "torn"
     cmd = _train_cmd(run)
-    proc = subprocess.run([sys.executable, "-c", CRASH_IN_CHECKPOINT, *cmd[3:]], env=ENV, capture_output=True,
-                          text=True, cwd=ROOT, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_CHECKPOINT, *cmd[3:]],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     root = run / "checkpoints"
     assert (root / "LATEST").read_text().strip() == "step_00000002"
@@ -212,8 +230,25 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_p
 def test_two_process_fsdp2_matches_one_process(reference, tmp_path):
     run = tmp_path / "fsdp"
     port = str(29500 + random.Random(str(tmp_path)).randint(0, 400))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", port, "-m", "lmspec", "train", SPEC, "--out", str(run), "--no-progress", *SMALL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+        "-m",
+        "lmspec",
+        "train",
+        SPEC,
+        "--out",
+        str(run),
+        "--no-progress",
+        *SMALL,
+    ]
     _run(cmd, timeout=300)
     one, two = read_metrics(reference[0]), read_metrics(run)
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]

@@ -4,7 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmspec.runtime.schedule import (
+from lmspec.spec import dump_spec, load_spec, loads_spec
+from lmspec.spec.schema import BatchSchedule, LRSchedule
+from lmspec.train.schedule import (
     batch_size_at,
     lr_at,
     plan_steps,
@@ -13,8 +15,6 @@ from lmspec.runtime.schedule import (
     schedule_at,
     stage_bounds,
 )
-from lmspec.spec import dump_spec, load_spec, loads_spec
-from lmspec.spec.schema import BatchSchedule, LRSchedule
 
 FULL = load_spec("examples/mimo_v2_flash.yaml")
 TINY = load_spec("examples/mimo_v2_flash_tiny.yaml")
@@ -55,8 +55,11 @@ def test_batch_ramp_is_linear_in_tokens():
 def test_absent_overrides_fall_back_to_training_defaults():
     spec = load_spec(
         "examples/mimo_v2_flash_tiny.yaml",
-        ["training.stages.1.overrides={}", "training.balancing.bias_update=0.25",
-         "model.mtp.loss_weight=0.7"],
+        [
+            "training.stages.1.overrides={}",
+            "training.balancing.bias_update=0.25",
+            "model.mtp.loss_weight=0.7",
+        ],
     )
     s = schedule_at(spec, spec.training.stages[0].tokens + 1)
     assert s.rope_theta == {"global": 5.0e6, "swa": 10000.0}  # the model's own theta, not stage 1's
@@ -79,11 +82,18 @@ def test_lr_kinds_hit_their_endpoints(kind):
 
 @given(
     st.sampled_from(["cosine", "linear", "wsd"]),
-    st.floats(0, 1e6), st.floats(1e-6, 1.0), st.floats(0, 1.0),
+    st.floats(0, 1e6),
+    st.floats(1e-6, 1.0),
+    st.floats(0, 1.0),
 )
 def test_lr_stays_between_final_and_peak_after_warmup(kind, t, peak, final_frac):
-    lr = LRSchedule(kind=kind, peak=peak, final=peak * final_frac, warmup_tokens=1e3,
-                    decay_tokens=5e5 if kind == "wsd" else None)
+    lr = LRSchedule(
+        kind=kind,
+        peak=peak,
+        final=peak * final_frac,
+        warmup_tokens=1e3,
+        decay_tokens=5e5 if kind == "wsd" else None,
+    )
     v = lr_at(lr, 1e6, max(t, 1e3))
     assert lr.final - 1e-12 <= v <= lr.peak + 1e-12
 
@@ -102,7 +112,12 @@ def test_scaling_keeps_the_shape_of_the_schedule():
     assert [b for b, _ in stage_bounds(small)] == pytest.approx([0, 22e6, 26e6])
     for frac in (0.0, 0.001, 0.3, 0.7, 0.81, 0.9, 0.97, 0.99):
         a, b = schedule_at(FULL, frac * 27e12), schedule_at(small, frac * 27e6)
-        assert (a.stage, a.batch_size, a.seq_len, a.rope_theta) == (b.stage, b.batch_size, b.seq_len, b.rope_theta)
+        assert (a.stage, a.batch_size, a.seq_len, a.rope_theta) == (
+            b.stage,
+            b.batch_size,
+            b.seq_len,
+            b.rope_theta,
+        )
         assert a.lr == pytest.approx(b.lr, rel=1e-9, abs=1e-15)
     # The scaled spec is a valid spec and survives the run directory's YAML round trip.
     assert loads_spec(dump_spec(small)) == small

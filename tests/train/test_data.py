@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmspec.cli import UsageError
-from lmspec.runtime.data import Corpus, Document, TokenStream, default_corpus, read_documents
+from lmspec.errors import UsageError
 from lmspec.runtime.tokenizer import ByteTokenizer
+from lmspec.train.data import Corpus, Document, TokenStream, default_corpus, read_documents
 
 
 def test_default_corpus_is_the_sorted_stdlib_and_capped():
@@ -57,7 +57,9 @@ def test_unigram_baseline_and_bytes(tmp_path):
 def test_read_documents_files_globs_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "b.txt").write_text("beta")
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta"}) + "\n"
+    )
     docs = read_documents([str(tmp_path / "*.txt"), str(tmp_path / "c.jsonl")])
     assert [d.text for d in docs] == ["alpha", "beta", "gamma", "delta"]
     assert [d.text for d in read_documents([str(tmp_path)])][:2] == ["alpha", "beta"]

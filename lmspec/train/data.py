@@ -55,7 +55,7 @@ def default_corpus(max_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Document]:
 
 
 def _usage(msg: str) -> Exception:
-    from lmspec.cli import UsageError
+    from lmspec.errors import UsageError
 
     return UsageError(msg)
 

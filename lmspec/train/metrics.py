@@ -111,7 +111,9 @@ class ConsoleReporter:
             transient=False,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=total_tokens, completed=done, stage="", loss="-", tps="-")
+        self._task = self._progress.add_task(
+            "train", total=total_tokens, completed=done, stage="", loss="-", tps="-"
+        )
 
     def stage(self, sched) -> None:
         theta = ", ".join(f"{k} {v:g}" for k, v in sched.rope_theta.items())
@@ -130,11 +132,16 @@ class ConsoleReporter:
         rate = (row["tokens"] - self._done0) / max(now - self._t0, 1e-9)
         if self._progress is not None and self._task is not None:
             self._progress.update(
-                self._task, completed=min(row["tokens"], self._total), stage=row["stage"],
-                loss=f"{row['loss']:.3f}", tps=f"{rate:,.0f}",
+                self._task,
+                completed=min(row["tokens"], self._total),
+                stage=row["stage"],
+                loss=f"{row['loss']:.3f}",
+                tps=f"{rate:,.0f}",
             )
             if "val_loss" in row:
-                self.log(f"step {row['step']}: held-out loss {row['val_loss']:.4f}, {row['val_bpb']:.3f} bits/byte")
+                self.log(
+                    f"step {row['step']}: held-out loss {row['val_loss']:.4f}, {row['val_bpb']:.3f} bits/byte"
+                )
             return
         if "val_loss" in row or now - self._last_log >= self.log_every_s:
             self._last_log = now

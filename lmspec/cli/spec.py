@@ -1,0 +1,190 @@
+"""Commands on a spec: check, schema, stats, graph, compile, import-hf, test-kernels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmspec.cli.common import load
+from lmspec.errors import SpecError, UsageError
+from lmspec.spec import Spec, dump_spec
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = load(args)
+    m = spec.model
+    kinds: dict[str, int] = {}
+    for name in m.layer_blocks:
+        kinds[name] = kinds.get(name, 0) + 1
+    layout = ", ".join(f"{n}x{k}" for k, n in kinds.items())
+    stages = len(spec.training.stages) if spec.training else 0
+    mtp = m.mtp.num_blocks if m.mtp else 0
+    print(
+        f"{args.spec}: ok — {spec.name}: {m.num_layers} layers ({layout}), hidden {m.hidden_size}, "
+        f"vocab {m.vocab_size}, {mtp} MTP blocks, {stages} training stages"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(Spec.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from lmspec.compiler.accounting import print_stats
+
+    if args.context < 1:
+        raise UsageError(f"--context: expected a positive token count, got {args.context}")
+    if args.kv_dtype_bytes is not None and args.kv_dtype_bytes < 1:
+        raise UsageError(f"--kv-dtype-bytes: expected a positive byte count, got {args.kv_dtype_bytes}")
+    return print_stats(
+        load(args), as_json=args.json, context=args.context, kv_dtype_bytes=args.kv_dtype_bytes
+    )
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    return draw_command(
+        load(args), fmt=args.format, layers=args.layers, output=args.output, renderer=args.renderer
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from lmspec.codegen import compile_spec
+
+    compiled = compile_spec(load(args), out_dir=args.output, spec_path=args.spec)
+    print(compiled.describe())
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    return import_hf_command(args.config, args.output)
+
+
+def cmd_test_kernels(args: argparse.Namespace) -> int:
+    return test_kernels_command(load(args), examples=args.examples, seq_len=args.seq_len)
+
+
+def draw_command(
+    spec: Spec,
+    fmt: str = "text",
+    layers: str | None = None,
+    output: str | None = None,
+    renderer: str = "auto",
+) -> int:
+    """`lmspec graph`: compile `spec` and write its graph as text, DOT, SVG or PNG."""
+    from lmspec.compiler.draw import RENDERERS, parse_layers, render
+    from lmspec.compiler.stats import compile_graph
+
+    graph = compile_graph(spec)
+    try:
+        selected = parse_layers(layers, len(graph.layers))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    path = Path(output) if output else (Path(f"{spec.name}.{fmt}") if fmt in ("svg", "png") else None)
+    if path is not None and not path.parent.exists():
+        raise UsageError(f"-o: directory {str(path.parent)!r} does not exist")
+    if fmt not in ("text", "dot", "svg", "png"):
+        raise UsageError(f"--format: expected text, dot, svg or png, got {fmt!r}")
+    if renderer not in RENDERERS:
+        raise UsageError(f"--renderer: expected one of {', '.join(RENDERERS)}, got {renderer!r}")
+    try:
+        src = render(graph, fmt, selected, path, renderer)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    if src is not None:
+        sys.stdout.write(src)
+    else:
+        print(f"wrote {path}")
+    return 0
+
+
+def import_hf_command(config_path: str | Path, output: str | Path) -> int:
+    """`lmspec import-hf CONFIG.json -o spec.yaml`: write the spec (no training section) as YAML."""
+    from lmspec.codegen.hf import config_to_spec, export_issues
+
+    path = Path(config_path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(path), 1, 1, "", "expected a config.json file, got no such file") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(str(path), e.lineno, e.colno, "", f"expected JSON, got {e.msg}") from None
+    if not isinstance(config, dict):
+        raise SpecError(str(path), 1, 1, "", "expected a JSON object at the top level")
+    # A model folder's config.json is named for its folder; any other JSON file for itself.
+    folder = path.resolve().parent.name
+    name = folder if path.stem == "config" and folder else path.stem
+    spec = config_to_spec(config, name=re.sub(r"[^0-9A-Za-z_]+", "_", name) or "imported")
+    data = dump_spec(spec).replace("training: null\n", "")
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# Imported from {path} by `lmspec import-hf`.\n" + data)
+    issues = export_issues(spec)
+    print(
+        f"{out}: {spec.name}: {spec.model.num_layers} layers, hidden {spec.model.hidden_size}"
+        + (f"; note: {', '.join(issues)}" if issues else "")
+    )
+    return 0
+
+
+def test_kernels_command(
+    spec: Any, *, examples: int = 50, seq_len: int | None = None, dtypes: tuple[str, ...] = ("float32",)
+) -> int:
+    """``lmspec test-kernels SPEC``: run the suite on the spec's kernel constants, print the table.
+
+    Returns the exit status: 0 when every kernel passes, 1 otherwise. ``seq_len`` caps sequence lengths.
+    """
+    from rich.console import Console
+
+    from lmspec.codegen import kernel_constants
+    from lmspec.testing import print_kernel_table, run_kernel_suite
+
+    console = Console()
+    name = getattr(spec, "name", "spec")
+    console.print(
+        f"property-testing the kernels of {name}: {examples} examples per kernel, dtypes {', '.join(dtypes)}"
+    )
+    rows = run_kernel_suite(kernel_constants(spec), examples, dtypes=dtypes, max_seq=seq_len)
+    print_kernel_table(rows, console=console)
+    return 0 if all(r.verdict == "pass" for r in rows) else 1
+
+
+def add_parsers(add) -> None:
+    add("check", cmd_check, "validate a spec and print a one-line summary")
+    add("schema", cmd_schema, "print the JSON Schema of the spec language", spec=False)
+
+    p = add("stats", cmd_stats, "parameters, active parameters, KV cache and FLOPs, from the spec alone")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--context", type=int, default=262144, help="context length for KV-cache totals")
+    p.add_argument(
+        "--kv-dtype-bytes", type=int, default=None, help="bytes per cached element (default: 2, bf16)"
+    )
+
+    p = add("graph", cmd_graph, "draw the lowered graph")
+    p.add_argument("--format", choices=["text", "dot", "svg", "png"], default="text")
+    p.add_argument("--layers", default=None, help="layer range to draw, e.g. 0-6")
+    p.add_argument("-o", "--output", default=None, help="output file (default: stdout or SPEC.FORMAT)")
+    p.add_argument(
+        "--renderer",
+        choices=["auto", "dot", "matplotlib"],
+        default="auto",
+        help="svg/png drawing: graphviz dot (auto: when installed) or matplotlib",
+    )
+
+    p = add("compile", cmd_compile, "generate the model module (and kernels) for a spec")
+    p.add_argument("-o", "--output", default=None, help="write into this directory instead of the cache")
+
+    p = add(
+        "import-hf", cmd_import_hf, "turn a transformers mimo_v2_flash config.json into a spec", spec=False
+    )
+    p.add_argument("config", help="config.json")
+    p.add_argument("-o", "--output", required=True, help="spec YAML to write")
+
+    p = add("test-kernels", cmd_test_kernels, "property-test the kernels generated for a spec")
+    p.add_argument("--examples", type=int, default=50, help="Hypothesis examples per kernel")
+    p.add_argument("--seq-len", type=int, default=None, help="cap sequence lengths (for full-size specs)")
