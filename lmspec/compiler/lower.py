@@ -88,7 +88,12 @@ class _Builder:
         v = self.linear(
             f"{sa}.v_proj", n1, a.num_kv_heads * a.v_head_dim, h, bias=a.bias, field=afield, **common
         )
-        rope = {"rope_dim": a.rope_dim, "head_dim": a.qk_head_dim, "theta": a.rope.theta, "kind": b.attention}
+        rope = {
+            "rope_dim": a.rope_dim,
+            "qk_head_dim": a.qk_head_dim,
+            "theta": a.rope.theta,
+            "kind": b.attention,
+        }
         rfield = f"{afield}.rope"
         q = self.op(
             f"{sa}.rope_q",
@@ -184,6 +189,9 @@ class _Builder:
             "num_experts": e,
             "num_groups": f.num_groups,
             "top_k_groups": f.top_k_groups,
+            "score_function": f.score_function,
+            "renormalize": f.renormalize,
+            "routed_scaling_factor": f.routed_scaling_factor,
         }
         topk_inputs = (selection, scores) if selection != scores else (scores,)
         w = self.op(f"{gate}.topk", "topk", *topk_inputs, **r, attrs=routing)
@@ -244,8 +252,16 @@ class _Builder:
         head_w = embed_w if m.tie_word_embeddings else "lm_head.weight"
         n = self.rmsnorm("model.norm", hidden, scope="model")
         logits = self.linear("lm_head", n, vocab, h, weight=head_w, field="model.vocab_size")
+        ce = {"vocab_size": vocab}
         self.op(
-            "loss", "cross_entropy", logits, labels, path="lm_head", field="model.vocab_size", dtype="float32"
+            "loss",
+            "cross_entropy",
+            logits,
+            labels,
+            path="lm_head",
+            field="model.vocab_size",
+            dtype="float32",
+            attrs=ce,
         )
 
         if m.mtp is not None:
@@ -287,7 +303,9 @@ class _Builder:
                 prev = x
                 fn = self.rmsnorm(f"{p}.final_layernorm", x, scope=p)
                 lg = self.linear(f"{p}.lm_head", fn, vocab, h, weight=head_w, path="lm_head", **s)
-                self.op(f"{p}.loss", "cross_entropy", lg, targets, path="lm_head", dtype="float32", **s)
+                self.op(
+                    f"{p}.loss", "cross_entropy", lg, targets, path="lm_head", dtype="float32", attrs=ce, **s
+                )
         return g
 
 

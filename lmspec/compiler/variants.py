@@ -1,0 +1,316 @@
+"""Kernel variants: the typed, hashable description of every Triton kernel module a model needs.
+
+One frozen dataclass per kernel family. Its fields are the constants the family's template bakes in,
+under the spec's own names (``window_keys``, ``sink``, ``qk_head_dim``, ``v_head_dim``, ``value_scale``,
+``rope_dim``, ``num_experts``, ``top_k``, ``score_function``, ``eps``, ``vocab_size``); equal constants are
+the same kernel, so variants compare and hash by their constants only. ``nodes`` lists the IR node ids a
+variant implements (for the generated file's header) and takes no part in equality.
+
+Every variant has:
+
+- ``family``: the kernel family, and ``template``: ``codegen/templates/<template>.py.jinja``;
+- ``name``: the module stem, also the kernel-name prefix after ``lmspec_``, unique across families and
+  saying what the kernel is (``attn_sliding_sink_w129_qk192_v128_vs0p707``, ``moe_sigmoid_e8_k2``);
+- ``key``: ``(family, *constants in field order)``, what the Triton backend computes from a call's
+  arguments to find the module in O(1). ``kernels.json`` stores it as a list.
+
+``kernel_variants(graph)`` derives them from the fused graph's nodes and their attributes alone (never
+from ``graph.spec``): one per distinct value, in a fixed family order, each family sorted by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from lmspec.compiler.graph import Graph
+
+__all__ = [
+    "FAMILIES",
+    "AttentionVariant",
+    "BlockCountAttentionVariant",
+    "DecodeAttentionVariant",
+    "KernelVariant",
+    "LMHeadCEVariant",
+    "MoEVariant",
+    "RMSNormVariant",
+    "RoPEVariant",
+    "SwiGLUVariant",
+    "kernel_variants",
+]
+
+SCORE_FUNCTIONS = ("sigmoid", "softmax")
+
+
+def number_tag(x: float) -> str:
+    """A float as it may appear in an identifier: ``0.707`` -> ``0p707``, ``1e-05`` -> ``1em05``."""
+    return repr(float(x)).replace(".", "p").replace("-", "m").replace("+", "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelVariant:
+    """The common surface of every kernel variant (see the module docstring)."""
+
+    family: ClassVar[str]
+    template: ClassVar[str]
+    nodes: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def constants(self) -> dict[str, Any]:
+        """The baked constants, field name -> value, in field order (``nodes`` excluded)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "nodes"}
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.family, *self.constants().values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionVariant(KernelVariant):
+    """Causal flash attention for training (dense positions, forward and backward).
+
+    ``window_keys``: keys a query sees including itself (None: global); ``sink``: a learnable per-head
+    logit in the softmax denominator; ``value_scale``: multiplies V (1.0: no multiply is emitted).
+    """
+
+    family: ClassVar[str] = "attention"
+    template: ClassVar[str] = "attention"
+    window_keys: int | None
+    sink: bool
+    qk_head_dim: int
+    v_head_dim: int
+    value_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.window_keys is not None and self.window_keys < 1:
+            raise ValueError(f"window_keys must be >= 1 or None, got {self.window_keys}")
+        if self.qk_head_dim < 1 or self.v_head_dim < 1:
+            raise ValueError(f"head dims must be positive, got {self.qk_head_dim}, {self.v_head_dim}")
+        object.__setattr__(self, "value_scale", float(self.value_scale))
+
+    @property
+    def kind(self) -> str:
+        """``sliding`` or ``global``, as the schema says."""
+        return "global" if self.window_keys is None else "sliding"
+
+    @property
+    def stem(self) -> str:
+        """``sliding_sink_w129_qk192_v128_vs0p707``: the part every attention family's name shares."""
+        parts = [self.kind]
+        if self.sink:
+            parts.append("sink")
+        if self.window_keys is not None:
+            parts.append(f"w{self.window_keys}")
+        parts += [f"qk{self.qk_head_dim}", f"v{self.v_head_dim}"]
+        if self.value_scale != 1.0:
+            parts.append(f"vs{number_tag(self.value_scale)}")
+        return "_".join(parts)
+
+    @property
+    def name(self) -> str:
+        return f"attn_{self.stem}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeAttentionVariant(AttentionVariant):
+    """Forward-only attention at explicit positions (decode, prefill into a KV cache)."""
+
+    family: ClassVar[str] = "decode_attention"
+    template: ClassVar[str] = "decode_attention"
+
+    @property
+    def name(self) -> str:
+        return f"decode_{self.stem}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockCountAttentionVariant(AttentionVariant):
+    """The training attention kernel plus ``count_key_blocks``, which counts the key blocks each query
+    block visits. A debug instrument for tests of the sliding-window schedule: ``kernel_variants`` never
+    produces it, so production kernels carry no counting path."""
+
+    family: ClassVar[str] = "attention_block_count"
+    template: ClassVar[str] = "attention"
+
+    @property
+    def name(self) -> str:
+        return f"attn_count_blocks_{self.stem}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEVariant(KernelVariant):
+    """Fused router (scores, correction bias, top-k, renormalisation, scaling) and grouped SwiGLU experts.
+
+    ``num_groups`` > 1 (group-limited selection) routes through the reference; the experts kernel is the same.
+    """
+
+    family: ClassVar[str] = "moe"
+    template: ClassVar[str] = "moe"
+    num_experts: int
+    top_k: int
+    score_function: str = "sigmoid"
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    top_k_groups: int = 1
+
+    def __post_init__(self) -> None:
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {self.score_function!r}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+        object.__setattr__(self, "routed_scaling_factor", float(self.routed_scaling_factor))
+
+    @property
+    def name(self) -> str:
+        parts = [f"moe_{self.score_function}_e{self.num_experts}_k{self.top_k}"]
+        if self.num_groups > 1:
+            parts.append(f"g{self.num_groups}k{self.top_k_groups}")
+        if not self.renormalize:
+            parts.append("raw")
+        if self.routed_scaling_factor != 1.0:
+            parts.append(f"rs{number_tag(self.routed_scaling_factor)}")
+        return "_".join(parts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RMSNormVariant(KernelVariant):
+    """RMSNorm and the fused residual add + RMSNorm."""
+
+    family: ClassVar[str] = "rmsnorm"
+    template: ClassVar[str] = "rmsnorm"
+    eps: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", float(self.eps))
+
+    @property
+    def name(self) -> str:
+        return f"rmsnorm_eps{number_tag(self.eps)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoPEVariant(KernelVariant):
+    """Rotary embedding of the first ``rope_dim`` of ``qk_head_dim`` dims of q and k (rotate-half pairs)."""
+
+    family: ClassVar[str] = "rope"
+    template: ClassVar[str] = "rope"
+    rope_dim: int
+    qk_head_dim: int
+
+    def __post_init__(self) -> None:
+        if self.rope_dim < 2 or self.rope_dim % 2 or self.rope_dim > self.qk_head_dim:
+            raise ValueError(f"rope_dim must be even and in 2..{self.qk_head_dim}, got {self.rope_dim}")
+
+    @property
+    def name(self) -> str:
+        return f"rope_r{self.rope_dim}_qk{self.qk_head_dim}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwiGLUVariant(KernelVariant):
+    """``silu(gate) * up``; nothing is baked in."""
+
+    family: ClassVar[str] = "swiglu"
+    template: ClassVar[str] = "swiglu"
+
+    @property
+    def name(self) -> str:
+        return "swiglu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMHeadCEVariant(KernelVariant):
+    """Chunked LM head + cross-entropy: the (tokens, vocab) logits are never stored."""
+
+    family: ClassVar[str] = "lm_head_ce"
+    template: ClassVar[str] = "lm_head_ce"
+    vocab_size: int
+
+    @property
+    def name(self) -> str:
+        return f"lm_head_ce_v{self.vocab_size}"
+
+
+# The order kernel_variants returns families in (and kernels.json lists them in).
+FAMILIES: tuple[type[KernelVariant], ...] = (
+    RMSNormVariant,
+    SwiGLUVariant,
+    RoPEVariant,
+    AttentionVariant,
+    DecodeAttentionVariant,
+    MoEVariant,
+    LMHeadCEVariant,
+)
+
+
+def _attention(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "window_keys": attrs["window_keys"],
+        "sink": bool(attrs["sink"]),
+        "qk_head_dim": attrs["qk_head_dim"],
+        "v_head_dim": attrs["v_head_dim"],
+        "value_scale": attrs.get("value_scale", 1.0),
+    }
+
+
+def _moe(attrs: dict[str, Any]) -> MoEVariant:
+    return MoEVariant(
+        num_experts=attrs["num_experts"],
+        top_k=attrs["top_k"],
+        score_function=attrs["score_function"],
+        renormalize=attrs["renormalize"],
+        routed_scaling_factor=attrs.get("routed_scaling_factor", 1.0),
+        num_groups=attrs.get("num_groups", 1),
+        top_k_groups=attrs.get("top_k_groups", 1),
+    )
+
+
+def _node_variants(op: str, attrs: dict[str, Any]) -> Iterator[KernelVariant]:
+    """The variants one IR node needs (none for ops the generated model runs as plain torch)."""
+    if op in ("rmsnorm", "add_rmsnorm"):
+        yield RMSNormVariant(eps=attrs["eps"])
+    elif op == "swiglu":  # unfused gate/up + silu_mul run inline in the model
+        yield SwiGLUVariant()
+    elif op == "rope":
+        # `head_dim` is the attribute's older name; the spec's name is `qk_head_dim`.
+        qk = attrs["qk_head_dim"] if "qk_head_dim" in attrs else attrs["head_dim"]
+        yield RoPEVariant(rope_dim=attrs["rope_dim"], qk_head_dim=qk)
+    elif op == "attention":
+        yield AttentionVariant(**_attention(attrs))
+        yield DecodeAttentionVariant(**_attention(attrs))
+    elif op in ("experts", "router"):  # the experts always run on the backend; the router when fused
+        yield _moe(attrs)
+    elif op == "lm_head_ce":  # an unfused head + cross-entropy runs inline
+        yield LMHeadCEVariant(vocab_size=attrs["vocab_size"])
+
+
+def _natural(node_id: str) -> tuple[Any, ...]:
+    """Sort key that puts `model.layers.2` before `model.layers.10` (node ids in headers read in order)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in node_id.split("."))
+
+
+def _merge(variants: Iterable[tuple[str, KernelVariant]]) -> tuple[KernelVariant, ...]:
+    nodes: dict[KernelVariant, list[str]] = {}
+    for node_id, v in variants:
+        nodes.setdefault(v, []).append(node_id)
+    order = {cls.family: i for i, cls in enumerate(FAMILIES)}
+    merged = [replace(v, nodes=tuple(sorted(ids, key=_natural))) for v, ids in nodes.items()]
+    return tuple(sorted(merged, key=lambda v: (order[v.family], v.name)))
+
+
+def kernel_variants(graph: Graph) -> tuple[KernelVariant, ...]:
+    """Every kernel variant the fused ``graph`` needs, deduplicated, each with the node ids it implements.
+
+    Reads only node ops and attributes. Two variants with equal constants are one kernel: an attention
+    kind used by 40 layers, or two kinds that differ only in head counts, render once. Order: the
+    family order of ``FAMILIES``, then name.
+    """
+    found = (
+        (node_id, v) for node_id, d in graph.nx.nodes(data=True) for v in _node_variants(d["op"], d["attrs"])
+    )
+    return _merge(found)
