@@ -126,7 +126,7 @@ def _op_label(graph: Graph, n: str, d: dict) -> str:
         w = next(iter(d["params"].values()))
         return f"{name}\n{w[1]}→{w[0]}"
     if op == "rope":
-        return f"rope {name[-1]}\n{a['rope_dim']}/{a['head_dim']} dims"
+        return f"rope {name[-1]}\n{a['rope_dim']}/{a['qk_head_dim']} dims"
     if op == "experts":
         return f"experts\n{a['num_experts']} x top-{a['top_k']}"
     if op == "router":

@@ -99,10 +99,10 @@ def _heads(shape: Shape, heads: int, dim: int, what: str) -> None:
 
 def _rope(inputs, params, attrs):
     _one(inputs, 1, "rope")
-    _heads(inputs[0], attrs["num_heads"], attrs["head_dim"], "rope input")
+    _heads(inputs[0], attrs["num_heads"], attrs["qk_head_dim"], "rope input")
     rope_dim = attrs["rope_dim"]
-    if rope_dim > attrs["head_dim"]:
-        raise ShapeError(f"rope_dim ({rope_dim}) exceeds qk_head_dim ({attrs['head_dim']})")
+    if rope_dim > attrs["qk_head_dim"]:
+        raise ShapeError(f"rope_dim ({rope_dim}) exceeds qk_head_dim ({attrs['qk_head_dim']})")
     if rope_dim <= 0 or rope_dim % 2:
         raise ShapeError(f"rope_dim must be even and positive (rotate-half pairs dims), got {rope_dim}")
     return inputs[0]

@@ -104,6 +104,8 @@ def test_attention_nodes_carry_the_spec(mimo):
     assert ga["attrs"]["window_keys"] is None and ga["attrs"]["num_kv_heads"] == 4 and ga["params"] == {}
     rope = g.node("model.layers.5.self_attn.rope_q")
     assert rope["attrs"]["rope_dim"] == 64 and rope["attrs"]["theta"] == 5.0e6
+    # The rope op names its head width as the spec and the attention op do.
+    assert rope["attrs"]["qk_head_dim"] == 192 and "head_dim" not in rope["attrs"]
     assert rope["field"] == "model.attention.global.rope"
     assert g.node("model.layers.1.self_attn.rope_k")["attrs"]["theta"] == 1.0e4
     assert g.node("model.layers.1.self_attn.k_proj")["shape"] == ("B", "T", 8 * 192)

@@ -45,8 +45,8 @@ def check(graph: Graph, ctx: PassContext) -> Graph:
                 f"backends implement {sorted(BACKEND_FAMILIES)}"
             )
         if op == "rope":
-            if attrs["rope_dim"] > attrs["head_dim"]:
-                fail(f"rope_dim {attrs['rope_dim']} exceeds qk_head_dim {attrs['head_dim']}")
+            if attrs["rope_dim"] > attrs["qk_head_dim"]:
+                fail(f"rope_dim {attrs['rope_dim']} exceeds qk_head_dim {attrs['qk_head_dim']}")
             if attrs["rope_dim"] <= 0 or attrs["rope_dim"] % 2:
                 fail(f"rope_dim must be even and positive (rotate-half pairs dims), got {attrs['rope_dim']}")
         elif op == "attention":
