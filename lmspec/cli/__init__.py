@@ -9,12 +9,13 @@ schema, stats, graph, compile, import-hf, test-kernels), `train` (train, plot, t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from lmspec.cli import serve, spec, train
 from lmspec.cli.common import Parser, spec_args
-from lmspec.errors import SpecError, UsageError
+from lmspec.errors import SpecError, UsageError, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -45,9 +46,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"lmspec: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`lmspec stats ... | head`): nothing left to say to it.
+        _silence_stdout()
+        return 0
+    except OSError as e:
+        # A path the user named cannot be read or written (read-only, missing, a device, disk full).
+        print(f"lmspec: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("lmspec: error: out of memory; reduce the sizes in the spec or the flags", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lmspec: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(e: OSError) -> str:
+    """`[Errno 30] Read-only file system: 'x'` -> `x: Read-only file system`, quoted paths cut short."""
+    reason = e.strerror or str(e)
+    path = e.filename if e.filename is not None else None
+    return one_line(f"{str(path)[:200]}: {reason}" if path is not None else reason)
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at devnull so that flush cannot fail a second time.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmspec.errors import one_line
 from lmspec.spec import Spec, load_spec
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit code is 2 too; keep one line
-        self.print_usage(sys.stderr)
-        print(f"lmspec: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -29,3 +29,24 @@ def spec_args(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace) -> Spec:
     return load_spec(args.spec, args.overrides)
+
+
+def _bounded(kind: type, low: float, what: str):
+    """An argparse type: a `kind` number >= `low`, finite; argparse turns the ValueError into one line."""
+
+    def parse(text: str):
+        try:
+            value = kind(float(text)) if kind is int and text.strip().lower().count("e") == 1 else kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text[:40]!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text[:40]!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _bounded(int, 1, "a positive integer")
+nonnegative_int = _bounded(int, 0, "a non-negative integer")
+positive_float = _bounded(float, 1e-300, "a positive finite number")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmspec.cli.common import load
+from lmspec.cli.common import load, positive_int
 from lmspec.errors import SpecError, UsageError
 from lmspec.spec import Spec, dump_spec
 
@@ -160,7 +160,7 @@ def add_parsers(add) -> None:
 
     p = add("stats", cmd_stats, "parameters, active parameters, KV cache and FLOPs, from the spec alone")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--context", type=int, default=262144, help="context length for KV-cache totals")
+    p.add_argument("--context", type=positive_int, default=262144, help="context length for KV-cache totals")
     p.add_argument(
         "--kv-dtype-bytes", type=int, default=None, help="bytes per cached element (default: 2, bf16)"
     )
@@ -186,5 +186,7 @@ def add_parsers(add) -> None:
     p.add_argument("-o", "--output", required=True, help="spec YAML to write")
 
     p = add("test-kernels", cmd_test_kernels, "property-test the kernels generated for a spec")
-    p.add_argument("--examples", type=int, default=50, help="Hypothesis examples per kernel")
-    p.add_argument("--seq-len", type=int, default=None, help="cap sequence lengths (for full-size specs)")
+    p.add_argument("--examples", type=positive_int, default=50, help="Hypothesis examples per kernel")
+    p.add_argument(
+        "--seq-len", type=positive_int, default=None, help="cap sequence lengths (for full-size specs)"
+    )
