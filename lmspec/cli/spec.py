@@ -77,10 +77,10 @@ def draw_command(
     renderer: str = "auto",
 ) -> int:
     """`lmspec graph`: compile `spec` and write its graph as text, DOT, SVG or PNG."""
+    from lmspec.compiler import lower, run_passes
     from lmspec.compiler.draw import RENDERERS, parse_layers, render
-    from lmspec.compiler.stats import compile_graph
 
-    graph = compile_graph(spec)
+    graph = run_passes(lower(spec))
     try:
         selected = parse_layers(layers, len(graph.layers))
     except ValueError as e:

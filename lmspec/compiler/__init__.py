@@ -7,14 +7,13 @@ pipeline. Nothing here imports torch at import time (`fx_fusion` imports it when
 
 from lmspec.compiler.graph import Graph, GraphError, LayerInfo, verify
 from lmspec.compiler.lower import PassContext, lower, run_passes
-from lmspec.compiler.stats import compile_graph, stats_from_graph
+from lmspec.compiler.stats import stats_from_graph
 
 __all__ = [
     "Graph",
     "GraphError",
     "LayerInfo",
     "PassContext",
-    "compile_graph",
     "lower",
     "run_passes",
     "stats_from_graph",

@@ -12,9 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lmspec.compiler.graph import Graph
-from lmspec.compiler.lower import PassContext, lower, run_passes
 from lmspec.compiler.passes.accounting import node_flops, visible_keys
-from lmspec.spec import Spec
 
 COMPONENTS = ("embedding", "attention", "norm", "dense_ffn", "router", "experts", "shared_experts", "lm_head")
 
@@ -122,8 +120,3 @@ def stats_from_graph(graph: Graph, context: int | None = None) -> dict[str, Any]
             "mtp_forward": mtp_end["total"],
         },
     }
-
-
-def compile_graph(spec: Spec, disable: Iterable[str] = (), context: int | None = None) -> Graph:
-    """`lower` then `run_passes`: the fused, checked and accounted graph of a spec."""
-    return run_passes(lower(spec), disable, ctx=PassContext(context=context))

@@ -6,7 +6,7 @@ import pydot
 import pytest
 
 from lmspec.cli import main
-from lmspec.compiler import compile_graph
+from lmspec.compiler import lower, run_passes
 from lmspec.compiler.draw import build_view, default_expanded, parse_layers, render, to_dot, to_text
 
 from .conftest import EXAMPLES
@@ -16,7 +16,7 @@ TINY = str(EXAMPLES / "mimo_v2_flash_tiny.yaml")
 
 @pytest.fixture(scope="module")
 def graph(tiny):
-    return compile_graph(tiny)
+    return run_passes(lower(tiny))
 
 
 def test_parse_layers():

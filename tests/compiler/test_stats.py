@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmspec.compiler import compile_graph, lower, stats_from_graph, verify
+from lmspec.compiler import lower, run_passes, stats_from_graph, verify
 from lmspec.compiler.accounting import account, param_count
 from lmspec.spec import Spec, load_spec
 
@@ -15,7 +15,7 @@ from .conftest import EXAMPLES
 
 
 def test_mimo_figures(mimo):
-    s = stats_from_graph(compile_graph(mimo), context=4096)
+    s = stats_from_graph(run_passes(lower(mimo)), context=4096)
     p = s["params"]
     assert p["total"] == 308_778_768_832  # "308.78B without MTP" (facts: derived check)
     assert p["active"] == 15_445_924_288  # "15.45B with embedding+head"
@@ -29,7 +29,7 @@ def test_mimo_figures(mimo):
 
 
 def test_sliding_attention_flops_are_capped_by_the_window(mimo):
-    g = compile_graph(mimo)
+    g = run_passes(lower(mimo))
     a, b = (stats_from_graph(g, context=L)["flops_per_token"] for L in (4096, 8192))
     per_key = 2 * 64 * (192 + 128)
     # Only the 9 global layers see more keys; the 39 sliding layers stay at 129 keys.
@@ -43,7 +43,7 @@ def test_sliding_attention_flops_are_capped_by_the_window(mimo):
 
 
 def _compare(spec: Spec, context: int) -> None:
-    graph = compile_graph(spec)
+    graph = run_passes(lower(spec))
     verify(graph)
     s = stats_from_graph(graph, context=context)
     acc = account(spec, context)
@@ -147,7 +147,7 @@ def specs(draw) -> Spec:
 def test_drawn_specs_match_spec_accounting(spec, context):
     _compare(spec, context)
     # Every pass keeps the IR valid and the fused graph has one lm_head_ce per loss.
-    g = compile_graph(spec)
+    g = run_passes(lower(spec))
     n_losses = 1 + (spec.model.mtp.num_blocks if spec.model.mtp else 0)
     assert g.op_counts()["lm_head_ce"] == n_losses
     assert g.op_counts()["add_rmsnorm"] == 2 * (spec.model.num_layers + n_losses - 1)
@@ -161,5 +161,5 @@ def test_param_total_from_weight_shapes_alone(tiny):
         names.update(d["params"])
     assert (
         sum(math.prod(s) for s in names.values())
-        == stats_from_graph(compile_graph(tiny))["params"]["total_with_mtp"]
+        == stats_from_graph(run_passes(lower(tiny)))["params"]["total_with_mtp"]
     )
