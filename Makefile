@@ -1,14 +1,33 @@
 # Two entry points: `make demo` (the main job) and `make test`. Both install what they need.
-PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+#
+# They install into a virtual environment, never into the system Python: a Debian or Ubuntu
+# python3 refuses `pip install` (PEP 668, "externally managed"), and elsewhere it would write into
+# the system site-packages (as root, when run so).
+#   - A virtual environment that is already active (VIRTUAL_ENV set) is used as it is.
+#   - Otherwise the project's own .venv, made once from the `python3` first on PATH: with `uv venv`
+#     when uv is installed, else the standard library's venv.
 TORCH_VERSION := 2.13.0
+
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PYTHON := $(VENV)/bin/python
+UV := $(shell command -v uv 2>/dev/null)
+# uv installs the same requirements much faster; without it, the environment's own pip.
+INSTALL := $(if $(UV),$(UV) pip install --quiet --python $(PYTHON),$(PYTHON) -m pip install -q)
+
+# Every recipe sees the environment's bin first, as after `activate`: `lmspec`, and the `ruff` that
+# formats generated code, are the environment's own, not whatever else is on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test test-slow lint
 
+# The environment's python marks that it exists: made on first use, reused after.
+$(PYTHON):
+	$(if $(UV),$(UV) venv --quiet --python python3 $(VENV),python3 -m venv $(VENV))
+
 # torch first, pinned: the CPU build comes from local disk and no later dependency can pull a CUDA build.
-install:
-	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[test]"
+install: $(PYTHON)
+	$(INSTALL) "torch==$(TORCH_VERSION)"
+	$(INSTALL) -e ".[test]"
 
 demo: install
 	lmspec check examples/mimo_v2_flash.yaml
@@ -23,5 +42,6 @@ test: install
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
 
-lint:
-	ruff check lmspec tests benchmarks
+lint: install
+	$(PYTHON) -m ruff check lmspec tests benchmarks
+	$(PYTHON) -m ruff format --check lmspec tests benchmarks
