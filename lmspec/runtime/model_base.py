@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from lmspec.runtime.ops import Backend, get_backend
 
-# What a generated submodule calls before its model shares its own backend with it (plain PyTorch).
-DEFAULT_OPS: Backend = get_backend("torch")
+# What a generated submodule calls before its model shares its own backend with it (the CPU backend).
+DEFAULT_OPS: Backend = get_backend("cpu")
 
 __all__ = [
     "DEFAULT_OPS",
@@ -159,7 +159,7 @@ class CausalLMBase(nn.Module):
 
     def __init__(
         self,
-        backend: str = "torch",
+        backend: str = "cpu",
         op_overrides: dict[str, str] | None = None,
         kernel_dir: str | Path | None = None,
     ) -> None:

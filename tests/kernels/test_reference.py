@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmspec.runtime.ops import Backend, TorchBackend, get_backend
-from lmspec.runtime.ops import torch_backend as ref
+from lmspec.runtime.ops import (
+    OP_FAMILIES,
+    OPS,
+    Backend,
+    CPUBackend,
+    MixedBackend,
+    ReferenceBackend,
+    cpu,
+    get_backend,
+)
+from lmspec.runtime.ops import reference as ref
 
 hf = pytest.importorskip("transformers.models.mimo_v2_flash.modeling_mimo_v2_flash")
 
@@ -71,6 +80,25 @@ def test_decode_positions_with_empty_slots_equal_dense_attention_over_the_kept_k
     torch.testing.assert_close(out, dense)
 
 
-def test_torch_backend_is_a_backend_and_get_backend_returns_it():
-    assert isinstance(TorchBackend(), Backend)
-    assert get_backend().name == "torch"
+def test_backend_names_and_the_torch_alias():
+    assert isinstance(get_backend(), CPUBackend) and get_backend().name == "cpu"
+    assert isinstance(get_backend("torch"), CPUBackend)  # the CLI's and old run directories' name
+    assert type(get_backend("reference")) is ReferenceBackend
+    with pytest.raises(ValueError, match="unknown backend 'cuda'; expected one of 'reference', 'cpu'"):
+        get_backend("cuda")
+
+
+def test_every_op_defaults_to_the_reference_and_cpu_overrides_only_attention():
+    assert sorted(OPS) == sorted(op for ops in OP_FAMILIES.values() for op in ops)
+    assert sorted(OPS) == sorted(n for n, a in vars(Backend).items() if isinstance(a, staticmethod))
+    for op in OPS:
+        assert getattr(ReferenceBackend(), op) is getattr(ref, op)
+        want = cpu.attention if op == "attention" else getattr(ref, op)
+        assert getattr(CPUBackend(), op) is want, op
+
+
+def test_mixed_backend_routes_each_family():
+    mixed = get_backend("cpu", overrides={"attention": "reference", "moe": "torch"})
+    assert isinstance(mixed, MixedBackend) and mixed.name == "cpu+attention=reference,moe=cpu"
+    assert mixed.attention is ref.attention and mixed.route is ref.route
+    assert get_backend("reference", overrides={"attention": "cpu"}).attention is cpu.attention

@@ -1,7 +1,8 @@
-"""Plain PyTorch reference of every op; this is the CPU backend and the oracle of every kernel.
+"""Plain PyTorch reference of every op: the float64 oracle of every kernel and of the fast CPU paths.
 
 Each op is written to be read next to its Triton template: shapes are commented on every reshape, and
-every op is correct in float64 so tests can compare kernels against a float64 run of the same code.
+every op is correct in float64 so tests can compare kernels against a float64 run of the same code. No op
+here picks a faster path by shape or dtype; those live in ``lmspec.runtime.ops.cpu``.
 Semantics follow ``transformers`` 5.23 ``modeling_mimo_v2_flash.py``.
 """
 
@@ -88,15 +89,6 @@ def attention(
     if Hq % Hkv != 0:
         raise ValueError(f"num_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
     G = Hq // Hkv
-    if (
-        q_pos is None
-        and k_pos is None
-        and q.dtype == torch.float32
-        and Tq <= Tk
-        and (window_keys is None or window_keys >= 1)
-    ):
-        # Training fast path: every query sees at least itself, so no row is empty.
-        return _sdpa_attention(q, k, v, sinks, scale=scale, value_scale=value_scale, window_keys=window_keys)
     cdt = _compute_dtype(q.dtype)
     dense_positions = q_pos is None and k_pos is None
     if q_pos is None:
@@ -146,121 +138,6 @@ def attention(
     if value_scale != 1.0:
         out = out * value_scale
     return out.to(q.dtype)
-
-
-_MASK_CACHE: dict[tuple, Tensor] = {}
-
-
-def _dense_mask(Tq: int, Tk: int, window_keys: int | None, sink_column: bool, device: torch.device) -> Tensor:
-    """Boolean visibility (Tq, Tk [+1]) of dense positions; the optional first column is the always-visible sink."""
-    key = (Tq, Tk, window_keys, sink_column, device)
-    mask = _MASK_CACHE.get(key)
-    if mask is None:
-        qp = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
-        kp = torch.arange(Tk, device=device)[None]  # (1, Tk)
-        mask = kp <= qp
-        if window_keys is not None:
-            mask &= (qp - kp) < window_keys
-        if sink_column:
-            mask = torch.cat((torch.ones(Tq, 1, dtype=torch.bool, device=device), mask), dim=1)
-        if len(_MASK_CACHE) > 64:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = mask
-    return mask
-
-
-def _banded_mask(T: int, window_keys: int, block: int, sink_column: bool, device: torch.device) -> Tensor:
-    """(T/block, block, [1 +] block + window_keys - 1) visibility of each query block over its key band."""
-    key = ("band", T, window_keys, block, sink_column, device)
-    mask = _MASK_CACHE.get(key)
-    if mask is None:
-        L = block + window_keys - 1
-        starts = torch.arange(0, T, block, device=device)[:, None, None]  # (nblk, 1, 1)
-        qp = starts + torch.arange(block, device=device)[None, :, None]  # (nblk, block, 1)
-        kp = starts - (window_keys - 1) + torch.arange(L, device=device)[None, None, :]  # (nblk, 1, L)
-        mask = (kp >= 0) & (kp <= qp) & ((qp - kp) < window_keys)
-        if sink_column:
-            ones = torch.ones(mask.shape[0], block, 1, dtype=torch.bool, device=device)
-            mask = torch.cat((ones, mask), dim=-1)
-        if len(_MASK_CACHE) > 64:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = mask
-    return mask
-
-
-def _banded_attention(
-    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int, block: int
-) -> Tensor:
-    """Sliding-window attention over query blocks, each against its band of block + window - 1 keys: O(T * W)."""
-    B, Hq, T, Dqk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    G = Hq // Hkv
-    nblk, L = T // block, block + window_keys - 1
-    if G > 1:
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, Hq, T, D)
-    pad = window_keys - 1  # keys before position 0: zeros, never visible
-    kb = F.pad(k, (0, 0, pad, 0)).unfold(2, L, block).transpose(-1, -2)  # (B, Hq, nblk, L, Dqk)
-    vb = F.pad(v, (0, 0, pad, 0)).unfold(2, L, block).transpose(-1, -2)  # (B, Hq, nblk, L, Dv)
-    qb = q.reshape(B, Hq, nblk, block, Dqk)
-    if sinks is not None:
-        qb = torch.cat((qb, qb.new_ones(B, Hq, nblk, block, 1)), dim=-1)  # (B, Hq, nblk, block, Dqk + 1)
-        sink_key = torch.cat(
-            (q.new_zeros(Hq, 1, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1, 1)), dim=-1
-        )
-        kb = torch.cat(
-            (
-                sink_key.expand(B, Hq, nblk, 1, Dqk + 1),
-                torch.cat((kb, kb.new_zeros(B, Hq, nblk, L, 1)), dim=-1),
-            ),
-            dim=3,
-        )  # (B, Hq, nblk, 1 + L, Dqk + 1)
-        vb = torch.cat((vb.new_zeros(B, Hq, nblk, 1, Dv), vb), dim=3)  # (B, Hq, nblk, 1 + L, Dv)
-    mask = _banded_mask(T, window_keys, block, sinks is not None, q.device)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B, Hq, nblk, block, Dv)
-    return out.reshape(B, Hq, T, Dv)
-
-
-def _sdpa_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    sinks: Tensor | None,
-    *,
-    scale: float,
-    value_scale: float,
-    window_keys: int | None,
-) -> Tensor:
-    """Dense-position attention through ``F.scaled_dot_product_attention`` (same semantics as ``attention``).
-
-    The sink is folded in as one extra key: q' = [q, 1], keys' = [[0, sink/scale], [k, 0]], values' = [0, v],
-    so its logit is exactly ``sink``, it only adds to the denominator, and its gradient flows through autograd.
-    """
-    B, Hq, Tq, Dqk = q.shape
-    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G = Hq // Hkv
-    bs = 32
-    if window_keys is not None and Tq == Tk and Tk % bs == 0 and Tk >= 2 * (bs + window_keys - 1):
-        out = _banded_attention(q, k, v, sinks, scale=scale, window_keys=window_keys, block=bs)
-    elif sinks is None:
-        if window_keys is None and Tq == Tk:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=G > 1)
-        else:
-            mask = _dense_mask(Tq, Tk, window_keys, False, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G > 1)
-    else:
-        if G > 1:
-            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, Hq, Tk, D)
-        qa = torch.cat((q, q.new_ones(B, Hq, Tq, 1)), dim=-1)  # (B, Hq, Tq, Dqk + 1)
-        sink_key = torch.cat((q.new_zeros(Hq, 1, Dqk), (sinks.to(q.dtype) / scale).view(Hq, 1, 1)), dim=-1)
-        ka = torch.cat(
-            (sink_key.expand(B, Hq, 1, Dqk + 1), torch.cat((k, k.new_zeros(B, Hq, Tk, 1)), dim=-1)), dim=2
-        )  # (B, Hq, 1 + Tk, Dqk + 1)
-        va = torch.cat((v.new_zeros(B, Hq, 1, Dv), v), dim=2)  # (B, Hq, 1 + Tk, Dv)
-        mask = _dense_mask(Tq, Tk, window_keys, True, q.device)
-        out = F.scaled_dot_product_attention(qa, ka, va, attn_mask=mask, scale=scale)
-    if value_scale != 1.0:
-        out = out * value_scale
-    return out
 
 
 def route(
@@ -419,89 +296,3 @@ def lm_head_ce(
     N = hidden.shape[0]
     chunk = max(1, min(chunk_size, math.ceil(N / 32)))
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
-
-
-class TorchBackend:
-    """Plain PyTorch ops; the CPU backend and the reference of every kernel."""
-
-    name = "torch"
-
-    def rmsnorm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        return rmsnorm(x, weight, eps)
-
-    def add_rmsnorm(
-        self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
-    ) -> tuple[Tensor, Tensor]:
-        return add_rmsnorm(x, residual, weight, eps)
-
-    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        return swiglu(gate, up)
-
-    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        return rope(q, k, cos, sin)
-
-    def attention(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        sinks: Tensor | None,
-        *,
-        scale: float,
-        value_scale: float = 1.0,
-        window_keys: int | None = None,
-        q_pos: Tensor | None = None,
-        k_pos: Tensor | None = None,
-    ) -> Tensor:
-        return attention(
-            q,
-            k,
-            v,
-            sinks,
-            scale=scale,
-            value_scale=value_scale,
-            window_keys=window_keys,
-            q_pos=q_pos,
-            k_pos=k_pos,
-        )
-
-    def route(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        correction_bias: Tensor | None,
-        *,
-        top_k: int,
-        score_function: str = "sigmoid",
-        renormalize: bool = True,
-        routed_scaling_factor: float = 1.0,
-        num_groups: int = 1,
-        top_k_groups: int = 1,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return route(
-            x,
-            weight,
-            correction_bias,
-            top_k=top_k,
-            score_function=score_function,
-            renormalize=renormalize,
-            routed_scaling_factor=routed_scaling_factor,
-            num_groups=num_groups,
-            top_k_groups=top_k_groups,
-        )
-
-    def moe_experts(
-        self, x: Tensor, topk_weights: Tensor, topk_indices: Tensor, gate_up_proj: Tensor, down_proj: Tensor
-    ) -> Tensor:
-        return moe_experts(x, topk_weights, topk_indices, gate_up_proj, down_proj)
-
-    def lm_head_ce(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        *,
-        ignore_index: int = -100,
-        chunk_size: int = 4096,
-    ) -> Tensor:
-        return lm_head_ce(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)

@@ -1,0 +1,218 @@
+"""The default CPU backend: the reference, with fast paths for training attention.
+
+``CPUBackend`` overrides only ``attention``. Dense-position float32 attention (training, and prefill of
+queries that are the last Tq of Tk positions) runs through ``F.scaled_dot_product_attention``:
+
+| path          | when                                                        | cost      |
+|---------------|-------------------------------------------------------------|-----------|
+| ``banded``    | sliding window, Tq == Tk, Tk a multiple of ``BAND_BLOCK`` and at least ``min_banded_seq(window_keys)`` | O(T * W) |
+| ``sdpa_causal`` | global, no sink, Tq == Tk                                 | O(T^2)    |
+| ``sdpa_masked`` | any other dense case; a sink is folded in as an extra key | O(Tq * Tk) |
+| ``reference`` | explicit positions (decode, ring buffers), float64 or half inputs, Tq > Tk, window < 1 | reference |
+
+Every path computes ``lmspec.runtime.ops.reference.attention`` exactly (tests/kernels/test_cpu_fast_path.py
+compares them at the boundaries of this table). ``PATH_CALLS`` counts the calls that took each path, so a
+test or a benchmark can tell which one ran.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmspec.runtime.ops import reference
+from lmspec.runtime.ops.base import Backend
+
+__all__ = ["BAND_BLOCK", "PATH_CALLS", "CPUBackend", "attention", "attention_path", "min_banded_seq"]
+
+# Query block of the banded path. Each block of 32 queries attends to its band of 32 + W - 1 keys in one
+# batched SDPA call: large enough to amortise the per-block key overlap (W - 1 keys read twice) and the
+# call overhead, small enough that a band stays close to W.
+BAND_BLOCK = 32
+
+# Masks are rebuilt for every new (shape, window) only; a training run uses a handful of them.
+_MASK_CACHE: dict[tuple, Tensor] = {}
+_MASK_CACHE_SIZE = 64
+
+PATH_CALLS: Counter[str] = Counter()
+
+
+def min_banded_seq(window_keys: int) -> int:
+    """Shortest sequence the banded path takes for ``window_keys``: a multiple of ``BAND_BLOCK`` at least
+    twice the band (``BAND_BLOCK + window_keys - 1`` keys), where the band computes at most half the scores
+    of the masked dense path."""
+    band = BAND_BLOCK + window_keys - 1
+    return -(-2 * band // BAND_BLOCK) * BAND_BLOCK
+
+
+def attention_path(
+    Tq: int, Tk: int, *, window_keys: int | None, sink: bool, dtype: torch.dtype, dense_positions: bool
+) -> str:
+    """The path (see the module's table) that ``attention`` takes for these arguments."""
+    if (
+        not dense_positions
+        or dtype != torch.float32
+        or Tq > Tk
+        or (window_keys is not None and window_keys < 1)
+    ):
+        return "reference"
+    if window_keys is not None and Tq == Tk and Tk % BAND_BLOCK == 0 and Tk >= min_banded_seq(window_keys):
+        return "banded"
+    if window_keys is None and not sink and Tq == Tk:
+        return "sdpa_causal"
+    return "sdpa_masked"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: Tensor | None,
+    *,
+    scale: float,
+    value_scale: float = 1.0,
+    window_keys: int | None = None,
+    q_pos: Tensor | None = None,
+    k_pos: Tensor | None = None,
+) -> Tensor:
+    """``reference.attention`` (same arguments and result), through the fastest path that computes it."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    dense = q_pos is None and k_pos is None
+    path = attention_path(
+        Tq, Tk, window_keys=window_keys, sink=sinks is not None, dtype=q.dtype, dense_positions=dense
+    )
+    PATH_CALLS[path] += 1
+    if path == "reference":
+        kw = {"value_scale": value_scale, "window_keys": window_keys, "q_pos": q_pos, "k_pos": k_pos}
+        return reference.attention(q, k, v, sinks, scale=scale, **kw)
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k.shape[1]}")
+    out = _PATHS[path](q, k, v, sinks, scale=scale, window_keys=window_keys)
+    return out * value_scale if value_scale != 1.0 else out
+
+
+def _sdpa_causal(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int | None
+) -> Tensor:
+    """Global attention without a sink over Tq == Tk dense positions: SDPA's own causal mask."""
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _sdpa_masked(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int | None
+) -> Tensor:
+    """Queries are the last Tq of Tk dense positions; the sink, if any, is key 0 of an explicit mask."""
+    mask = _dense_mask(q.shape[2], k.shape[2], window_keys, sinks is not None, q.device)  # (Tq, [1 +] Tk)
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    q, k, v = _fold_sink(q, *_per_query_head(k, v, q.shape[1]), sinks, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _banded(
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int
+) -> Tensor:
+    """Sliding-window attention over query blocks, each against its band of block + window - 1 keys: O(T * W)."""
+    B, Hq, T, Dqk = q.shape
+    nblk, L = T // BAND_BLOCK, BAND_BLOCK + window_keys - 1
+    k, v = _per_query_head(k, v, Hq)  # (B, Hq, T, D)
+    pad = window_keys - 1  # keys before position 0: zeros, never visible
+    kb = F.pad(k, (0, 0, pad, 0)).unfold(2, L, BAND_BLOCK).transpose(-1, -2)  # (B, Hq, nblk, L, Dqk)
+    vb = F.pad(v, (0, 0, pad, 0)).unfold(2, L, BAND_BLOCK).transpose(-1, -2)  # (B, Hq, nblk, L, Dv)
+    qb = q.reshape(B, Hq, nblk, BAND_BLOCK, Dqk)  # (B, Hq, nblk, block, Dqk)
+    if sinks is not None:
+        qb, kb, vb = _fold_sink(qb, kb, vb, sinks, scale)
+    mask = _banded_mask(T, window_keys, sinks is not None, q.device)  # (nblk, block, [1 +] L)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B, Hq, nblk, block, Dv)
+    return out.reshape(B, Hq, T, -1)  # (B, Hq, T, Dv)
+
+
+_PATHS: dict[str, Callable[..., Tensor]] = {
+    "banded": _banded,
+    "sdpa_causal": _sdpa_causal,
+    "sdpa_masked": _sdpa_masked,
+}
+
+
+def _per_query_head(k: Tensor, v: Tensor, Hq: int) -> tuple[Tensor, Tensor]:
+    """k, v (B, Hkv, T, D) -> (B, Hq, T, D): each query head gets its own copy of its group's keys."""
+    G = Hq // k.shape[1]
+    if G == 1:
+        return k, v
+    return k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+
+
+def _fold_sink(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold the per-head sink logit in as key 0: q' = [q, 1], k' = [[0, sink/scale], [k, 0]], v' = [0, v].
+
+    q (B, Hq, *, Tq, Dqk), k (B, Hq, *, Tk, Dqk), v (B, Hq, *, Tk, Dv), sinks (Hq,). The sink's logit is then
+    exactly ``sink``, it adds to the denominator only (its value is 0), and its gradient flows by autograd.
+    """
+    B, Hq, Dqk = q.shape[0], q.shape[1], q.shape[-1]
+    inner = k.shape[2:-2]
+    ones = (1,) * len(inner)
+    sink_logit = (sinks.to(k.dtype) / scale).view(Hq, *ones, 1, 1)  # (Hq, 1.., 1, 1)
+    sink_key = torch.cat((k.new_zeros(Hq, *ones, 1, Dqk), sink_logit), dim=-1)  # (Hq, 1.., 1, Dqk + 1)
+    qs = F.pad(q, (0, 1), value=1.0)  # (B, Hq, *, Tq, Dqk + 1)
+    ks = torch.cat(
+        (sink_key.expand(B, Hq, *inner, 1, Dqk + 1), F.pad(k, (0, 1))), dim=-2
+    )  # (.., 1 + Tk, Dqk + 1)
+    vs = F.pad(v, (0, 0, 1, 0))  # (B, Hq, *, 1 + Tk, Dv): the sink's value is zero
+    return qs, ks, vs
+
+
+def _cached_mask(key: tuple, build: Callable[[], Tensor]) -> Tensor:
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        if len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
+            _MASK_CACHE.clear()
+        mask = _MASK_CACHE[key] = build()
+    return mask
+
+
+def _with_sink_column(mask: Tensor) -> Tensor:
+    """Prepend the always-visible sink key: (..., Tq, Tk) -> (..., Tq, 1 + Tk)."""
+    return torch.cat((mask.new_ones(*mask.shape[:-1], 1), mask), dim=-1)
+
+
+def _dense_mask(Tq: int, Tk: int, window_keys: int | None, sink: bool, device: torch.device) -> Tensor:
+    """Visibility (Tq, [1 +] Tk) of the last Tq of Tk dense positions."""
+
+    def build() -> Tensor:
+        qp = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # (Tq, 1)
+        kp = torch.arange(Tk, device=device)[None]  # (1, Tk)
+        mask = kp <= qp
+        if window_keys is not None:
+            mask &= (qp - kp) < window_keys
+        return _with_sink_column(mask) if sink else mask
+
+    return _cached_mask(("dense", Tq, Tk, window_keys, sink, device), build)
+
+
+def _banded_mask(T: int, window_keys: int, sink: bool, device: torch.device) -> Tensor:
+    """Visibility (T / block, block, [1 +] block + window_keys - 1) of each query block over its key band."""
+
+    def build() -> Tensor:
+        L = BAND_BLOCK + window_keys - 1
+        starts = torch.arange(0, T, BAND_BLOCK, device=device)[:, None, None]  # (nblk, 1, 1)
+        qp = starts + torch.arange(BAND_BLOCK, device=device)[None, :, None]  # (nblk, block, 1)
+        kp = starts - (window_keys - 1) + torch.arange(L, device=device)[None, None, :]  # (nblk, 1, L)
+        mask = (kp >= 0) & (kp <= qp) & ((qp - kp) < window_keys)
+        return _with_sink_column(mask) if sink else mask
+
+    return _cached_mask(("banded", T, window_keys, sink, device), build)
+
+
+class CPUBackend(Backend):
+    """The reference, with the fast attention paths above; the default backend on CPU."""
+
+    name = "cpu"
+    attention = staticmethod(attention)
