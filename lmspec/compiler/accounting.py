@@ -42,9 +42,13 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from lmspec.spec import Spec
 from lmspec.spec.schema import AttentionBase, DenseFFN, GlobalAttention, MoEFFN, SlidingAttention
+
+if TYPE_CHECKING:  # rich is imported when printing, so `account` stays import-light
+    from rich.table import Table
 
 __all__ = ["Accounting", "account", "param_count", "print_stats"]
 
@@ -250,29 +254,29 @@ def _attention_kinds(spec: Spec, blocks: Iterable[str]) -> Counter[str]:
     return Counter(spec.model.blocks[b].attention for b in blocks)
 
 
-def account(
-    spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None
-) -> Accounting:
-    """Parameters, active parameters, KV cache at `context` tokens and forward FLOPs per token."""
-    if context < 1:
-        raise ValueError(f"context: expected a positive token count, got {context}")
-    if dtype_bytes < 1 or (kv_dtype_bytes is not None and kv_dtype_bytes < 1):
-        raise ValueError("dtype bytes: expected a positive byte count")
-    kv_b = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
-    m = spec.model
+def _head_active(spec: Spec, active: dict[str, int]) -> int:
+    """A tied head is still a matmul at every token, so it counts once as "head" there."""
+    return active["embedding"] if spec.model.tie_word_embeddings else active.get("lm_head", 0)
 
+
+def _mtp_blocks(spec: Spec) -> int:
+    return spec.model.mtp.num_blocks if spec.model.mtp is not None else 0
+
+
+def _param_fields(spec: Spec, dtype_bytes: int) -> dict[str, Any]:
+    """The parameter, buffer and active-parameter fields of `Accounting`."""
+    m = spec.model
     params = _backbone_components(spec, active=False)
     buffers: dict[str, int] = {}
     for block, count in Counter(m.layer_blocks).items():
         ffn_name = m.blocks[block].ffn
         _add(buffers, _router_bias(m.ffn[ffn_name], ffn_name), count)
 
-    mtp = m.mtp
-    n_mtp = mtp.num_blocks if mtp is not None else 0
+    n_mtp = _mtp_blocks(spec)
     mtp_components = _mtp_block_components(spec, active=False) if n_mtp else {}
     mtp_active_components = _mtp_block_components(spec, active=True) if n_mtp else {}
     if n_mtp:
-        ffn_name = m.blocks[mtp.block].ffn
+        ffn_name = m.blocks[m.mtp.block].ffn
         _add(buffers, {f"mtp.{k}": v for k, v in _router_bias(m.ffn[ffn_name], ffn_name).items()}, n_mtp)
     mtp_block = sum(mtp_components.values())
     backbone = sum(params.values())
@@ -280,12 +284,29 @@ def account(
 
     active = _backbone_components(spec, active=True)
     embed = active["embedding"]
-    head = active.get("lm_head", 0)
-    core = sum(active.values()) - embed - head
-    # A tied head is still a matmul at every token, so it counts once as "head" there.
-    head_active = head if not m.tie_word_embeddings else embed
+    core = sum(active.values()) - embed - active.get("lm_head", 0)
+    head_active = _head_active(spec, active)
+    return {
+        "params": params,
+        "params_backbone": backbone,
+        "buffers": buffers,
+        "mtp_blocks": n_mtp,
+        "mtp_params_per_block_components": mtp_components,
+        "mtp_params_per_block": mtp_block,
+        "mtp_params": n_mtp * mtp_block,
+        "params_total": total,
+        "weight_bytes": total * dtype_bytes,
+        "active": active,
+        "active_without_embedding_and_head": core,
+        "active_with_head": core + head_active,
+        "active_with_embedding_and_head": core + head_active + (embed if not m.tie_word_embeddings else 0),
+        "mtp_active_per_block": sum(mtp_active_components.values()),
+    }
 
-    # KV cache
+
+def _kv_fields(spec: Spec, context: int, kv_b: int) -> dict[str, Any]:
+    """The KV-cache fields of `Accounting`: per token, fixed per sequence, at `context`, all-global."""
+    m = spec.model
     by_kind = _attention_kinds(spec, m.layer_blocks)
     per_token: dict[str, int] = {}
     fixed: dict[str, int] = {}
@@ -305,29 +326,55 @@ def account(
         all_global = sum(kv_bytes_per_slot(m.attention[k], kv_b) * n for k, n in by_kind.items()) * context
     kv_total = sum(at_context.values())
     mtp_kv = 0
-    if n_mtp:
-        mtp_attn = m.attention[m.blocks[mtp.block].attention]
-        mtp_kv = n_mtp * kv_bytes_per_slot(mtp_attn, kv_b) * kv_slots(mtp_attn, context)
+    if _mtp_blocks(spec):
+        mtp_attn = m.attention[m.blocks[m.mtp.block].attention]
+        mtp_kv = _mtp_blocks(spec) * kv_bytes_per_slot(mtp_attn, kv_b) * kv_slots(mtp_attn, context)
+    return {
+        "kv_bytes_per_token": per_token,
+        "kv_bytes_per_token_total": sum(per_token.values()),
+        "kv_fixed_bytes_per_sequence": fixed,
+        "kv_fixed_bytes_per_sequence_total": sum(fixed.values()),
+        "kv_bytes_at_context": at_context,
+        "kv_bytes_at_context_total": kv_total,
+        "all_global_reference": ref,
+        "all_global_kv_bytes_at_context": all_global,
+        "kv_ratio_all_global": all_global / kv_total,
+        "mtp_kv_bytes_at_context": mtp_kv,
+    }
 
-    # FLOPs
+
+def _flop_fields(spec: Spec, context: int, active: dict[str, int]) -> dict[str, Any]:
+    """The forward-FLOP fields of `Accounting`, from the active parameters and the keys each layer sees."""
+    m = spec.model
     flops = _matmul_flops(active)
     if m.tie_word_embeddings:
-        flops["lm_head"] = 2.0 * embed
+        flops["lm_head"] = 2.0 * active["embedding"]
     flops_mean = dict(flops)
-    for kind, count in by_kind.items():
+    for kind, count in _attention_kinds(spec, m.layer_blocks).items():
         attn = m.attention[kind]
         flops[f"attention_scores.{kind}"] = count * attention_score_flops(attn, kv_slots(attn, context))
         flops_mean[f"attention_scores.{kind}"] = count * attention_score_flops(attn, mean_keys(attn, context))
     mtp_flops = 0.0
-    if n_mtp:
-        mtp_attn = m.attention[m.blocks[mtp.block].attention]
+    if _mtp_blocks(spec):
+        mtp_attn = m.attention[m.blocks[m.mtp.block].attention]
         mtp_flops = (
-            sum(_matmul_flops(mtp_active_components).values())
-            + 2.0 * head_active
+            sum(_matmul_flops(_mtp_block_components(spec, active=True)).values())
+            + 2.0 * _head_active(spec, active)
             + attention_score_flops(mtp_attn, kv_slots(mtp_attn, context))
         )
+    return {
+        "flops_per_token": flops,
+        "flops_per_token_total": sum(flops.values()),
+        "flops_per_token_seq_mean": flops_mean,
+        "flops_per_token_seq_mean_total": sum(flops_mean.values()),
+        "mtp_flops_per_token_per_block": mtp_flops,
+    }
 
-    counted = {
+
+def _counted(spec: Spec, active: dict[str, int], kv_b: int, ref: str | None) -> dict[str, str]:
+    """What each figure counts, in words, with the numbers a reader needs to redo it."""
+    embed, head_active = active["embedding"], _head_active(spec, active)
+    return {
         "params": "trainable parameters; backbone excludes MTP; buffers (router correction bias) listed apart",
         "active": f"attention, sinks, norms, dense FFN, routers, top_k routed + all shared experts per MoE layer; "
         f"headline figures with and without the embedding ({embed}) and LM head ({head_active})",
@@ -339,43 +386,31 @@ def account(
         "flops": "2 x matmul weights used per token + 2*heads*keys*(qk+v) per attention layer; "
         "embedding lookup, norms, sinks and softmax not counted; keys at position `context`",
     }
+
+
+def account(
+    spec: Spec, context: int = 262144, *, dtype_bytes: int = 2, kv_dtype_bytes: int | None = None
+) -> Accounting:
+    """Parameters, active parameters, KV cache at `context` tokens and forward FLOPs per token."""
+    if context < 1:
+        raise ValueError(f"context: expected a positive token count, got {context}")
+    if dtype_bytes < 1 or (kv_dtype_bytes is not None and kv_dtype_bytes < 1):
+        raise ValueError("dtype bytes: expected a positive byte count")
+    kv_b = dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes
+    m = spec.model
+    params = _param_fields(spec, dtype_bytes)
+    kv = _kv_fields(spec, context, kv_b)
     return Accounting(
         name=spec.name,
         context=context,
         dtype_bytes=dtype_bytes,
         kv_dtype_bytes=kv_b,
         num_layers=m.num_layers,
-        layers_by_attention=dict(by_kind),
-        params=params,
-        params_backbone=backbone,
-        buffers=buffers,
-        mtp_blocks=n_mtp,
-        mtp_params_per_block_components=mtp_components,
-        mtp_params_per_block=mtp_block,
-        mtp_params=n_mtp * mtp_block,
-        params_total=total,
-        weight_bytes=total * dtype_bytes,
-        active=active,
-        active_without_embedding_and_head=core,
-        active_with_head=core + head_active,
-        active_with_embedding_and_head=core + head_active + (embed if not m.tie_word_embeddings else 0),
-        mtp_active_per_block=sum(mtp_active_components.values()),
-        kv_bytes_per_token=per_token,
-        kv_bytes_per_token_total=sum(per_token.values()),
-        kv_fixed_bytes_per_sequence=fixed,
-        kv_fixed_bytes_per_sequence_total=sum(fixed.values()),
-        kv_bytes_at_context=at_context,
-        kv_bytes_at_context_total=kv_total,
-        all_global_reference=ref,
-        all_global_kv_bytes_at_context=all_global,
-        kv_ratio_all_global=all_global / kv_total,
-        mtp_kv_bytes_at_context=mtp_kv,
-        flops_per_token=flops,
-        flops_per_token_total=sum(flops.values()),
-        flops_per_token_seq_mean=flops_mean,
-        flops_per_token_seq_mean_total=sum(flops_mean.values()),
-        mtp_flops_per_token_per_block=mtp_flops,
-        counted=counted,
+        layers_by_attention=dict(_attention_kinds(spec, m.layer_blocks)),
+        **params,
+        **kv,
+        **_flop_fields(spec, context, params["active"]),
+        counted=_counted(spec, params["active"], kv_b, kv["all_global_reference"]),
     )
 
 
@@ -427,25 +462,18 @@ def _exact(n: float) -> str:
     return f"{n:,.0f}" if math.isclose(n, round(n)) else f"{n:,.1f}"
 
 
-def print_stats(
-    spec: Spec, *, as_json: bool = False, context: int = 262144, kv_dtype_bytes: int | None = None
-) -> int:
-    """`lmspec stats`: the accounting of `spec` as rich tables, or as JSON with `as_json`."""
-    acc = account(spec, context, kv_dtype_bytes=kv_dtype_bytes)
-    if as_json:
-        print(json.dumps(acc.to_dict(), indent=2))
-        return 0
-
-    from rich.console import Console
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """A left-titled table whose first column is left-aligned and the figures right-aligned."""
     from rich.table import Table
 
-    console = Console()
-    layout = ", ".join(f"{n} {k}" for k, n in acc.layers_by_attention.items())
-    console.print(f"[bold]{acc.name}[/bold]: {acc.num_layers} layers ({layout}), {acc.mtp_blocks} MTP blocks")
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table
 
-    params = Table(title="Parameters", title_justify="left")
-    for col in ("component", "total", "active / token", "exact total"):
-        params.add_column(col, justify="left" if col == "component" else "right")
+
+def _params_table(acc: Accounting) -> Table:
+    params = _table("Parameters", ("component", "total", "active / token", "exact total"))
     for key, value in _ordered(acc.params):
         params.add_row(key, _count(value), _count(acc.active.get(key, 0)), _exact(value))
     params.add_section()
@@ -465,22 +493,23 @@ def print_stats(
     params.add_row("[bold]all parameters[/bold]", _count(acc.params_total), "", _exact(acc.params_total))
     for key, value in _ordered(acc.buffers):
         params.add_row(f"buffer: {key}", _count(value), "", _exact(value))
-    console.print(params)
+    return params
 
-    active = Table(title="Active parameters per token (backbone)", title_justify="left")
-    active.add_column("counted")
-    active.add_column("params", justify="right")
+
+def _active_table(acc: Accounting) -> Table:
+    active = _table("Active parameters per token (backbone)", ("counted", "params"))
     active.add_row("without embedding and LM head", _count(acc.active_without_embedding_and_head))
     active.add_row("with LM head", _count(acc.active_with_head))
     active.add_row("with embedding and LM head", _count(acc.active_with_embedding_and_head))
-    console.print(active)
+    return active
 
-    kv = Table(
-        title=f"KV cache, {acc.kv_dtype_bytes} bytes per element, one sequence of {context:,} tokens",
-        title_justify="left",
+
+def _kv_table(acc: Accounting) -> Table:
+    context = acc.context
+    kv = _table(
+        f"KV cache, {acc.kv_dtype_bytes} bytes per element, one sequence of {context:,} tokens",
+        ("attention kind", "layers", "per token", "fixed per sequence", f"at {context:,}"),
     )
-    for col in ("attention kind", "layers", "per token", "fixed per sequence", f"at {context:,}"):
-        kv.add_column(col, justify="left" if col == "attention kind" else "right")
     for kind, n in acc.layers_by_attention.items():
         kv.add_row(
             kind,
@@ -507,11 +536,14 @@ def print_stats(
     kv.add_row("[bold]all-global / this model[/bold]", "", "", "", f"{acc.kv_ratio_all_global:.2f}x")
     if acc.mtp_blocks:
         kv.add_row("MTP blocks (apart)", str(acc.mtp_blocks), "", "", _bytes(acc.mtp_kv_bytes_at_context))
-    console.print(kv)
+    return kv
 
-    flops = Table(title=f"Forward FLOPs per token at context {context:,}", title_justify="left")
-    for col in ("component", "at position context", "sequence mean"):
-        flops.add_column(col, justify="left" if col == "component" else "right")
+
+def _flops_table(acc: Accounting) -> Table:
+    flops = _table(
+        f"Forward FLOPs per token at context {acc.context:,}",
+        ("component", "at position context", "sequence mean"),
+    )
     for key, value in _ordered(acc.flops_per_token):
         flops.add_row(key, _count(value), _count(acc.flops_per_token_seq_mean[key]))
     flops.add_section()
@@ -522,7 +554,25 @@ def print_stats(
     )
     if acc.mtp_blocks:
         flops.add_row("per MTP block", _count(acc.mtp_flops_per_token_per_block), "")
-    console.print(flops)
+    return flops
+
+
+def print_stats(
+    spec: Spec, *, as_json: bool = False, context: int = 262144, kv_dtype_bytes: int | None = None
+) -> int:
+    """`lmspec stats`: the accounting of `spec` as rich tables, or as JSON with `as_json`."""
+    acc = account(spec, context, kv_dtype_bytes=kv_dtype_bytes)
+    if as_json:
+        print(json.dumps(acc.to_dict(), indent=2))
+        return 0
+
+    from rich.console import Console
+
+    console = Console()
+    layout = ", ".join(f"{n} {k}" for k, n in acc.layers_by_attention.items())
+    console.print(f"[bold]{acc.name}[/bold]: {acc.num_layers} layers ({layout}), {acc.mtp_blocks} MTP blocks")
+    for table in (_params_table(acc), _active_table(acc), _kv_table(acc), _flops_table(acc)):
+        console.print(table)
     for key, text in acc.counted.items():
         console.print(f"[dim]{key}: {text}[/dim]")
     return 0
