@@ -13,13 +13,13 @@ Layout, per layer key (``model.layers.{i}``, ``model.mtp.layers.{k}``):
 
 - global layers: ``max_len`` slots, slot = position. ``update`` writes the chunk, then returns the
   prefix of the buffer up to the highest position written (a view, no copy).
-- sliding layers: a ring of ``window_keys + slack`` slots (``slack = extra_slots``), slot =
-  position % slots. ``update`` returns the ring's entries older than the chunk concatenated with the
-  chunk itself, then writes the chunk's last ``slots`` entries into the ring. The chunk may be longer
-  than the ring (chunked prefill). A query at position p needs the ``window_keys - 1`` previous
-  positions besides itself; after a speculative step wrote up to D positions that are then rolled
-  back, those positions' slots hold the rejected keys, so the ring keeps ``D`` extra slots and no key
-  still needed is ever overwritten.
+- sliding layers: a ring of ``window_keys + speculative_depth`` slots, slot = position % slots.
+  ``update`` returns the ring's entries older than the chunk concatenated with the chunk itself,
+  then writes the chunk's last ``slots`` entries into the ring. The chunk may be longer than the ring
+  (chunked prefill). A query at position p needs the ``window_keys - 1`` previous
+  positions besides itself; after a speculative step wrote up to D = ``speculative_depth`` positions
+  that are then rolled back, those positions' slots hold the rejected keys, so the ring keeps D extra
+  slots and no key still needed is ever overwritten.
 
 Rollback (speculative decoding) marks positions >= the new length as empty (k_pos = -1); the K/V
 data stays, and the next write over those slots replaces it.
@@ -73,30 +73,30 @@ def _spec_of(spec_or_model: Spec | nn.Module) -> Spec:
     return spec
 
 
-def _slots(attn: AttentionBase, max_len: int, slack: int) -> int:
+def _slots(attn: AttentionBase, max_len: int, speculative_depth: int) -> int:
     window = getattr(attn, "window_keys", None)
     if window is None:
         return max_len
     # A ring never needs more slots than the context holds.
-    return min(window + slack, max_len)
+    return min(window + speculative_depth, max_len)
 
 
 def cache_layout(
-    spec: Spec, max_len: int, *, slack: int = 0, mtp_blocks: int | None = None
+    spec: Spec, max_len: int, *, speculative_depth: int = 0, mtp_blocks: int | None = None
 ) -> list[LayerLayout]:
     """The cache's layers for a context of ``max_len`` tokens: every decoder layer, then MTP blocks.
 
-    ``slack`` extra ring slots per sliding layer (= the speculative depth D: a verify step writes D+1
-    tokens, of which up to D are rolled back). ``mtp_blocks`` MTP layers get a cache of their own
-    (default: ``slack``, the blocks used as drafters).
+    Each sliding layer's ring keeps ``speculative_depth`` (D) slots beyond its window: a verify step
+    writes D+1 tokens, of which up to D are rolled back. ``mtp_blocks`` MTP layers get a cache of their
+    own (default: ``speculative_depth``, the blocks used as drafters).
     """
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
-    if slack < 0:
-        raise ValueError(f"slack must be >= 0, got {slack}")
+    if speculative_depth < 0:
+        raise ValueError(f"speculative_depth must be >= 0, got {speculative_depth}")
     m = spec.model
     available = m.mtp.num_blocks if m.mtp else 0
-    n_mtp = slack if mtp_blocks is None else mtp_blocks
+    n_mtp = speculative_depth if mtp_blocks is None else mtp_blocks
     n_mtp = min(n_mtp, available) if mtp_blocks is None else n_mtp
     if n_mtp > available:
         raise ValueError(f"mtp_blocks must be at most mtp.num_blocks ({available}), got {n_mtp}")
@@ -108,7 +108,7 @@ def cache_layout(
             num_kv_heads=attn.num_kv_heads,
             qk_head_dim=attn.qk_head_dim,
             v_head_dim=attn.v_head_dim,
-            slots=_slots(attn, max_len, slack),
+            slots=_slots(attn, max_len, speculative_depth),
         )
 
     out = [layout(f"model.layers.{i}", m.layer_attention(i)) for i in range(m.num_layers)]
@@ -125,20 +125,21 @@ def kv_cache_bytes(
     batch: int = 1,
     *,
     dtype_bytes: int = 2,
-    slack: int = 0,
+    speculative_depth: int = 0,
     mtp_blocks: int | None = None,
 ) -> int:
     """K+V bytes of a ``HybridKVCache`` for ``batch`` sequences of up to ``context`` tokens, from the spec.
 
     Per sequence: each global layer holds ``context`` tokens of ``Hkv * (Dqk + Dv)`` elements; each
-    sliding layer a ring of ``min(window_keys + slack, context)`` tokens. With ``slack=0`` and
-    ``mtp_blocks=0`` this is the textbook hybrid cost (window_keys slots per SWA layer + a per-token
-    cost for global layers); the speculation slack adds ``slack`` slots per sliding layer, and each
-    drafting MTP block adds its own layer (default ``mtp_blocks = slack``).
+    sliding layer a ring of ``min(window_keys + speculative_depth, context)`` tokens. With
+    ``speculative_depth=0`` and ``mtp_blocks=0`` this is the textbook hybrid cost (window_keys slots per
+    SWA layer + a per-token cost for global layers); speculation adds ``speculative_depth`` slots per
+    sliding layer, and each drafting MTP block adds its own layer (default
+    ``mtp_blocks = speculative_depth``).
     """
     return batch * sum(
         layer.slots * layer.bytes_per_slot(dtype_bytes)
-        for layer in cache_layout(spec, context, slack=slack, mtp_blocks=mtp_blocks)
+        for layer in cache_layout(spec, context, speculative_depth=speculative_depth, mtp_blocks=mtp_blocks)
     )
 
 
@@ -237,9 +238,9 @@ class _LayerCache:
 class HybridKVCache:
     """KV cache for a spec's decoder layers (and drafting MTP blocks), batched, with rollback.
 
-    ``extra_slots`` is the speculation slack (default: ``spec.serving.speculative_depth``): every ring
-    keeps that many slots beyond ``window_keys``. ``mtp_blocks`` MTP layers get their own cache
-    (default: ``extra_slots``). Sequences in a batch have independent lengths: positions are given per
+    Every ring keeps ``speculative_depth`` slots beyond ``window_keys`` (default: the spec's
+    ``serving.speculative_depth``). ``mtp_blocks`` MTP layers get their own cache (default:
+    ``speculative_depth``). Sequences in a batch have independent lengths: positions are given per
     token, padding is any negative position.
     """
 
@@ -251,7 +252,7 @@ class HybridKVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        extra_slots: int | None = None,
+        speculative_depth: int | None = None,
         mtp_blocks: int | None = None,
     ) -> None:
         self.spec = _spec_of(spec_or_model)
@@ -263,10 +264,14 @@ class HybridKVCache:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = batch_size
         self.max_len = max_len
-        self.extra_slots = self.spec.serving.speculative_depth if extra_slots is None else extra_slots
+        self.speculative_depth = (
+            self.spec.serving.speculative_depth if speculative_depth is None else speculative_depth
+        )
         self.device = torch.device(device)
         self.dtype = dtype
-        self.layouts = cache_layout(self.spec, max_len, slack=self.extra_slots, mtp_blocks=mtp_blocks)
+        self.layouts = cache_layout(
+            self.spec, max_len, speculative_depth=self.speculative_depth, mtp_blocks=mtp_blocks
+        )
         self._layers = {lay.key: _LayerCache(lay, batch_size, self.device, dtype) for lay in self.layouts}
 
     # -- the contract -------------------------------------------------------------------------
@@ -325,5 +330,5 @@ class HybridKVCache:
         rings = sum(lay.is_ring for lay in self.layouts)
         return (
             f"HybridKVCache(batch={self.batch_size}, max_len={self.max_len}, layers={len(self.layouts)} "
-            f"({rings} rings, slack {self.extra_slots}), {self.nbytes() / 2**20:.2f} MiB)"
+            f"({rings} rings, speculative_depth {self.speculative_depth}), {self.nbytes() / 2**20:.2f} MiB)"
         )

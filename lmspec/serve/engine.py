@@ -212,7 +212,7 @@ class DecodeEngine:
             self.max_len + self.depth + 1,
             device=self.device,
             dtype=self.dtype,
-            extra_slots=self.depth,
+            speculative_depth=self.depth,
             mtp_blocks=self.depth,
         )
         self.main_keys = [k for k in self.cache.keys if not k.startswith("model.mtp.")]

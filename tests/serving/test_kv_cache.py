@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from lmspec.compiler.accounting import account
 from lmspec.runtime.kv_cache import HybridKVCache, cache_layout, kv_cache_bytes
-from lmspec.runtime.ops.torch_backend import attention
+from lmspec.runtime.ops.reference import attention
 from lmspec.spec import load_spec
 
 TINY = "examples/mimo_v2_flash_tiny.yaml"
@@ -27,7 +27,7 @@ def tiny(window: int = 32, convention: str = "previous_plus_self"):
 @st.composite
 def scenarios(draw):
     window = draw(st.integers(1, 6))
-    slack = draw(st.integers(0, 3))
+    depth = draw(st.integers(0, 3))
     batch = draw(st.integers(1, 3))
     steps = []
     for _ in range(draw(st.integers(1, 10))):
@@ -40,23 +40,23 @@ def scenarios(draw):
                 chunk.append((draw(st.integers(1, 12)), None))
             elif kind == "decode":
                 chunk.append((1, None))
-            else:  # a verify step of slack + 1 tokens, of which `kept` survive the rollback
-                chunk.append((slack + 1, draw(st.integers(0, slack + 1))))
+            else:  # a verify step of depth + 1 tokens, of which `kept` survive the rollback
+                chunk.append((depth + 1, draw(st.integers(0, depth + 1))))
         steps.append(chunk)
     left = draw(st.booleans())  # pad ragged rows on the left instead of the right
-    return window, slack, batch, steps, left
+    return window, depth, batch, steps, left
 
 
 @settings(max_examples=40)
 @given(scenarios(), st.sampled_from([SWA, GLOBAL]))
 def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
-    window, slack, batch, steps, left = scenario
+    window, depth, batch, steps, left = scenario
     spec = tiny(window)
     attn = spec.model.layer_attention(int(layer.rsplit(".", 1)[1]))
     W = attn.window_keys
     Hkv, Hq, D, Dv = attn.num_kv_heads, attn.num_heads, attn.qk_head_dim, attn.v_head_dim
     max_len = 80
-    cache = HybridKVCache(spec, batch, max_len, dtype=torch.float64, extra_slots=slack)
+    cache = HybridKVCache(spec, batch, max_len, dtype=torch.float64, speculative_depth=depth)
     g = torch.Generator().manual_seed(0)
     # The true keys/values of every position; rejected speculative writes get other, random values.
     true_k = torch.randn(batch, Hkv, max_len, D, generator=g, dtype=torch.float64)
@@ -105,9 +105,9 @@ def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
                 assert needed <= set(valid.tolist())
 
 
-def test_ring_is_window_plus_slack_and_global_is_max_len():
+def test_ring_is_window_plus_speculative_depth_and_global_is_max_len():
     spec = tiny(32)
-    cache = HybridKVCache(spec, 2, 512, extra_slots=3, dtype=torch.float32)
+    cache = HybridKVCache(spec, 2, 512, speculative_depth=3, dtype=torch.float32)
     layouts = {lay.key: lay for lay in cache.layouts}
     assert layouts[SWA].slots == 33 + 3
     assert layouts[GLOBAL].slots == 512
@@ -116,11 +116,13 @@ def test_ring_is_window_plus_slack_and_global_is_max_len():
         "model.mtp.layers.1",
         "model.mtp.layers.2",
     ]
-    assert HybridKVCache(spec, 1, 16, extra_slots=3).layouts[1].slots == 16  # never more than the context
+    assert (
+        HybridKVCache(spec, 1, 16, speculative_depth=3).layouts[1].slots == 16
+    )  # never more than the context
 
 
 def test_positions_past_max_len_are_an_error_and_unknown_layers_name_the_known_ones():
-    cache = HybridKVCache(tiny(), 1, 8, extra_slots=0)
+    cache = HybridKVCache(tiny(), 1, 8, speculative_depth=0)
     k, v = torch.zeros(1, 2, 1, 48), torch.zeros(1, 2, 1, 32)
     with pytest.raises(ValueError, match="max_len 8"):
         cache.update(GLOBAL, k, v, torch.tensor([[8]]))
@@ -128,30 +130,32 @@ def test_positions_past_max_len_are_an_error_and_unknown_layers_name_the_known_o
         cache.update("model.layers.99", k, v, torch.tensor([[0]]))
 
 
-@pytest.mark.parametrize("slack", [0, 3])
-def test_measured_bytes_equal_the_accounting_and_the_all_global_ratio(slack):
+@pytest.mark.parametrize("depth", [0, 3])
+def test_measured_bytes_equal_the_accounting_and_the_all_global_ratio(depth):
     spec = tiny(32)
     context = 8 * 33  # 8x the window
-    cache = HybridKVCache(spec, 2, context, dtype=torch.bfloat16, extra_slots=slack)
-    predicted = kv_cache_bytes(spec, context, batch=2, dtype_bytes=2, slack=slack)
+    cache = HybridKVCache(spec, 2, context, dtype=torch.bfloat16, speculative_depth=depth)
+    predicted = kv_cache_bytes(spec, context, batch=2, dtype_bytes=2, speculative_depth=depth)
     assert cache.nbytes() == predicted
 
-    # Against the spec accounting (`lmspec stats`): with no slack and no MTP caches they agree exactly;
-    # the speculation slack adds `slack` slots per sliding layer and each drafting MTP block its own ring.
+    # Against the spec accounting (`lmspec stats`): without speculation and MTP caches they agree exactly;
+    # a speculative depth D adds D slots per sliding layer and each drafting MTP block its own ring.
     acc = account(spec, context, dtype_bytes=2)
-    layouts = cache_layout(spec, context, slack=slack)
+    layouts = cache_layout(spec, context, speculative_depth=depth)
     sliding = [lay for lay in layouts if lay.is_ring and "mtp" not in lay.key]
-    slack_bytes = sum(slack * lay.bytes_per_slot(2) for lay in sliding)
+    depth_bytes = sum(depth * lay.bytes_per_slot(2) for lay in sliding)
     mtp_bytes = sum(lay.slots * lay.bytes_per_slot(2) for lay in layouts if "mtp" in lay.key)
-    assert kv_cache_bytes(spec, context, slack=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
-    assert predicted == 2 * (acc.kv_bytes_at_context_total + slack_bytes + mtp_bytes)
-    if slack == 3:
-        assert mtp_bytes == acc.mtp_kv_bytes_at_context + 3 * slack * layouts[-1].bytes_per_slot(2)
+    assert kv_cache_bytes(spec, context, speculative_depth=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
+    assert predicted == 2 * (acc.kv_bytes_at_context_total + depth_bytes + mtp_bytes)
+    if depth == 3:
+        assert mtp_bytes == acc.mtp_kv_bytes_at_context + 3 * depth * layouts[-1].bytes_per_slot(2)
 
     # The all-global variant of the same model, measured, is larger by the predicted ratio.
     glob = load_spec(TINY, ["model.layers=G0 G*2 G G*2 G"])
-    all_global = HybridKVCache(glob, 1, context, dtype=torch.bfloat16, extra_slots=0, mtp_blocks=0).nbytes()
-    hybrid = HybridKVCache(spec, 1, context, dtype=torch.bfloat16, extra_slots=0, mtp_blocks=0).nbytes()
+    all_global = HybridKVCache(
+        glob, 1, context, dtype=torch.bfloat16, speculative_depth=0, mtp_blocks=0
+    ).nbytes()
+    hybrid = HybridKVCache(spec, 1, context, dtype=torch.bfloat16, speculative_depth=0, mtp_blocks=0).nbytes()
     assert all_global == acc.all_global_kv_bytes_at_context
     assert all_global / hybrid == pytest.approx(acc.kv_ratio_all_global, rel=1e-12)
     # Tiny's two kinds share head shapes, so the ratio is slot counts: 7 layers x context over
@@ -160,10 +164,10 @@ def test_measured_bytes_equal_the_accounting_and_the_all_global_ratio(slack):
 
 
 def test_full_size_prediction_matches_lmspec_stats():
-    """MiMo-V2-Flash at 256k: the cache the runtime would allocate is what `lmspec stats` reports, plus slack."""
+    """MiMo-V2-Flash at 256k: the cache the runtime would allocate is what `lmspec stats` reports, plus the speculative slots."""
     spec = load_spec("examples/mimo_v2_flash.yaml")
     acc = account(spec, 262144, dtype_bytes=2)
-    assert kv_cache_bytes(spec, 262144, slack=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
+    assert kv_cache_bytes(spec, 262144, speculative_depth=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
     per_slot = 8 * (192 + 128) * 2  # SWA: 8 kv heads, qk 192 + v 128, bf16
-    with_slack = kv_cache_bytes(spec, 262144, slack=3, mtp_blocks=3)
-    assert with_slack - acc.kv_bytes_at_context_total == 39 * 3 * per_slot + 3 * (129 + 3) * per_slot
+    with_depth = kv_cache_bytes(spec, 262144, speculative_depth=3, mtp_blocks=3)
+    assert with_depth - acc.kv_bytes_at_context_total == 39 * 3 * per_slot + 3 * (129 + 3) * per_slot
