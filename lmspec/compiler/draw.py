@@ -437,20 +437,10 @@ def _summary(graph: Graph) -> str:
     )
 
 
-def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None:
-    import matplotlib
+def _draw_columns(ax, view: View, cols: dict[str, tuple[float, float, float, int]]) -> None:
+    """A rounded grey box and a bold header behind each column that is not drawn plain."""
+    from matplotlib.patches import FancyBboxPatch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch, Patch
-
-    pos, cols = _layout(view)
-    right = max(x + w for x, _, w, _ in cols.values())
-    bottom = min(y - r * _DY for _, y, _, r in cols.values())
-    fig, ax = plt.subplots(figsize=(max(8.0, right * 0.95), max(5.0, -bottom * 0.95 + 1.0)), dpi=110)
-    ax.set_xlim(-0.3, right + 0.3)
-    ax.set_ylim(bottom - 0.2, 1.0)
-    ax.axis("off")
     headers = dict(view.columns)
     for key, (x, y, w, r) in cols.items():
         if key in view.plain:
@@ -477,6 +467,10 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
             weight="bold",
             color="#333333",
         )
+
+
+def _draw_nodes(ax, view: View, pos: dict[str, tuple[float, float]]) -> dict:
+    """One coloured label per node (fused units with a red border); returns the text artists by node."""
     texts = {}
     for n, v in view.nodes.items():
         x, y = pos[n]
@@ -496,6 +490,11 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
                 "ec": "#c0392b" if v.fused else "#666666",
             },
         )
+    return texts
+
+
+def _draw_edges(ax, view: View, pos: dict[str, tuple[float, float]], texts: dict) -> None:
+    """Arrows between node boxes: grey across columns, dark within one."""
     for a, b in view.edges:
         (xa, ya), (xb, yb) = pos[a], pos[b]
         cross = view.nodes[a].column != view.nodes[b].column
@@ -518,10 +517,14 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
                 "connectionstyle": f"arc3,rad={0.35 if xa >= xb else -0.35}" if bend else "arc3",
             },
         )
-    fig.suptitle(view.title, fontsize=13, x=0.01, ha="left")
-    band2_top = max((y for k, (_, y, *_rest) in cols.items() if k.startswith("model.mtp.")), default=bottom)
+
+
+def _draw_key(ax, summary: str, top: float) -> None:
+    """The summary text and the colour legend, in the free space left of the MTP band (from `top`)."""
+    from matplotlib.patches import Patch
+
     if summary:
-        ax.text(0.0, band2_top + 0.4, summary, ha="left", va="top", fontsize=9, family="monospace")
+        ax.text(0.0, top + 0.4, summary, ha="left", va="top", fontsize=9, family="monospace")
     handles = [Patch(fc=COLORS[c], ec="#c0392b" if c == "fused" else "#666666", label=t) for t, c in LEGEND]
     ax.legend(
         handles=handles,
@@ -529,9 +532,29 @@ def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None
         fontsize=9,
         frameon=False,
         ncol=2,
-        bbox_to_anchor=(0.0, band2_top - 1.6),
+        bbox_to_anchor=(0.0, top - 1.6),
         bbox_transform=ax.transData,
     )
+
+
+def draw_matplotlib(view: View, path: Path, fmt: str, summary: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos, cols = _layout(view)
+    right = max(x + w for x, _, w, _ in cols.values())
+    bottom = min(y - r * _DY for _, y, _, r in cols.values())
+    fig, ax = plt.subplots(figsize=(max(8.0, right * 0.95), max(5.0, -bottom * 0.95 + 1.0)), dpi=110)
+    ax.set_xlim(-0.3, right + 0.3)
+    ax.set_ylim(bottom - 0.2, 1.0)
+    ax.axis("off")
+    _draw_columns(ax, view, cols)
+    _draw_edges(ax, view, pos, _draw_nodes(ax, view, pos))
+    fig.suptitle(view.title, fontsize=13, x=0.01, ha="left")
+    band2_top = max((y for k, (_, y, *_rest) in cols.items() if k.startswith("model.mtp.")), default=bottom)
+    _draw_key(ax, summary, band2_top)
     fig.tight_layout()
     fig.savefig(path, format=fmt)
     plt.close(fig)
