@@ -6,6 +6,9 @@ path as its id (`model.layers.3.self_attn.q_proj`), other nodes append their rol
 path (`model.layers.3.attn_residual`). Shapes are left to the `shapes` pass so that every shape in
 the IR comes from one set of rules (`lmspec.compiler.ops`).
 
+Facts of the whole model that no op owns sit in `graph.nx.graph`: `name` (the spec's name),
+`spec_hash` (its content hash) and `init_std`; codegen names them in headers and the init.
+
 `lower(spec)` then `run_passes(graph)` is the whole compiler front: see `lmspec.compiler.passes`.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from lmspec.compiler.graph import Graph, LayerInfo
 from lmspec.compiler.passes import PIPELINE, PassContext, run_passes
-from lmspec.spec import DenseFFN, MoEFFN, Spec
+from lmspec.spec import DenseFFN, MoEFFN, SlidingAttention, Spec, spec_hash
 
 __all__ = ["PIPELINE", "PassContext", "activation_dtype", "lower", "run_passes"]
 
@@ -127,6 +130,9 @@ class _Builder:
             "kind": a.kind,
             "attention": b.attention,
             "window_keys": a.window_keys,
+            # As written in the spec, for the generated comment; window_keys is what runs.
+            "window": a.window if isinstance(a, SlidingAttention) else None,
+            "window_convention": a.window_convention if isinstance(a, SlidingAttention) else None,
             "sink": a.sink,
             "num_heads": a.num_heads,
             "num_kv_heads": a.num_kv_heads,
@@ -228,6 +234,7 @@ class _Builder:
     def build(self) -> Graph:
         m, g = self.m, self.graph
         h, vocab = m.hidden_size, m.vocab_size
+        g.nx.graph.update(name=self.spec.name, spec_hash=spec_hash(self.spec), init_std=m.init_std)
         ids = self.op(
             "input_ids",
             "input",
