@@ -14,9 +14,12 @@ Facts of the whole model that no op owns sit in `graph.nx.graph`: `name` (the sp
 
 from __future__ import annotations
 
+from typing import Any
+
 from lmspec.compiler.graph import Graph, LayerInfo
 from lmspec.compiler.passes import PIPELINE, PassContext, run_passes
 from lmspec.spec import DenseFFN, MoEFFN, SlidingAttention, Spec, spec_hash
+from lmspec.spec.schema import AttentionBase
 
 __all__ = ["PIPELINE", "PassContext", "activation_dtype", "lower", "run_passes"]
 
@@ -26,6 +29,26 @@ _TOKENS = ("B", "T")
 def activation_dtype(spec: Spec) -> str:
     """Dtype of activations and weights: the training precision, float32 without a training section."""
     return "bfloat16" if spec.training is not None and spec.training.precision == "bf16" else "float32"
+
+
+def _attention_attrs(a: AttentionBase, kind: str) -> dict[str, Any]:
+    """The attributes of an attention node of attention kind `kind` (its name in `model.attention`)."""
+    return {
+        "kind": a.kind,
+        "attention": kind,
+        "window_keys": a.window_keys,
+        # As written in the spec, for the generated comment; window_keys is what runs.
+        "window": a.window if isinstance(a, SlidingAttention) else None,
+        "window_convention": a.window_convention if isinstance(a, SlidingAttention) else None,
+        "sink": a.sink,
+        "num_heads": a.num_heads,
+        "num_kv_heads": a.num_kv_heads,
+        "gqa_group": a.num_heads // a.num_kv_heads,
+        "qk_head_dim": a.qk_head_dim,
+        "v_head_dim": a.v_head_dim,
+        "scale": a.scale,
+        "value_scale": a.value_scale,
+    }
 
 
 class _Builder:
@@ -75,13 +98,30 @@ class _Builder:
         """Pre-norm attention then pre-norm FFN, each with a residual; returns the layer output id."""
         m = self.m
         b = m.blocks[block]
-        a = m.attention[b.attention]
-        afield = f"model.attention.{b.attention}"
+        common = {"scope": p}
+
+        n1 = self.rmsnorm(f"{p}.input_layernorm", x, scope=p)
+        o = self.self_attention(p, b.attention, n1)
+        r1 = self.op(f"{p}.attn_residual", "add", o, x, path=p, field=f"model.blocks.{block}", **common)
+
+        n2 = self.rmsnorm(f"{p}.post_attention_layernorm", r1, scope=p)
+        f = m.ffn[b.ffn]
+        ffield = f"model.ffn.{b.ffn}"
+        if isinstance(f, DenseFFN):
+            out = self.swiglu_mlp(f"{p}.mlp", n2, f.intermediate_size, field=ffield, scope=p)
+        else:
+            out = self.moe(f"{p}.mlp", n2, f, field=ffield, scope=p)
+        return self.op(f"{p}.mlp_residual", "add", out, r1, path=p, field=f"model.blocks.{block}", **common)
+
+    def self_attention(self, p: str, kind: str, n1: str) -> str:
+        """q/k/v projections, RoPE on q and k, value scale, attention and o_proj of layer `p`."""
+        m = self.m
+        a = m.attention[kind]
+        afield = f"model.attention.{kind}"
         h = m.hidden_size
         sa = f"{p}.self_attn"
         common = {"scope": p}
 
-        n1 = self.rmsnorm(f"{p}.input_layernorm", x, scope=p)
         q = self.linear(
             f"{sa}.q_proj", n1, a.num_heads * a.qk_head_dim, h, bias=a.bias, field=afield, **common
         )
@@ -95,7 +135,7 @@ class _Builder:
             "rope_dim": a.rope_dim,
             "qk_head_dim": a.qk_head_dim,
             "theta": a.rope.theta,
-            "kind": b.attention,
+            "kind": kind,
         }
         rfield = f"{afield}.rope"
         q = self.op(
@@ -126,22 +166,7 @@ class _Builder:
                 attrs={"value_scale": a.value_scale},
                 **common,
             )
-        attrs = {
-            "kind": a.kind,
-            "attention": b.attention,
-            "window_keys": a.window_keys,
-            # As written in the spec, for the generated comment; window_keys is what runs.
-            "window": a.window if isinstance(a, SlidingAttention) else None,
-            "window_convention": a.window_convention if isinstance(a, SlidingAttention) else None,
-            "sink": a.sink,
-            "num_heads": a.num_heads,
-            "num_kv_heads": a.num_kv_heads,
-            "gqa_group": a.num_heads // a.num_kv_heads,
-            "qk_head_dim": a.qk_head_dim,
-            "v_head_dim": a.v_head_dim,
-            "scale": a.scale,
-            "value_scale": a.value_scale,
-        }
+        attrs = _attention_attrs(a, kind)
         params = {f"{sa}.sinks": (a.num_heads,)} if a.sink else {}
         o = self.op(
             f"{sa}.attention",
@@ -156,16 +181,7 @@ class _Builder:
             **common,
         )
         o = self.linear(f"{sa}.o_proj", o, h, a.num_heads * a.v_head_dim, field=afield, **common)
-        r1 = self.op(f"{p}.attn_residual", "add", o, x, path=p, field=f"model.blocks.{block}", **common)
-
-        n2 = self.rmsnorm(f"{p}.post_attention_layernorm", r1, scope=p)
-        f = m.ffn[b.ffn]
-        ffield = f"model.ffn.{b.ffn}"
-        if isinstance(f, DenseFFN):
-            out = self.swiglu_mlp(f"{p}.mlp", n2, f.intermediate_size, field=ffield, scope=p)
-        else:
-            out = self.moe(f"{p}.mlp", n2, f, field=ffield, scope=p)
-        return self.op(f"{p}.mlp_residual", "add", out, r1, path=p, field=f"model.blocks.{block}", **common)
+        return o
 
     def swiglu_mlp(self, mp: str, x: str, inter: int, *, field: str, scope: str) -> str:
         h = self.m.hidden_size
@@ -272,48 +288,54 @@ class _Builder:
         )
 
         if m.mtp is not None:
-            block = m.mtp.block
-            b = m.blocks[block]
             prev = hidden
             for j in range(m.mtp.num_blocks):
-                k = j + 1  # block k combines h^{k-1}_t with x_{t+k} = labels[:, t+k-1]
-                p = f"model.mtp.layers.{j}"
-                g.mtp_layers.append(LayerInfo(j, block, b.attention, b.ffn, p))
-                s = {"scope": p, "field": "model.mtp"}
-                tokens = labels
-                if k > 1:
-                    tokens = self.op(
-                        f"{p}.tokens",
-                        "shift_tokens",
-                        labels,
-                        path=p,
-                        dtype="int64",
-                        attrs={"offset": k - 1},
-                        **s,
-                    )
-                targets = self.op(
-                    f"{p}.targets", "shift_tokens", labels, path=p, dtype="int64", attrs={"offset": k}, **s
-                )
-                emb = self.op(
-                    f"{p}.embed_tokens",
-                    "embedding",
-                    tokens,
-                    path="model.embed_tokens",
-                    params={embed_w: (vocab, h)},
-                    **s,
-                )
-                en = self.rmsnorm(f"{p}.enorm", emb, scope=p)
-                hn = self.rmsnorm(f"{p}.hnorm", prev, scope=p)
-                cat = self.op(f"{p}.concat", "concat", en, hn, path=p, **s)  # embedding first, hidden second
-                x = self.linear(f"{p}.eh_proj", cat, h, 2 * h, **s)
-                x = self.decoder_layer(p, block, x)
-                prev = x
-                fn = self.rmsnorm(f"{p}.final_layernorm", x, scope=p)
-                lg = self.linear(f"{p}.lm_head", fn, vocab, h, weight=head_w, path="lm_head", **s)
-                self.op(
-                    f"{p}.loss", "cross_entropy", lg, targets, path="lm_head", dtype="float32", attrs=ce, **s
-                )
+                prev = self.mtp_block(j, labels, prev, head_w)
         return g
+
+    def mtp_block(self, j: int, labels: str, prev: str, head_w: str) -> str:
+        """MTP block j and its loss; returns its hidden output, the next block's `prev`."""
+        m, g = self.m, self.graph
+        h, vocab = m.hidden_size, m.vocab_size
+        embed_w = "model.embed_tokens.weight"
+        ce = {"vocab_size": vocab}
+        block = m.mtp.block
+        b = m.blocks[block]
+        k = j + 1  # block k combines h^{k-1}_t with x_{t+k} = labels[:, t+k-1]
+        p = f"model.mtp.layers.{j}"
+        g.mtp_layers.append(LayerInfo(j, block, b.attention, b.ffn, p))
+        s = {"scope": p, "field": "model.mtp"}
+        tokens = labels
+        if k > 1:
+            tokens = self.op(
+                f"{p}.tokens",
+                "shift_tokens",
+                labels,
+                path=p,
+                dtype="int64",
+                attrs={"offset": k - 1},
+                **s,
+            )
+        targets = self.op(
+            f"{p}.targets", "shift_tokens", labels, path=p, dtype="int64", attrs={"offset": k}, **s
+        )
+        emb = self.op(
+            f"{p}.embed_tokens",
+            "embedding",
+            tokens,
+            path="model.embed_tokens",
+            params={embed_w: (vocab, h)},
+            **s,
+        )
+        en = self.rmsnorm(f"{p}.enorm", emb, scope=p)
+        hn = self.rmsnorm(f"{p}.hnorm", prev, scope=p)
+        cat = self.op(f"{p}.concat", "concat", en, hn, path=p, **s)  # embedding first, hidden second
+        x = self.linear(f"{p}.eh_proj", cat, h, 2 * h, **s)
+        x = self.decoder_layer(p, block, x)
+        fn = self.rmsnorm(f"{p}.final_layernorm", x, scope=p)
+        lg = self.linear(f"{p}.lm_head", fn, vocab, h, weight=head_w, path="lm_head", **s)
+        self.op(f"{p}.loss", "cross_entropy", lg, targets, path="lm_head", dtype="float32", attrs=ce, **s)
+        return x
 
 
 def lower(spec: Spec) -> Graph:
