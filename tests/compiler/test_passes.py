@@ -1,14 +1,19 @@
 """Passes: op counts before and after each pass, fusion structure, the check pass's rejections."""
 
+import dataclasses
+import json
+import keyword
 import logging
 
 import pytest
 
-from lmspec.compiler import PassContext, lower, run_passes, verify
+from lmspec.compiler import GraphError, PassContext, lower, run_passes, verify
 from lmspec.compiler.ops import OPS, OpDef
 from lmspec.compiler.passes import PIPELINE
+from lmspec.compiler.plan import Identifier, class_name, plan, planned
 from lmspec.errors import CompileError
-from lmspec.spec import SpecError, load_spec
+from lmspec.spec import SpecError, load_spec, spec_hash, spec_to_data
+from lmspec.spec.loader import validate
 
 from .conftest import EXAMPLES
 from .test_lower import MIMO_COUNTS, TINY_COUNTS
@@ -70,7 +75,13 @@ def test_op_counts_before_and_after_each_pass(request, name, unfused, fused):
     spec = request.getfixturevalue(name)
     g = lower(spec)
     verify(g)
-    expected_after = {"shapes": unfused, "check": unfused, "accounting": unfused, "fusion": fused}
+    expected_after = {
+        "shapes": unfused,
+        "check": unfused,
+        "accounting": unfused,
+        "fusion": fused,
+        "plan": fused,
+    }
     for p in PIPELINE:
         assert dict(g.op_counts()) == (
             unfused if p == "shapes" else expected_after[PIPELINE[PIPELINE.index(p) - 1]]
@@ -252,3 +263,160 @@ def test_check_rejects_bad_gqa_and_dead_nodes(tiny):
     )
     with pytest.raises(CompileError, match="model.layers.1.extra: computes a value no loss depends on"):
         run_passes(g, only=("shapes", "check"))
+
+
+# -- the plan pass ------------------------------------------------------------------------------
+
+
+def _two_of_each(tiny):
+    """The tiny spec plus a second sliding kind (another window, no sink) and a second MoE kind."""
+    data = spec_to_data(tiny)
+    m = data["model"]
+    m["attention"]["swa_wide"] = {**m["attention"]["swa"], "window": 8, "sink": False, "bias": True}
+    m["ffn"]["moe_small"] = {
+        **m["ffn"]["moe"],
+        "num_experts": 4,
+        "top_k": 1,
+        "score_function": "softmax",
+        "correction_bias": False,
+        "num_shared_experts": 1,
+    }
+    m["blocks"]["W"] = {"attention": "swa_wide", "ffn": "moe_small"}
+    m["layers"] = "G0 S W G S W G"
+    return validate(data, {}, "<two_of_each>")
+
+
+def _spec_facts(spec, p):
+    """What the plan should say, read from the spec (tests may read it; codegen may not)."""
+    m = spec.model
+    for a in p.attention:
+        s = m.attention[a.name]
+        assert (a.kind, a.num_heads, a.num_kv_heads, a.qk_head_dim, a.v_head_dim) == (
+            s.kind,
+            s.num_heads,
+            s.num_kv_heads,
+            s.qk_head_dim,
+            s.v_head_dim,
+        )
+        assert (a.rope_dim, a.theta, a.value_scale, a.sink, a.bias, a.scale, a.window_keys) == (
+            s.rope_dim,
+            s.rope.theta,
+            s.value_scale,
+            s.sink,
+            s.bias,
+            s.scale,
+            s.window_keys,
+        )
+        assert a.window == getattr(s, "window", None) and a.field == f"model.attention.{a.name}"
+    for f in p.ffn:
+        s = m.ffn[f.name]
+        assert f.kind == s.kind and f.field == f"model.ffn.{f.name}"
+        if f.kind == "dense":
+            assert f.intermediate_size == s.intermediate_size
+            continue
+        names = (
+            "num_experts top_k expert_intermediate_size num_shared_experts score_function correction_bias "
+            "renormalize routed_scaling_factor num_groups top_k_groups"
+        ).split()
+        assert {k: getattr(f, k) for k in names} == {k: getattr(s, k) for k in names}
+        assert f.shared_intermediate_size == s.num_shared_experts * s.expert_intermediate_size
+    assert [layer.block for layer in p.layers] == m.layer_blocks
+    assert {b.name: (b.attention.name, b.ffn.name) for b in p.blocks} == {
+        name: (m.blocks[name].attention, m.blocks[name].ffn) for name in {b.name for b in p.blocks}
+    }
+    assert (p.name, p.spec_hash, p.hidden_size, p.vocab_size) == (
+        spec.name,
+        spec_hash(spec),
+        m.hidden_size,
+        m.vocab_size,
+    )
+    assert (p.eps, p.init_std, p.tie_word_embeddings) == (m.norm.eps, m.init_std, m.tie_word_embeddings)
+    assert (p.mtp.num_blocks if p.mtp else 0) == (m.mtp.num_blocks if m.mtp else 0)
+
+
+class _NoSpec:
+    def __getattr__(self, name):
+        raise AssertionError(f"the plan read graph.spec.{name}")
+
+
+@pytest.mark.parametrize("disable", [(), ("fusion",)])
+def test_plan_says_what_the_spec_says_without_reading_it(tiny, mimo, disable):
+    for spec in (tiny, mimo, _two_of_each(tiny)):
+        g = run_passes(lower(spec), disable=(*disable, "plan"))
+        g.spec = _NoSpec()
+        p = plan(g)
+        _spec_facts(spec, p)
+        assert p.add_rmsnorm == p.lm_head_ce == (not disable)
+        assert all(f.fused_swiglu == (not disable) for f in p.ffn if f.kind == "dense")
+
+
+def test_plan_partitions_the_graph(tiny, mimo):
+    """Every IR node is implemented by exactly one context of the plan, fused or not."""
+    for spec in (tiny, mimo):
+        for disable in ((), ("fusion",)):
+            g = run_passes(lower(spec), disable=disable)
+            assert set(planned(g).node_owners()) == set(g.nx.nodes)
+    p = planned(run_passes(lower(tiny)))
+    swa = next(a for a in p.attention if a.name == "swa")
+    layers = {int(n.split(".")[2]) for n in swa.nodes if n.startswith("model.layers.")}
+    assert layers == {1, 2, 4, 5} and "model.mtp.layers.2.self_attn.attention" in swa.nodes  # MTP blocks are S
+    assert (
+        "model.layers.1.self_attn.attention" in swa.nodes
+        and "model.layers.1.self_attn.sinks" not in swa.nodes
+    )
+    moe = next(f for f in p.ffn if f.kind == "moe")
+    assert set(moe.router_nodes) == {f"model.layers.{i}.mlp.gate" for i in (1, 2, 3, 4, 5, 6)}
+    assert set(moe.experts_nodes) == {f"model.layers.{i}.mlp.experts" for i in (1, 2, 3, 4, 5, 6)}
+    assert "model.layers.3.self_attn.attention" in p.layers[3].nodes and p.layers[3].cls == "GBlock"
+    assert p.trunk_nodes == ("model.embed_tokens", "model.norm") and p.head_nodes == (
+        "input_ids",
+        "labels",
+        "loss",
+    )
+
+
+def test_plan_is_the_last_pass_and_is_frozen(tiny):
+    assert PIPELINE[-1] == "plan"
+    g = run_passes(lower(tiny))
+    p = planned(g)
+    assert p is g.nx.graph["plan"] and planned(g) is p
+    assert hash(p) == hash(plan(g)) and p == plan(g)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.hidden_size = 1  # type: ignore[misc]
+    data = json.dumps(p.to_data(), sort_keys=True)
+    assert data == json.dumps(plan(g).to_data(), sort_keys=True)
+    assert '"family": "moe"' in data and p.class_name == "MimoV2FlashTinyForCausalLM"
+
+
+def test_plan_has_every_kind_and_its_kernel(tiny):
+    spec = _two_of_each(tiny)
+    p = planned(run_passes(lower(spec)))
+    assert [a.name for a in p.attention] == ["global", "swa", "swa_wide"]
+    assert [f.name for f in p.ffn] == ["dense", "moe", "moe_small"]
+    wide = p.attention[2]
+    assert (wide.window_keys, wide.sink, wide.bias) == (9, False, True)
+    assert [b.layers for b in p.blocks] == [(0,), (1, 4), (2, 5), (3, 6), ()]
+    moe_kernels = {k.name for k in p.kernels if k.family == "moe"}
+    assert moe_kernels == {"moe_sigmoid_e8_k2", "moe_softmax_e4_k1"}
+    attention_kernels = {k.name for k in p.kernels if k.family == "attention"}
+    assert {"attn_sliding_sink_w33_qk48_v32_vs0p707", "attn_sliding_w9_qk48_v32_vs0p707"} <= attention_kernels
+
+
+def test_plan_rejects_a_kind_that_differs_between_layers(tiny):
+    g = run_passes(lower(tiny), disable=("plan",))
+    g.node("model.layers.4.self_attn.attention")["attrs"]["sink"] = False
+    with pytest.raises(
+        GraphError,
+        match=r"attention kind 'swa' differs between model.layers.1 and model.layers.4 in \['sink'\]",
+    ):
+        plan(g)
+
+
+def test_class_names_are_identifiers():
+    hostile = ['d"""; __import__("os").system("x"); """', "1st", "None", "", "a\nb", "{{ x }}", "é", "match"]
+    for name in hostile:
+        cls = class_name(name, "Block")
+        assert cls.isidentifier() and cls.isascii() and not keyword.iskeyword(cls)
+    assert class_name("mimo_v2_flash_tiny") == "MimoV2FlashTiny" and class_name("none") == "KNone"
+    with pytest.raises(ValueError):
+        Identifier("a b")

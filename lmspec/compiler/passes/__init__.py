@@ -18,6 +18,7 @@ from lmspec.compiler.passes.accounting import accounting
 from lmspec.compiler.passes.check import check
 from lmspec.compiler.passes.fusion import fusion
 from lmspec.compiler.passes.shapes import shapes
+from lmspec.compiler.plan import plan_pass
 
 log = logging.getLogger("lmspec.compiler.passes")
 
@@ -33,8 +34,15 @@ class PassContext:
 
 PassFn = Callable[[Graph, PassContext], Graph]
 
-PASSES: dict[str, PassFn] = {"shapes": shapes, "check": check, "accounting": accounting, "fusion": fusion}
-PIPELINE: tuple[str, ...] = ("shapes", "check", "accounting", "fusion")
+PASSES: dict[str, PassFn] = {
+    "shapes": shapes,
+    "check": check,
+    "accounting": accounting,
+    "fusion": fusion,
+    "plan": plan_pass,
+}
+# `plan` is last: it reads the final graph into the Plan codegen renders (lmspec.compiler.plan).
+PIPELINE: tuple[str, ...] = ("shapes", "check", "accounting", "fusion", "plan")
 
 
 def _fmt_counts(graph: Graph) -> str:
