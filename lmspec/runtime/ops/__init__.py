@@ -1,10 +1,10 @@
 """Op backends: one surface (``Backend``, in ``base.py``), three implementations, chosen by name.
 
-| name          | class              | what runs                                                              |
-|---------------|--------------------|------------------------------------------------------------------------|
-| ``reference`` | ``ReferenceBackend`` | ``reference.py``: plain math, exact in float64, the oracle of every test |
-| ``cpu``       | ``CPUBackend``     | ``cpu.py``: the reference with fast SDPA / banded attention; the CPU default |
-| ``triton``    | ``TritonBackend``  | ``triton_backend.py``: the kernels rendered for one spec into ``kernel_dir`` |
+| name          | class              | what runs                                                         |
+|---------------|--------------------|-------------------------------------------------------------------|
+| ``reference`` | ``ReferenceBackend`` | ``reference.py``: plain math, exact in float64; the tests' oracle |
+| ``cpu``       | ``CPUBackend``     | ``cpu.py``: the reference plus fast attention paths; CPU default  |
+| ``triton``    | ``TritonBackend``  | ``triton_backend.py``: the kernels rendered for one spec          |
 
 ``torch`` is another name for ``cpu`` (what the CLI, run directories and generated models said before the
 reference and the fast paths were separate backends). ``get_backend("triton", kernel_dir=...,

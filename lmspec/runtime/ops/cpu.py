@@ -3,16 +3,16 @@
 ``CPUBackend`` overrides only ``attention``. Dense-position float32 attention (training, and prefill of
 queries that are the last Tq of Tk positions) runs through ``F.scaled_dot_product_attention``:
 
-| path          | when                                                        | cost      |
-|---------------|-------------------------------------------------------------|-----------|
-| ``banded``    | sliding window, Tq == Tk, Tk a multiple of ``BAND_BLOCK`` and at least ``min_banded_seq(window_keys)`` | O(T * W) |
-| ``sdpa_causal`` | global, no sink, Tq == Tk                                 | O(T^2)    |
-| ``sdpa_masked`` | any other dense case; a sink is folded in as an extra key | O(Tq * Tk) |
-| ``reference`` | explicit positions (decode, ring buffers), float64 or half inputs, Tq > Tk, window < 1 | reference |
+| path            | when                                                                        | cost       |
+|-----------------|-----------------------------------------------------------------------------|------------|
+| ``banded``      | sliding, Tq == Tk, a multiple of ``BAND_BLOCK``, >= ``min_banded_seq(W)``   | O(T * W)   |
+| ``sdpa_causal`` | global, no sink, Tq == Tk                                                   | O(T^2)     |
+| ``sdpa_masked`` | any other dense case; a sink is folded in as an extra key                   | O(Tq * Tk) |
+| ``reference``   | explicit positions (decode), not float32, Tq > Tk, window < 1               | reference  |
 
-Every path computes ``lmspec.runtime.ops.reference.attention`` exactly (tests/kernels/test_cpu_fast_path.py
-compares them at the boundaries of this table). ``PATH_CALLS`` counts the calls that took each path, so a
-test or a benchmark can tell which one ran.
+Every path computes ``lmspec.runtime.ops.reference.attention`` up to float32 rounding
+(tests/kernels/test_cpu_fast_path.py compares them at the boundaries of this table). ``PATH_CALLS``
+counts the calls that took each path, so a test or a benchmark can tell which one ran.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _sdpa_masked(
 def _banded(
     q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int
 ) -> Tensor:
-    """Sliding-window attention over query blocks, each against its band of block + window - 1 keys: O(T * W)."""
+    """Sliding-window attention by query block, each over its band of block + window - 1 keys: O(T * W)."""
     B, Hq, T, Dqk = q.shape
     nblk, L = T // BAND_BLOCK, BAND_BLOCK + window_keys - 1
     k, v = _per_query_head(k, v, Hq)  # (B, Hq, T, D)
