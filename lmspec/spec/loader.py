@@ -3,13 +3,24 @@
 Every failure — YAML syntax, duplicate keys, schema violations, a bad pattern, a circular
 `extends`, an override on a path that does not exist — becomes one `SpecError` with the file,
 line and column of the offending text.
+
+Input is bounded before it costs anything (see `lmspec.spec.limits`): a path is `stat`ed before it
+is opened and anything but a regular file of at most `MAX_FILE_BYTES` is refused (so `/dev/zero`
+and FIFOs are never read); YAML is composed once and built with every value counted, aliases
+expanded (`MAX_YAML_VALUES`) and nesting bounded (`MAX_NESTING`); `extends` chains are at most
+`MAX_EXTENDS_DEPTH` files; `--set` values go through the same builder as files. What an error
+quotes from the input is cut to `MAX_QUOTE_CHARS`.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
+import itertools
 import json
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -20,6 +31,16 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lmspec.errors import SpecError
+from lmspec.spec.limits import (
+    MAX_EXTENDS_DEPTH,
+    MAX_FILE_BYTES,
+    MAX_NESTING,
+    MAX_QUOTE_CHARS,
+    MAX_YAML_VALUES,
+    NAME_PATTERN,
+    clip,
+    quote,
+)
 from lmspec.spec.pattern import PatternError
 from lmspec.spec.schema import Spec
 
@@ -50,7 +71,7 @@ class LoadedSpec:
 
 
 def _fmt_path(path: Path_) -> str:
-    return ".".join(str(p) for p in path)
+    return clip(".".join(str(p) for p in path))
 
 
 _SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
@@ -61,17 +82,18 @@ def _tag(node: yaml.Node) -> str:
     return node.tag.replace("tag:yaml.org,2002:", "!!")
 
 
-_MAX_DEPTH = 64  # far deeper than any spec; stops a self-referencing alias (`&a [*a]`)
-_MAX_VALUES = 200_000  # counted with aliases expanded; stops exponential alias bombs
-
-
 class _Builder:
-    """Plain Python data from a composed YAML node, recording the position of every path."""
+    """Plain Python data from a composed YAML node, recording the position of every path.
+
+    Values are counted as they are built, so an alias bomb (`&a [*a, *a]` nested) stops at
+    `MAX_YAML_VALUES` however small its text; a self-referencing alias stops at `MAX_NESTING`.
+    """
 
     def __init__(self, file: str, positions: dict[Path_, Pos]) -> None:
         self.file = file
         self.positions = positions
         self.values = 0
+        self.scalars = yaml.SafeLoader("")  # constructs plain scalars only; reused for every one
 
     def _error(self, node: yaml.Node, path: Path_, message: str) -> SpecError:
         return SpecError(
@@ -91,12 +113,12 @@ class _Builder:
 
     def build(self, node: yaml.Node, path: Path_ = ()) -> Any:
         self.values += 1
-        if self.values > _MAX_VALUES:
+        if self.values > MAX_YAML_VALUES:
             raise self._error(
-                node, path, f"expected at most {_MAX_VALUES} YAML values (aliases expanded), got more"
+                node, path, f"expected at most {MAX_YAML_VALUES} YAML values (aliases expanded), got more"
             )
-        if len(path) > _MAX_DEPTH:
-            raise self._error(node, path, f"expected at most {_MAX_DEPTH} levels of nesting, got more")
+        if len(path) > MAX_NESTING:
+            raise self._error(node, path, f"expected at most {MAX_NESTING} levels of nesting, got more")
         if isinstance(node, yaml.MappingNode):
             if node.tag != "tag:yaml.org,2002:map":
                 raise self._error(node, path, f"expected a plain mapping, got one tagged {_tag(node)!r}")
@@ -111,16 +133,13 @@ class _Builder:
             return items
         if node.tag not in _SCALAR_TAGS:
             raise self._error(node, path, f"expected a plain value, got one tagged {_tag(node)!r}")
-        loader = yaml.SafeLoader("")
         try:
-            return loader.construct_object(node, deep=True)
+            return self.scalars.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError):
             # An explicit tag the text does not fit, such as `!!float x` or `!!timestamp 2020-99-99`.
             raise self._error(
-                node, path, f"expected a value of type {node.tag.rsplit(':', 1)[-1]}, got {node.value!r}"
+                node, path, f"expected a value of type {node.tag.rsplit(':', 1)[-1]}, got {quote(node.value)}"
             ) from None
-        finally:
-            loader.dispose()
 
     def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -145,24 +164,32 @@ class _Builder:
 
 
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
+    if len(text) > MAX_FILE_BYTES:
+        raise SpecError(
+            file, 0, 0, "", f"expected at most {MAX_FILE_BYTES} characters of YAML, got {len(text)}"
+        )
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        problem = (e.problem or "invalid YAML").strip()
+        problem = clip((e.problem or "invalid YAML").strip())
         raise SpecError(file, line, col, "", f"YAML syntax: {problem}") from None
     except yaml.YAMLError as e:
-        raise SpecError(file, 0, 0, "", f"YAML syntax: {e}") from None
+        raise SpecError(file, 0, 0, "", f"YAML syntax: {clip(str(e))}") from None
     except RecursionError:
         # PyYAML's composer recurses once per nesting level: `[[[[...]]]]` thousands deep.
         raise SpecError(
-            file, 0, 0, "", f"YAML syntax: expected at most {_MAX_DEPTH} levels of nesting, got far more"
+            file, 0, 0, "", f"YAML syntax: expected at most {MAX_NESTING} levels of nesting, got far more"
         ) from None
     positions: dict[Path_, Pos] = {}
     if node is None:
         return {}, positions
-    return _Builder(file, positions).build(node), positions
+    builder = _Builder(file, positions)
+    try:
+        return builder.build(node), positions
+    finally:
+        builder.scalars.dispose()
 
 
 def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | None = None) -> Any:
@@ -181,18 +208,80 @@ def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | 
     return over
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a non-regular file is, in words; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a spec file, refusing before reading anything that is not a small regular file.
+
+    The path is `stat`ed first, so `/dev/zero`, a FIFO or a directory is never opened; the file is
+    then opened non-blocking (a FIFO swapped in after the `stat` cannot hang the read), checked
+    again on its descriptor, and read to at most `MAX_FILE_BYTES` + 1 bytes.
+    """
+    shown = clip(str(path))
+    data = b""
+
+    def refuse(message: str) -> SpecError:
+        return SpecError(shown, 0, 0, "", message)
+
+    try:
+        info = os.stat(path)
+        if _not_regular(info.st_mode) is None and info.st_size <= MAX_FILE_BYTES:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+            with os.fdopen(fd, "rb") as f:
+                info = os.fstat(fd)
+                data = f.read(MAX_FILE_BYTES + 1) if _not_regular(info.st_mode) is None else b""
+    except FileNotFoundError:
+        raise refuse("expected a spec file, got a path that does not exist") from None
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else type(e).__name__
+        if e.errno == errno.ENOENT:
+            reason = "a path that does not exist"
+        raise refuse(f"expected a readable spec file, got {reason.lower()}") from None
+    except ValueError:  # a NUL character in the path
+        raise refuse("expected a file path, got one with a NUL character") from None
+    kind = _not_regular(info.st_mode)
+    if kind is not None:
+        raise refuse(f"expected a regular file, got {kind}")
+    if info.st_size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+        raise refuse(
+            f"expected a spec file of at most {MAX_FILE_BYTES} bytes, got {max(info.st_size, len(data))}"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SpecError(
+            shown, line, col, "", f"expected UTF-8 text, got the byte 0x{data[e.start]:02x}"
+        ) from None
+
+
+def _resolved(path: Path) -> Path:
+    """`path` with symlinks resolved; as given when that fails (the read then says why)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return path
+
+
 def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, Pos]]:
     """Read one file and, first, the files it extends (`stack`: the files extending this one)."""
-    shown = str(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(shown, 0, 0, "", "expected a spec file, got a path that does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise SpecError(
-            shown, 0, 0, "", f"expected a readable UTF-8 text file, got {type(e).__name__}"
-        ) from None
-    data, positions = _parse_yaml(text, shown)
+    shown = clip(str(path))
+    data, positions = _parse_yaml(read_text(path), shown)
     if not isinstance(data, dict):
         raise SpecError(shown, 1, 1, "", f"expected a mapping at the top level, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -200,30 +289,38 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
         return data, positions
     pos = positions[("extends",)]
     if not isinstance(parent, str):
-        raise SpecError(shown, pos.line, pos.col, "extends", f"expected a file path, got {parent!r}")
-    parent_path = path.parent / parent
-    chain = (*stack, path.resolve())
-    if parent_path.resolve() in chain:
-        # Point at the `extends` that closes the loop, in the file that wrote it.
-        names = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
+        raise SpecError(shown, pos.line, pos.col, "extends", f"expected a file path, got {quote(parent)}")
+    chain = (*stack, _resolved(path))
+    if len(chain) >= MAX_EXTENDS_DEPTH:
         raise SpecError(
             shown,
             pos.value_line,
             pos.value_col,
             "extends",
-            f"expected an acyclic chain of extends, got a cycle: {names}",
+            f"expected a chain of at most {MAX_EXTENDS_DEPTH} files through extends, got more",
+        )
+    parent_path = path.parent / parent
+    if _resolved(parent_path) in chain:
+        # Point at the `extends` that closes the loop, in the file that wrote it.
+        names = " -> ".join(p.name for p in (*chain, _resolved(parent_path)))
+        raise SpecError(
+            shown,
+            pos.value_line,
+            pos.value_col,
+            "extends",
+            clip(f"expected an acyclic chain of extends, got a cycle: {names}"),
         )
     try:
         base, base_positions = _load_file(parent_path, chain)
     except SpecError as e:
-        if e.line == 0 and e.file == str(parent_path):
-            raise SpecError(
-                shown,
-                pos.value_line,
-                pos.value_col,
-                "extends",
-                f"expected an existing spec file, got {parent!r}",
-            ) from None
+        if e.line == 0 and e.file == clip(str(parent_path)):
+            # The parent could not be read: say so at the `extends` that names it.
+            message = (
+                f"expected an existing spec file, got {quote(parent)}"
+                if "does not exist" in e.message
+                else f"{e.message} ({quote(parent)})"
+            )
+            raise SpecError(shown, pos.value_line, pos.value_col, "extends", message) from None
         raise
     replaced: list[Path_] = []
     merged = _deep_merge(base, data, (), replaced)
@@ -322,6 +419,21 @@ def _set_pos(index: int, col: int, value_col: int, raw: str) -> Pos:
     return Pos(SET_FILE, index, col, index, value_col, style)
 
 
+def _set_value(raw: str, index: int, value_col: int, dotted: str) -> Any:
+    """The YAML value of a `--set`, built by the same capped builder as a file (alias bombs stop)."""
+    if not raw.strip():
+        return ""
+    try:
+        value, _ = _parse_yaml(raw, SET_FILE)
+    except SpecError as e:
+        # Re-point the error from the value's own text at its column inside this --set.
+        col = value_col + (e.col - 1 if e.line == 1 else 0)
+        syntax = e.message.startswith("YAML syntax")
+        message = f"expected a YAML value, got {quote(raw)}" if syntax else e.message
+        raise SpecError(SET_FILE, index, max(col, 1), clip(dotted), message) from None
+    return value
+
+
 def apply_override(
     data: dict, assignment: str, positions: dict[Path_, Pos] | None = None, index: int = 1
 ) -> dict:
@@ -331,23 +443,22 @@ def apply_override(
     `--set`, so a later error in the value says `--set:<index>:<col>` instead of the file.
     """
     if "=" not in assignment:
-        raise SpecError(SET_FILE, index, 1, assignment, "expected path.to.field=value, got no '='")
+        raise SpecError(SET_FILE, index, 1, clip(assignment), "expected path.to.field=value, got no '='")
     dotted, raw = assignment.split("=", 1)
+    field = clip(dotted)
     value_col = len(dotted) + 2 + len(raw) - len(raw.lstrip())
     names = dotted.split(".")
-    starts = [sum(len(n) + 1 for n in names[:i]) + 1 for i in range(len(names))]
-    parts: list[str | int] = [int(p) if p.strip().isdigit() else p.strip() for p in names]
+    starts = list(itertools.accumulate((len(n) + 1 for n in names[:-1]), initial=1))
+    # A list index is a short run of digits; a 5000-digit "index" stays a name (and is not found).
+    parts: list[str | int] = [
+        int(p) if p.strip().isdigit() and len(p.strip()) < 10 else p.strip() for p in names
+    ]
     if any(p == "" for p in parts):
         bad = next(i for i, p in enumerate(parts) if p == "")
         raise SpecError(
-            SET_FILE, index, starts[bad], dotted, "expected a dotted path of field names, got an empty name"
+            SET_FILE, index, starts[bad], field, "expected a dotted path of field names, got an empty name"
         )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        col = value_col + (mark.column if mark is not None and mark.line == 0 else 0)
-        raise SpecError(SET_FILE, index, col, dotted, f"expected a YAML value, got {raw!r}") from None
+    value = _set_value(raw, index, value_col, dotted)
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -359,8 +470,8 @@ def apply_override(
                     SET_FILE,
                     index,
                     col,
-                    dotted,
-                    f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {part!r}",
+                    field,
+                    f"expected an index below {len(node)} at {_fmt_path((*here, part))}, got {quote(part)}",
                 )
         elif isinstance(node, dict):
             if part not in node:
@@ -371,8 +482,8 @@ def apply_override(
                         SET_FILE,
                         index,
                         col,
-                        dotted,
-                        f"expected an existing field at {_fmt_path((*here, part))}, got {part!r}"
+                        field,
+                        f"expected an existing field at {_fmt_path((*here, part))}, got {quote(part)}"
                         + suggest(str(part), options),
                     )
         else:
@@ -380,7 +491,7 @@ def apply_override(
                 SET_FILE,
                 index,
                 col,
-                dotted,
+                field,
                 f"expected a mapping or list at {_fmt_path(here) or 'the top level'}, got a value",
             )
         if last:
@@ -430,6 +541,8 @@ def _clean_loc(loc: tuple, data: Any) -> Path_:
     out: list[str | int] = []
     node = data
     for part in loc:
+        if part == "[key]":  # a dict key that failed validation: the key itself is the location
+            continue
         if isinstance(node, dict) and part in node:
             out.append(part)
             node = node[part]
@@ -459,7 +572,7 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
     if kind == "extra_forbidden":
         key = str(loc[-1]) if loc else "?"
         options = allowed_keys(loc[:-1], data)
-        message = f"expected one of the known fields, got unknown key {key!r}" + suggest(key, options)
+        message = f"expected one of the known fields, got unknown key {quote(key)}" + suggest(key, options)
     elif kind == "missing":
         parent = _position_for(loc[:-1], positions)
         message = "expected this required field, got nothing"
@@ -467,17 +580,21 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
         pos = parent if parent is not None or len(loc) > 1 else Pos(file, 1, 1, 1, 1, None)
     elif kind == "union_tag_invalid" or kind == "union_tag_not_found":
         ctx = err.get("ctx", {})
-        message = f"expected kind one of {ctx.get('expected_tags', '?')}, got {ctx.get('tag', 'no kind')!r}"
+        message = (
+            f"expected kind one of {ctx.get('expected_tags', '?')}, got {quote(ctx.get('tag', 'no kind'))}"
+        )
     elif kind == "literal_error":
-        message = f"expected {err['ctx']['expected']}, got {got!r}"
+        message = f"expected {err['ctx']['expected']}, got {quote(got)}"
+    elif kind == "string_pattern_mismatch":
+        message = f"expected a name matching {NAME_PATTERN.strip('^$')}, got {quote(got)}"
     elif kind in _EXPECTED:
-        message = f"expected {_EXPECTED[kind]}, got {got!r}"
+        message = f"expected {_EXPECTED[kind]}, got {quote(got)}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         sym = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[
             kind
         ]
         bound = next(iter(err["ctx"].values()))
-        message = f"expected a value {sym} {bound}, got {got!r}"
+        message = f"expected a value {sym} {bound}, got {quote(got)}"
     elif kind in ("too_short", "too_long"):
         ctx = err.get("ctx", {})
         bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
@@ -489,11 +606,11 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
         if isinstance(cause, PatternError):
             layers = positions.get(("model", "layers"))
             if layers is not None:
-                quote = 1 if layers.value_style in ('"', "'") else 0
+                opening = 1 if layers.value_style in ('"', "'") else 0
                 return SpecError(
                     layers.file,
                     layers.value_line,
-                    layers.value_col + quote + cause.offset,
+                    layers.value_col + opening + cause.offset,
                     "model.layers",
                     cause.short,
                 )
@@ -515,7 +632,8 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
             field = _fmt_path((*loc, *sub))
             message = rest
     else:
-        message = f"expected {err['msg'][0].lower() + err['msg'][1:]}, got {got!r}"
+        message = f"expected {err['msg'][0].lower() + err['msg'][1:]}, got {quote(got)}"
+    message = clip(message, 4 * MAX_QUOTE_CHARS)  # validators' messages list names; keep the line short
     if pos is None:
         return SpecError(file, 0, 0, field, message)
     return SpecError(pos.file, pos.line, pos.col, field, message)

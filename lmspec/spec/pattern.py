@@ -4,19 +4,25 @@
     item    := atom ('*' INT)?
     atom    := NAME | '(' pattern ')'
 
-`G0 S*4 G (S*5 G)*7` expands to 48 block names. Whitespace separates items and is otherwise
-ignored. Errors carry the 0-based character offset of the offending character so the loader can
-point at it in the YAML file.
+`G0 S*4 G (S*5 G)*7` expands to 48 block names. NAME is an identifier (`[A-Za-z_][A-Za-z0-9_]*`),
+INT a decimal count >= 1. Whitespace separates items and is otherwise ignored. Errors carry the
+0-based character offset of the offending character so the loader can point at it in the YAML file.
+
+Tokenizing and expanding are linear in the pattern's length. The pattern's length is checked
+before tokenizing (`limits.MAX_PATTERN_CHARS`), the layer count while expanding, before any list
+beyond `limits.MAX_LAYERS` is built, and parentheses nest at most `limits.MAX_NESTING` deep.
 """
 
 from __future__ import annotations
 
 import re
 
-# A bound that no real model reaches, so a typo like `S*10000000` is an error, not an out-of-memory.
-MAX_LAYERS = 100_000
+from lmspec.spec.limits import MAX_LAYERS, MAX_NESTING, MAX_PATTERN_CHARS, quote
 
-_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)|(?P<int>\d+)|(?P<op>[()*]))")
+# Names are identifiers, as the schema requires of block names (`limits.NAME_PATTERN`).
+_TOKEN = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>[0-9]+)|(?P<op>[()*])")
+_SPACE = re.compile(r"\s*")
+_SHOWN = 60  # characters of the pattern shown either side of the offending one
 
 
 class PatternError(ValueError):
@@ -25,27 +31,33 @@ class PatternError(ValueError):
     def __init__(self, message: str, offset: int, pattern: str) -> None:
         self.offset = offset
         self.pattern = pattern
-        caret = " " * offset + "^"
-        super().__init__(f"{message} at character {offset + 1}\n    {pattern}\n    {caret}")
+        start = max(0, offset - _SHOWN)
+        shown = pattern[start : offset + _SHOWN]
+        caret = " " * (offset - start) + "^"
+        super().__init__(f"{message} at character {offset + 1}\n    {shown}\n    {caret}")
         self.short = message
 
 
 def _tokenize(pattern: str) -> list[tuple[str, str, int]]:
+    """(kind, text, offset) per token, in one left-to-right pass: linear in the pattern's length."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise PatternError(
+            f"expected a pattern of at most {MAX_PATTERN_CHARS} characters, got {len(pattern)}", 0, pattern
+        )
     tokens: list[tuple[str, str, int]] = []
     pos = 0
-    while pos < len(pattern):
-        if pattern[pos:].strip() == "":
-            break
+    while True:
+        pos = _SPACE.match(pattern, pos).end()  # type: ignore[union-attr]  # \s* always matches
+        if pos >= len(pattern):
+            return tokens
         m = _TOKEN.match(pattern, pos)
-        if m is None or m.end() == pos:
-            bad = pos + len(pattern[pos:]) - len(pattern[pos:].lstrip())
+        if m is None:
             raise PatternError(
-                f"expected a block name, '(', ')', '*' or a count, got {pattern[bad]!r}", bad, pattern
+                f"expected a block name, '(', ')', '*' or a count, got {pattern[pos]!r}", pos, pattern
             )
         kind = m.lastgroup or "op"
-        tokens.append((kind, m.group(kind), m.start(kind)))
+        tokens.append((kind, m.group(), pos))
         pos = m.end()
-    return tokens
 
 
 class _Parser:
@@ -65,20 +77,22 @@ class _Parser:
         return PatternError(message, offset, self.pattern)
 
     def parse(self) -> list[str]:
-        out = self._sequence(opened_at=None)
+        out = self._sequence(opened_at=None, depth=0)
         if not out:
             raise self._error("expected at least one block name, got an empty pattern", 0)
         return out
 
-    def _sequence(self, opened_at: int | None) -> list[str]:
+    def _sequence(self, opened_at: int | None, depth: int) -> list[str]:
         """Items up to the ')' closing the '(' at `opened_at`, or to the end at the top level."""
+        if depth > MAX_NESTING:
+            raise self._error(f"expected at most {MAX_NESTING} nested '(', got more", opened_at)
         out: list[str] = []
         while (tok := self._peek()) is not None:
             if tok[1] == ")":
                 if opened_at is None:
                     raise self._error("expected a '(' before this ')', got an unbalanced ')'")
                 return out
-            out.extend(self._item())
+            out.extend(self._item(depth))
             if len(out) > MAX_LAYERS:
                 raise self._error(f"expected at most {MAX_LAYERS} layers, got more", tok[2])
         if opened_at is not None:
@@ -86,29 +100,35 @@ class _Parser:
             raise self._error("expected ')' to close this '(', got the end of the pattern", opened_at)
         return out
 
-    def _item(self) -> list[str]:
+    def _item(self, depth: int) -> list[str]:
         kind, text, offset = self.tokens[self.i]
         if kind == "name":
             self.i += 1
             if self.known is not None and text not in self.known:
-                raise self._error(f"expected a block name among {sorted(self.known)}, got {text!r}", offset)
+                raise self._error(
+                    f"expected a block name among {quote(sorted(self.known))}, got {quote(text)}", offset
+                )
             atom = [text]
         elif text == "(":
             self.i += 1
-            atom = self._sequence(opened_at=offset)
+            atom = self._sequence(opened_at=offset, depth=depth + 1)
             if not atom:
                 raise self._error("expected block names inside '( )', got an empty group", offset)
             self.i += 1  # the ')'
         else:
-            raise self._error(f"expected a block name or '(', got {text!r}", offset)
+            raise self._error(f"expected a block name or '(', got {quote(text)}", offset)
         tok = self._peek()
         if tok is not None and tok[1] == "*":
             self.i += 1
             count = self._peek()
             if count is None or count[0] != "int":
-                got = "the end of the pattern" if count is None else repr(count[1])
+                got = "the end of the pattern" if count is None else quote(count[1])
                 raise self._error(f"expected a repeat count after '*', got {got}")
             self.i += 1
+            if len(count[1]) > 9:  # before int(): a 5000-digit count is an error, not a ValueError
+                raise self._error(
+                    f"expected a repeat count of at most {MAX_LAYERS} layers, got {quote(count[1])}", count[2]
+                )
             n = int(count[1])
             if n < 1:
                 raise self._error(f"expected a repeat count >= 1, got {n}", count[2])
@@ -118,7 +138,7 @@ class _Parser:
                 )
             atom = atom * n
         elif tok is not None and tok[0] == "int":
-            raise self._error(f"expected '*' before the repeat count, got {tok[1]!r}")
+            raise self._error(f"expected '*' before the repeat count, got {quote(tok[1])}")
         return atom
 
 

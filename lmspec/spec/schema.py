@@ -6,20 +6,77 @@ followed from the YAML file to the kernel with grep.
 
 Derived values (`window_keys`, `rope_dim`, the expanded layer list) are pure functions or
 properties; they never overwrite what the user wrote.
+
+Types are strict where an integer or a flag is meant: `hidden_size: true` is not 1, `4096.0` is
+not 4096 and `tie_word_embeddings: "yes"` is not true. Numbers may be written as YAML floats or as
+numeric text (`1.2e6`, which YAML 1.1 reads as a string), never as booleans.
+
+Names — the spec's `name`, stage names, and the keys of `model.attention`, `model.ffn` and
+`model.blocks` with every reference to them — match `limits.NAME_PATTERN`,
+`[A-Za-z_][A-Za-z0-9_]{0,63}`: an ASCII identifier of at most 64 characters. Names reach generated
+code, file names and logs; an identifier is safe in each.
+
+Sizes are bounded by the documented maxima in `lmspec.spec.limits` (hidden size, vocabulary,
+positions, heads, head dims, experts, MTP blocks, seed, ...), and by each other where a value only
+makes sense below another: a stage's `seq_len` and a sliding `window` are at most
+`max_position_embeddings`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from lmspec.spec import limits
 from lmspec.spec.pattern import expand_pattern
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+
+def _not_a_bool(value: Any) -> Any:
+    """Pydantic's lax float takes `true` as 1.0; a spec never means a flag as a number."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+Name = Annotated[str, Strict(), StringConstraints(pattern=limits.NAME_PATTERN)]
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
+PositiveFloat = Annotated[Number, Field(gt=0.0)]
+NonNegativeFloat = Annotated[Number, Field(ge=0.0)]
+Bool = StrictBool
+
+
+def _count(maximum: int, minimum: int = 1) -> Any:
+    """An integer in [minimum, maximum]; strict, so `true` and `4.0` are refused."""
+    return Annotated[int, Strict(), Field(ge=minimum, le=maximum)]
+
+
+Heads = _count(limits.MAX_HEADS)
+HeadDim = _count(limits.MAX_HEAD_DIM)
+Intermediate = _count(limits.MAX_INTERMEDIATE_SIZE)
+Experts = _count(limits.MAX_EXPERTS)
+SharedExperts = _count(limits.MAX_EXPERTS, minimum=0)
+MTPDepth = _count(limits.MAX_MTP_BLOCKS, minimum=0)
+VocabSize = _count(limits.MAX_VOCAB_SIZE)
+HiddenSize = _count(limits.MAX_HIDDEN_SIZE)
+Positions = _count(limits.MAX_POSITIONS)
+BatchSize = _count(limits.MAX_BATCH_SIZE)
+Seed = _count(limits.MAX_SEED, minimum=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -31,23 +88,23 @@ class Rope(StrictModel):
     """Rotary embedding applied to the leading `rope_dim` dims of each q/k head (rotate-half style)."""
 
     theta: PositiveFloat = Field(description="RoPE base frequency.")
-    fraction: float = Field(
+    fraction: Number = Field(
         1.0,
         gt=0.0,
         le=1.0,
-        description="Fraction of qk_head_dim that is rotated; rope_dim = int(qk_head_dim * fraction).",
+        description="Fraction of qk_head_dim that is rotated: int(qk_head_dim * fraction) rounded up to even.",
     )
 
 
 class AttentionBase(StrictModel):
-    num_heads: PositiveInt = Field(description="Query heads.")
-    num_kv_heads: PositiveInt = Field(description="Key/value heads (GQA); must divide num_heads.")
-    qk_head_dim: PositiveInt = Field(description="Per-head dim of queries and keys.")
-    v_head_dim: PositiveInt = Field(description="Per-head dim of values (independent of qk_head_dim).")
+    num_heads: Heads = Field(description="Query heads.")
+    num_kv_heads: Heads = Field(description="Key/value heads (GQA); must divide num_heads.")
+    qk_head_dim: HeadDim = Field(description="Per-head dim of queries and keys.")
+    v_head_dim: HeadDim = Field(description="Per-head dim of values (independent of qk_head_dim).")
     rope: Rope
     value_scale: PositiveFloat = Field(1.0, description="Values are multiplied by this before attention.")
-    sink: bool = Field(False, description="Learnable per-head sink logit in the softmax denominator.")
-    bias: bool = Field(False, description="Bias on the q/k/v projections (o_proj never has one).")
+    sink: Bool = Field(False, description="Learnable per-head sink logit in the softmax denominator.")
+    bias: Bool = Field(False, description="Bias on the q/k/v projections (o_proj never has one).")
     softmax_scale: PositiveFloat | None = Field(None, description="Logit scale; default qk_head_dim ** -0.5.")
 
     @model_validator(mode="after")
@@ -56,18 +113,37 @@ class AttentionBase(StrictModel):
             raise ValueError(
                 f"num_kv_heads: expected a divisor of num_heads ({self.num_heads}), got {self.num_kv_heads}"
             )
-        rope_dim = int(self.qk_head_dim * self.rope.fraction)
-        if rope_dim % 2 or rope_dim == 0:
+        product = self.rope_freq_dim
+        if product == 0:
             raise ValueError(
-                f"rope.fraction: expected a fraction giving an even, non-zero rope_dim, got "
-                f"int({self.qk_head_dim} * {self.rope.fraction}) = {rope_dim}"
+                f"rope.fraction: expected a fraction giving at least one rotated dim, got "
+                f"int({self.qk_head_dim} * {self.rope.fraction}) = 0"
+            )
+        if self.rope_dim > self.qk_head_dim:
+            raise ValueError(
+                f"rope.fraction: expected at most qk_head_dim ({self.qk_head_dim}) rotated dims, got "
+                f"int({self.qk_head_dim} * {self.rope.fraction}) = {product}, rounded up to {self.rope_dim}"
             )
         return self
 
     @property
-    def rope_dim(self) -> int:
-        """Rotated dims per head; int() truncation as in transformers' partial_rotary_factor."""
+    def rope_freq_dim(self) -> int:
+        """The d of the RoPE frequencies theta ** (-2i / d), i = 0 .. ceil(d / 2) - 1.
+
+        d = int(qk_head_dim * fraction), truncated as transformers truncates partial_rotary_factor. An
+        odd d is kept as the exponent's denominator, exactly as transformers' `arange(0, d, 2) / d`.
+        """
         return int(self.qk_head_dim * self.rope.fraction)
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated dims per head: one pair per frequency, so `rope_freq_dim` rounded up to even.
+
+        transformers takes ceil(d / 2) frequencies for d = int(qk_head_dim * fraction) and rotates two
+        dims per frequency: head_dim 16 with fraction 0.334 gives d = 5, 3 frequencies, 6 rotated dims.
+        """
+        d = self.rope_freq_dim
+        return d + d % 2
 
     @property
     def scale(self) -> float:
@@ -94,7 +170,9 @@ class SlidingAttention(AttentionBase):
     """
 
     kind: Literal["sliding"] = "sliding"
-    window: PositiveInt = Field(description="Window size, read by window_convention.")
+    window: Positions = Field(
+        description="Window size, read by window_convention; at most max_position_embeddings."
+    )
     window_convention: Literal["previous_plus_self", "keys"] = Field(
         description="previous_plus_self: window previous tokens + self; keys: window keys including self."
     )
@@ -112,7 +190,7 @@ class DenseFFN(StrictModel):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     kind: Literal["dense"] = "dense"
-    intermediate_size: PositiveInt
+    intermediate_size: Intermediate
     activation: Literal["silu"] = "silu"
 
 
@@ -120,18 +198,18 @@ class MoEFFN(StrictModel):
     """Routed mixture of SwiGLU experts, optionally with always-on shared experts."""
 
     kind: Literal["moe"] = "moe"
-    num_experts: PositiveInt = Field(description="Routed experts.")
-    top_k: PositiveInt = Field(description="Experts chosen per token.")
-    expert_intermediate_size: PositiveInt
-    num_shared_experts: int = Field(0, ge=0)
+    num_experts: Experts = Field(description="Routed experts.")
+    top_k: Experts = Field(description="Experts chosen per token.")
+    expert_intermediate_size: Intermediate
+    num_shared_experts: SharedExperts = 0
     score_function: Literal["sigmoid", "softmax"] = "sigmoid"
-    correction_bias: bool = Field(
+    correction_bias: Bool = Field(
         True, description="Aux-loss-free balancing bias, added to scores for selection only."
     )
-    renormalize: bool = Field(True, description="Renormalise the chosen top-k weights to sum to 1.")
+    renormalize: Bool = Field(True, description="Renormalise the chosen top-k weights to sum to 1.")
     routed_scaling_factor: PositiveFloat = 1.0
-    num_groups: PositiveInt = Field(1, description="Group-limited routing: expert groups.")
-    top_k_groups: PositiveInt = Field(1, description="Group-limited routing: groups kept per token.")
+    num_groups: Experts = Field(1, description="Group-limited routing: expert groups.")
+    top_k_groups: Experts = Field(1, description="Group-limited routing: groups kept per token.")
     activation: Literal["silu"] = "silu"
 
     @model_validator(mode="after")
@@ -161,8 +239,8 @@ FFNKind = Annotated[DenseFFN | MoEFFN, Field(discriminator="kind")]
 class Block(StrictModel):
     """One decoder layer: pre-norm attention then pre-norm FFN, each with a residual."""
 
-    attention: str = Field(description="Name of an entry in model.attention.")
-    ffn: str = Field(description="Name of an entry in model.ffn.")
+    attention: Name = Field(description="Name of an entry in model.attention.")
+    ffn: Name = Field(description="Name of an entry in model.ffn.")
 
 
 class Norm(StrictModel):
@@ -177,23 +255,24 @@ class MTP(StrictModel):
     `block`, a final norm and the shared LM head.
     """
 
-    num_blocks: int = Field(ge=0)
-    block: str = Field(description="Name of an entry in model.blocks used inside each MTP block.")
-    loss_weight: float = Field(0.3, ge=0.0, description="Default MTP loss weight; stages may override.")
+    num_blocks: MTPDepth
+    block: Name = Field(description="Name of an entry in model.blocks used inside each MTP block.")
+    loss_weight: NonNegativeFloat = Field(0.3, description="Default MTP loss weight; stages may override.")
 
 
 class ModelSpec(StrictModel):
-    vocab_size: PositiveInt
-    hidden_size: PositiveInt
-    max_position_embeddings: PositiveInt
+    vocab_size: VocabSize
+    hidden_size: HiddenSize
+    max_position_embeddings: Positions
     norm: Norm = Norm()
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: Bool = False
     init_std: PositiveFloat = 0.02
-    attention: dict[str, AttentionKind] = Field(min_length=1)
-    ffn: dict[str, FFNKind] = Field(min_length=1)
-    blocks: dict[str, Block] = Field(min_length=1)
-    layers: str = Field(
-        description="Layer pattern over block names: `G0 S*4 G (S*5 G)*7` — names, `*N` repeats, parentheses."
+    attention: dict[Name, AttentionKind] = Field(min_length=1, max_length=limits.MAX_KINDS)
+    ffn: dict[Name, FFNKind] = Field(min_length=1, max_length=limits.MAX_KINDS)
+    blocks: dict[Name, Block] = Field(min_length=1, max_length=limits.MAX_KINDS)
+    layers: Annotated[str, Strict()] = Field(
+        description="Layer pattern over block names: `G0 S*4 G (S*5 G)*7` — names, `*N` repeats, parentheses; "
+        f"at most {limits.MAX_LAYERS} layers."
     )
     mtp: MTP | None = None
 
@@ -206,6 +285,12 @@ class ModelSpec(StrictModel):
                 )
             if block.ffn not in self.ffn:
                 raise ValueError(f"blocks.{name}.ffn: expected one of {sorted(self.ffn)}, got {block.ffn!r}")
+        for name, a in self.attention.items():
+            if isinstance(a, SlidingAttention) and a.window > self.max_position_embeddings:
+                raise ValueError(
+                    f"attention.{name}.window: expected at most max_position_embeddings "
+                    f"({self.max_position_embeddings}), got {a.window}"
+                )
         expand_pattern(self.layers, known=set(self.blocks))
         if self.mtp is not None and self.mtp.block not in self.blocks:
             raise ValueError(f"mtp.block: expected one of {sorted(self.blocks)}, got {self.mtp.block!r}")
@@ -231,7 +316,7 @@ class ModelSpec(StrictModel):
 # Training
 # ---------------------------------------------------------------------------------------------
 
-TokenCount = Annotated[float, Field(ge=0, description="A token count; YAML may write 22e12.")]
+TokenCount = Annotated[Number, Field(ge=0, description="A token count; YAML may write 22e12.")]
 
 
 class LRSchedule(StrictModel):
@@ -247,9 +332,9 @@ class LRSchedule(StrictModel):
 
     kind: Literal["constant", "cosine", "linear", "wsd"]
     peak: PositiveFloat
-    final: float = Field(0.0, ge=0.0)
+    final: NonNegativeFloat = 0.0
     warmup_tokens: TokenCount = 0
-    warmup_start: float = Field(0.0, ge=0.0)
+    warmup_start: NonNegativeFloat = 0.0
     decay_tokens: TokenCount | None = None
     decay_shape: Literal["cosine", "linear"] = "cosine"
 
@@ -267,8 +352,8 @@ class LRSchedule(StrictModel):
 class BatchSchedule(StrictModel):
     """Batch size in sequences, ramped linearly from `warmup_start` over `warmup_tokens`."""
 
-    size: PositiveInt
-    warmup_start: PositiveInt | None = None
+    size: BatchSize
+    warmup_start: BatchSize | None = None
     warmup_tokens: TokenCount = 0
 
     @model_validator(mode="after")
@@ -281,25 +366,25 @@ class BatchSchedule(StrictModel):
 class Balancing(StrictModel):
     """MoE load balancing: aux-loss-free bias updates plus a sequence-wise auxiliary loss."""
 
-    bias_update: float = Field(0.001, ge=0.0, description="Correction-bias step per update (sign rule).")
-    seq_aux_coef: float = Field(0.0, ge=0.0, description="Sequence-wise auxiliary loss coefficient.")
+    bias_update: NonNegativeFloat = Field(0.001, description="Correction-bias step per update (sign rule).")
+    seq_aux_coef: NonNegativeFloat = Field(0.0, description="Sequence-wise auxiliary loss coefficient.")
 
 
 class StageOverrides(StrictModel):
     """Values that change at a stage boundary."""
 
-    rope_theta: dict[str, PositiveFloat] | None = Field(
+    rope_theta: dict[Name, PositiveFloat] | None = Field(
         None, description="Per attention kind: new RoPE theta for this stage."
     )
-    mtp_loss_weight: float | None = Field(None, ge=0.0)
-    bias_update: float | None = Field(None, ge=0.0)
-    seq_aux_coef: float | None = Field(None, ge=0.0)
+    mtp_loss_weight: NonNegativeFloat | None = None
+    bias_update: NonNegativeFloat | None = None
+    seq_aux_coef: NonNegativeFloat | None = None
 
 
 class Stage(StrictModel):
-    name: str
-    tokens: float = Field(gt=0, description="Token budget of the stage.")
-    seq_len: PositiveInt
+    name: Name
+    tokens: Annotated[Number, Field(gt=0.0)] = Field(description="Token budget of the stage.")
+    seq_len: Positions = Field(description="Tokens per sequence; at most max_position_embeddings.")
     batch_size: BatchSchedule
     lr: LRSchedule
     overrides: StageOverrides = StageOverrides()
@@ -315,11 +400,14 @@ class Stage(StrictModel):
         return self
 
 
+Beta = Annotated[Number, Field(ge=0.0, lt=1.0, description="An AdamW moment decay, in [0, 1).")]
+
+
 class Optimizer(StrictModel):
     kind: Literal["adamw"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: PositiveFloat = 1e-8
-    weight_decay: float = Field(0.1, ge=0.0)
+    weight_decay: NonNegativeFloat = 0.1
 
 
 class TrainingSpec(StrictModel):
@@ -327,8 +415,8 @@ class TrainingSpec(StrictModel):
     grad_clip: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     balancing: Balancing = Balancing()
-    seed: int = 0
-    stages: list[Stage] = Field(min_length=1)
+    seed: Seed = 0
+    stages: list[Stage] = Field(min_length=1, max_length=limits.MAX_STAGES)
 
     @property
     def total_tokens(self) -> float:
@@ -336,19 +424,19 @@ class TrainingSpec(StrictModel):
 
 
 class ServingSpec(StrictModel):
-    speculative_depth: int = Field(0, ge=0, description="MTP blocks used as draft at decode time.")
+    speculative_depth: MTPDepth = Field(0, description="MTP blocks used as draft at decode time.")
     chat_template: str = Field(
         "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
         description="Jinja2 chat template over `messages` (role, content).",
     )
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: NonNegativeFloat = 1.0
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] = 1.0
 
 
 class Spec(StrictModel):
     """A model and how it is trained and served."""
 
-    name: str
+    name: Name
     model: ModelSpec
     training: TrainingSpec | None = None
     serving: ServingSpec = ServingSpec()
@@ -357,6 +445,11 @@ class Spec(StrictModel):
     def _check_cross(self) -> Spec:
         if self.training is not None:
             for i, stage in enumerate(self.training.stages):
+                if stage.seq_len > self.model.max_position_embeddings:
+                    raise ValueError(
+                        f"training.stages.{i}.seq_len: expected at most model.max_position_embeddings "
+                        f"({self.model.max_position_embeddings}), got {stage.seq_len}"
+                    )
                 for kind in stage.overrides.rope_theta or {}:
                     if kind not in self.model.attention:
                         raise ValueError(

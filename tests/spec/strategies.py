@@ -16,6 +16,7 @@ from lmspec.spec import Spec
 NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,5}", fullmatch=True)
 FLOATS = st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False)
 FRACTION = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+BETA = st.floats(min_value=0.0, max_value=1.0, exclude_max=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def ffn_kinds(draw) -> dict:
 
 
 @st.composite
-def stages(draw, attention_names: list[str]) -> dict:
+def stages(draw, attention_names: list[str], max_positions: int = 1 << 18) -> dict:
     tokens = draw(st.floats(min_value=1.0, max_value=1e13, allow_nan=False))
     kind = draw(st.sampled_from(["constant", "cosine", "linear", "wsd"]))
     peak = draw(FLOATS)
@@ -163,7 +164,7 @@ def stages(draw, attention_names: list[str]) -> dict:
     return {
         "name": draw(NAMES),
         "tokens": tokens,
-        "seq_len": draw(st.integers(1, 1 << 18)),
+        "seq_len": draw(st.integers(1, max_positions)),
         "batch_size": batch,
         "lr": lr,
         "overrides": overrides,
@@ -181,10 +182,12 @@ def spec_data(draw) -> dict:
         n: {"attention": draw(st.sampled_from(sorted(attention))), "ffn": draw(st.sampled_from(sorted(ffn)))}
         for n in block_names
     }
+    windows = [a["window"] for a in attention.values() if a["kind"] == "sliding"]
+    max_positions = draw(st.integers(max([1, *windows]), 1 << 20))
     model = {
         "vocab_size": draw(st.integers(1, 1000)),
         "hidden_size": draw(st.integers(1, 256)),
-        "max_position_embeddings": draw(st.integers(1, 1 << 20)),
+        "max_position_embeddings": max_positions,
         "norm": {"kind": "rmsnorm", "eps": draw(FLOATS)},
         "tie_word_embeddings": draw(st.booleans()),
         "init_std": draw(FLOATS),
@@ -201,12 +204,12 @@ def spec_data(draw) -> dict:
             "block": draw(st.sampled_from(block_names)),
             "loss_weight": draw(FRACTION),
         }
-    data = {"name": draw(st.text(min_size=1, max_size=12)), "model": model}
+    data = {"name": draw(NAMES), "model": model}
     if draw(st.booleans()):
         data["training"] = {
             "optimizer": {
                 "kind": "adamw",
-                "betas": [draw(FRACTION), draw(FRACTION)],
+                "betas": [draw(BETA), draw(BETA)],
                 "eps": draw(FLOATS),
                 "weight_decay": draw(FRACTION),
             },
@@ -214,7 +217,7 @@ def spec_data(draw) -> dict:
             "precision": draw(st.sampled_from(["fp32", "bf16"])),
             "balancing": {"bias_update": draw(FRACTION), "seq_aux_coef": draw(FRACTION)},
             "seed": draw(st.integers(0, 2**31)),
-            "stages": draw(st.lists(stages(sorted(attention)), min_size=1, max_size=3)),
+            "stages": draw(st.lists(stages(sorted(attention), max_positions), min_size=1, max_size=3)),
         }
     if draw(st.booleans()):
         data["serving"] = {

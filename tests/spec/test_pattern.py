@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmspec.spec import PatternError, compress_layers, expand_pattern
-from lmspec.spec.pattern import MAX_LAYERS
+from lmspec.spec.limits import MAX_LAYERS, MAX_NESTING, MAX_PATTERN_CHARS
 
 from .conftest import TINY
 
@@ -44,7 +44,7 @@ def test_tiny_layout(tiny):
         ("((A)*2 B)*2", ["A", "A", "B", "A", "A", "B"]),
         ("  A\tB\n C  ", ["A", "B", "C"]),
         ("A*1 B*01", ["A", "B"]),
-        ("x.y-z_1*2", ["x.y-z_1", "x.y-z_1"]),
+        ("x_y_1*2", ["x_y_1", "x_y_1"]),
     ],
 )
 def test_expansion(pattern, expected):
@@ -66,13 +66,23 @@ def test_expansion(pattern, expected):
         ("   ", 0, "expected at least one block name, got an empty pattern"),
         ("S*100001", 2, f"expected at most {MAX_LAYERS} layers, got 1 x 100001 here"),
         ("(S*1000)*1000", 9, f"expected at most {MAX_LAYERS} layers, got 1000 x 1000 here"),
+        ("S*" + "9" * 5000, 2, f"expected a repeat count of at most {MAX_LAYERS} layers, got '{'9' * 198}…"),
+        ("S " * (MAX_LAYERS + 1), 2 * MAX_LAYERS, f"expected at most {MAX_LAYERS} layers, got more"),
+        ("(" * 100 + "S" + ")" * 100, 64, f"expected at most {MAX_NESTING} nested '(', got more"),
+        ("x.y", 1, "expected a block name, '(', ')', '*' or a count, got '.'"),  # names are identifiers
+        ("G " * 800_000, 0, f"expected a pattern of at most {MAX_PATTERN_CHARS} characters, got 1600000"),
     ],
+    ids=lambda v: v[:24] if isinstance(v, str) else str(v),
 )
 def test_syntax_errors_point_at_the_character(pattern, offset, message):
     with pytest.raises(PatternError) as info:
         expand_pattern(pattern)
     assert (info.value.offset, info.value.short) == (offset, message)
-    assert str(info.value).splitlines()[-1].index("^") - 4 == offset  # the caret under the character
+    # The caret sits under the character, in a window of the pattern at most 121 characters wide.
+    _, shown, caret = str(info.value).splitlines()
+    assert len(shown) <= 4 + 121
+    at = caret.index("^")
+    assert (shown[at:] or " ")[0] == (pattern[offset:] or " ")[0]
 
 
 def test_unknown_block_name():
