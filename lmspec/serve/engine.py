@@ -29,9 +29,11 @@ kept per sequence (``_Seq.hidden``).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +48,16 @@ __all__ = [
     "Event",
     "Generator",
     "RequestStats",
+    "TokenLogprob",
     "decode_threads",
 ]
+
+_T = TypeVar("_T")
+
+# Prompt tokens read per step while other rows decode. A step then costs one decode forward plus one
+# forward over this many prompt tokens, so a request that is decoding keeps getting a token every step
+# however long a concurrent prompt is. See docs/serving.md for the measured latencies.
+_INTERLEAVED_PREFILL_CHUNK = 32
 
 
 @dataclass
@@ -136,7 +146,16 @@ class _TextState:
         return delta
 
 
-@dataclass
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw logits, and the ``top`` most likely (token, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one object per request
 class _Seq:
     """One request in a row of the engine."""
 
@@ -153,8 +172,12 @@ class _Seq:
     # hidden[j] holds h^j for positions mtp_len[j] .. L_j - 1 (L_0 = main_len, L_j = mtp_len[j-1]):
     # what block j+1 still has to read.
     hidden: list[Tensor] = field(default_factory=list)
+    # Prompt tokens' log-probabilities (the first has none), when the request asked for them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    written: int = 0  # 1 + the highest position this request may have written to any cache layer
     finished: bool = False
     finish_reason: str | None = None
+    error: str | None = None
 
     @property
     def generated(self) -> list[int]:
@@ -167,7 +190,13 @@ class _Seq:
 
 @dataclass
 class Event:
-    """What one step produced for one request."""
+    """What one step produced for one request.
+
+    ``logprobs`` has one entry per ``token_ids`` entry when the request asked for them;
+    ``prompt_logprobs`` comes once, with the event of the step that finished the prompt. A request
+    that failed ends with ``finish_reason="error"`` and ``error`` saying why; no other request is
+    affected.
+    """
 
     rid: int
     token_ids: list[int]
@@ -175,10 +204,55 @@ class Event:
     finished: bool
     finish_reason: str | None
     stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None
+
+
+class _RowView:
+    """The KV cache as one forward over a subset of its rows sees it (``rows`` ascending).
+
+    The cache is batched over every engine row; a forward over only the rows that have work this step
+    hands it full-batch tensors in which the other rows are padding (position -1: never written, never
+    visible) and gets back its own rows. Idle rows, and rows waiting for another phase of the step,
+    cost no model compute.
+    """
+
+    def __init__(self, cache: HybridKVCache, rows: list[int]) -> None:
+        self.cache = cache
+        self.rows = torch.tensor(rows, dtype=torch.long, device=cache.device)
+
+    def update(
+        self, layer_key: str, k: Tensor, v: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        B = self.cache.batch_size
+        full_k = k.new_zeros((B, *k.shape[1:]))  # (B, Hkv, T, Dqk)
+        full_v = v.new_zeros((B, *v.shape[1:]))  # (B, Hkv, T, Dv)
+        full_pos = position_ids.new_full((B, position_ids.shape[1]), -1)  # (B, T)
+        full_k[self.rows], full_v[self.rows], full_pos[self.rows] = k, v, position_ids
+        k_all, v_all, k_pos = self.cache.update(layer_key, full_k, full_v, full_pos)
+        return k_all[self.rows], v_all[self.rows], k_pos[self.rows]
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class DecodeEngine:
-    """Batched decoding with optional MTP speculation; one KV-cache row per running request."""
+    """Batched decoding with optional MTP speculation; one KV-cache row per running request.
+
+    Each ``step()`` runs the decoding rows (D draft forwards, one verify forward) and then the rows
+    still reading their prompt (one forward over the next prompt chunk, plus one catch-up forward per
+    MTP block), each forward over only the rows it concerns. A prompt is read ``prefill_chunk`` tokens
+    per step while no row decodes, and at most ``interleaved_prefill_chunk`` tokens per step (over all
+    prefilling rows, shortest remainder first) while some do, so a long prompt never holds up the
+    tokens of requests already decoding by more than one small chunk's forward per step.
+
+    A row whose forward or sampling raises (NaN logits, an allocation failure) ends alone with an
+    error event: a batched forward that raises is retried row by row, the rows that still fail end,
+    and the cache slots they wrote are zeroed before the row is reused.
+    """
 
     def __init__(
         self,
@@ -189,6 +263,7 @@ class DecodeEngine:
         speculative_depth: int = 0,
         tokenizer: Tokenizer | None = None,
         prefill_chunk: int = 256,
+        interleaved_prefill_chunk: int = _INTERLEAVED_PREFILL_CHUNK,
     ) -> None:
         spec = model.spec
         available = spec.model.mtp.num_blocks if spec.model.mtp else 0
@@ -196,6 +271,8 @@ class DecodeEngine:
             raise ValueError(
                 f"speculative_depth must be in 0..{available} (the model's MTP blocks), got {speculative_depth}"
             )
+        if prefill_chunk < 1 or interleaved_prefill_chunk < 1:
+            raise ValueError("prefill_chunk and interleaved_prefill_chunk must be at least 1")
         self.model = model
         self.spec = spec
         self.depth = speculative_depth
@@ -203,6 +280,7 @@ class DecodeEngine:
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.max_len = max_len or spec.model.max_position_embeddings
         self.prefill_chunk = prefill_chunk
+        self.interleaved_prefill_chunk = interleaved_prefill_chunk
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # A verify step writes up to D positions past the last kept one.
@@ -218,6 +296,7 @@ class DecodeEngine:
         self.main_keys = [k for k in self.cache.keys if not k.startswith("model.mtp.")]
         self.rows: list[_Seq | None] = [None] * max_batch
         self._next_id = 0
+        self._failed: list[_Seq] = []  # failed during this step: reported, then their rows wiped
 
     # -- admission ------------------------------------------------------------------------------
     @property
@@ -253,18 +332,25 @@ class DecodeEngine:
             tokens=list(prompt),
             mtp_len=[0] * self.depth,
             hidden=[self._empty_hidden() for _ in range(self.depth)],
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
         self._next_id += 1
         self.cache.reset([row])
         self.rows[row] = seq
-        if params.max_tokens == 0:
-            self._finish(seq, "length")
+        if params.max_tokens == 0 and params.prompt_logprobs is None:
+            self._finish(seq, "length")  # nothing to compute
         return seq.rid
 
     def cancel(self, rid: int) -> None:
         for i, s in enumerate(self.rows):
             if s is not None and s.rid == rid:
                 self.rows[i] = None
+
+    def abort(self, error: BaseException) -> list[Event]:
+        """End every running request with ``error`` (the engine itself failed) and empty the cache."""
+        for s in self.active:
+            self._fail(s, error)
+        return self._report_failures()
 
     def _empty_hidden(self) -> Tensor:
         return torch.empty(0, self.spec.model.hidden_size, device=self.device, dtype=self.dtype)
@@ -275,106 +361,265 @@ class DecodeEngine:
         seq.stats.finished_at = time.perf_counter()
 
     # -- one step -------------------------------------------------------------------------------
-    def _pad(self, rows: dict[int, tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
-        """{row: (ids, first position)} -> input_ids, position_ids (B, T), padding at position -1."""
-        B = len(self.rows)
-        T = max(len(ids) for ids, _ in rows.values())
-        ids = torch.zeros(B, T, dtype=torch.long)
-        pos = torch.full((B, T), -1, dtype=torch.long)
-        for r, (toks, start) in rows.items():
-            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-            pos[r, : len(toks)] = torch.arange(start, start + len(toks))
-        return ids.to(self.device), pos.to(self.device)
-
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Advance every running request by one main-model forward; returns what each produced."""
+        """Advance every running request by one step; returns what each produced."""
         events: list[Event] = []
         for s in self.active:
             if s.finished:  # requests finished at admission (max_tokens 0)
                 events.append(self._event(s, [], s.text.flush()))
                 self.rows[s.row] = None
-        running = self.active
-        if not running:
-            return events
-        decode = [s for s in running if s.decoding]
-        drafts, draft_probs, block_out = self._draft(decode) if self.depth else ({}, {}, {})
-
-        rows: dict[int, tuple[list[int], int]] = {}
-        for s in running:
-            if s.decoding:
-                rows[s.row] = ([s.tokens[s.main_len]] + drafts.get(s.rid, []), s.main_len)
-            else:
-                chunk = s.prompt[s.main_len : s.main_len + self.prefill_chunk]
-                rows[s.row] = (chunk, s.main_len)
-        ids, pos = self._pad(rows)
-        out = self.model(ids, position_ids=pos, cache=self.cache)
-        logits, hidden = out.logits, out.hidden  # (B, T, V), (B, T, H)
-
-        big = self.cache.max_len + 1
-        main_lengths = torch.full((len(self.rows),), big, dtype=torch.long)
-        mtp_lengths = [torch.full((len(self.rows),), big, dtype=torch.long) for _ in range(self.depth)]
-        for s in running:
-            n = len(rows[s.row][0])
-            if not s.decoding:
-                new = self._prefill_done(s, logits[s.row, :n], hidden[s.row, :n])
-            else:
-                new = self._verify(s, logits[s.row, :n], hidden[s.row, :n], drafts, draft_probs, block_out)
-                for k in range(self.depth):
-                    mtp_lengths[k][s.row] = s.mtp_len[k]
-            main_lengths[s.row] = s.main_len
-            if new:
-                events.append(self._emit(s, new))
-        self.cache.rollback(main_lengths, keys=self.main_keys)
-        for k in range(self.depth):
-            self.cache.rollback(mtp_lengths[k], keys=[f"model.mtp.layers.{k}"])
-        for s in running:
+        decoding = [s for s in self.active if s.decoding]
+        plan = self._prefill_plan([s for s in self.active if not s.decoding], bool(decoding))
+        if decoding:
+            events += self._decode(decoding)
+        if plan:
+            events += self._prefill(plan)
+        for s in self.active:
             if s.finished:
                 self.rows[s.row] = None
+        return events + self._report_failures()
+
+    def _prefill_plan(self, prefilling: list[_Seq], decoding: bool) -> dict[_Seq, int]:
+        """Prompt tokens each prefilling row reads this step."""
+        if not decoding:
+            return {s: min(len(s.prompt) - s.main_len, self.prefill_chunk) for s in prefilling}
+        budget, plan = self.interleaved_prefill_chunk, {}
+        for s in sorted(prefilling, key=lambda s: (len(s.prompt) - s.main_len, s.rid)):
+            n = min(len(s.prompt) - s.main_len, budget)
+            if n <= 0:
+                break
+            plan[s] = n
+            budget -= n
+        return plan
+
+    # -- isolation ------------------------------------------------------------------------------
+    def _isolated(
+        self, inputs: dict[_Seq, Any], run: Callable[[dict[_Seq, Any]], dict[int, _T]]
+    ) -> dict[int, _T]:
+        """``run(inputs)`` for all rows at once; if that raises, for each row alone, so only failing rows fail.
+
+        ``run`` returns per-request results keyed by rid and changes no request state, so a retry
+        repeats it exactly (it rewrites the same cache positions).
+        """
+        if not inputs:
+            return {}
+        try:
+            return run(inputs)
+        except Exception as e:  # noqa: BLE001 - any failure is confined to the rows it comes from
+            if len(inputs) == 1:
+                self._fail(next(iter(inputs)), e)
+                return {}
+        out: dict[int, _T] = {}
+        for s, x in inputs.items():
+            out.update(self._isolated({s: x}, run))
+        return out
+
+    def _guard(self, s: _Seq, fn: Callable[..., _T], *args: Any) -> _T | None:
+        """``fn(s, *args)``, or None after failing request ``s`` alone if it raises."""
+        try:
+            return fn(s, *args)
+        except Exception as e:  # noqa: BLE001 - a request's own failure ends that request only
+            self._fail(s, e)
+            return None
+
+    def _fail(self, s: _Seq, error: BaseException) -> None:
+        if s.finished:
+            return
+        self._finish(s, "error")
+        s.error = _one_line(error)
+        self._failed.append(s)
+
+    def _report_failures(self) -> list[Event]:
+        events = []
+        for s in self._failed:
+            if self.rows[s.row] is s:
+                self.rows[s.row] = None
+            self._wipe(s.row, s.written)
+            events.append(Event(s.rid, [], "", True, "error", s.stats, error=s.error))
+        self._failed = []
         return events
 
-    def _draft(self, decode: list[_Seq]) -> tuple[dict[int, list[int]], dict[int, list[Tensor]], dict]:
-        """Run MTP blocks 1..D over each decoding sequence; return drafts, their q, and block outputs."""
-        drafts: dict[int, list[int]] = {s.rid: [] for s in decode}
-        qs: dict[int, list[Tensor]] = {s.rid: [] for s in decode}
-        block_out: dict[tuple[int, int], Tensor] = {}  # (rid, k) -> h^k for positions mtp_len[k-1] .. N-1
-        if not decode:
-            return drafts, qs, block_out
-        H = self.spec.model.hidden_size
-        for k in range(1, self.depth + 1):
-            rows: dict[int, tuple[list[int], int]] = {}
-            inputs: dict[int, Tensor] = {}
-            for s in decode:
-                start, N = s.mtp_len[k - 1], s.main_len
-                ext = s.tokens + drafts[s.rid]
-                rows[s.row] = (ext[start + k : N + k], start)
-                h = s.hidden[k - 1]
-                if k > 1:
-                    h = torch.cat([h, block_out[(s.rid, k - 1)]])
-                inputs[s.row] = h  # (N - start, H): h^(k-1) at positions start .. N-1
-            ids, pos = self._pad(rows)
-            hid = torch.zeros(len(self.rows), ids.shape[1], H, device=self.device, dtype=self.dtype)
-            for r, h in inputs.items():
-                hid[r, : h.shape[0]] = h
-            h_k, logits = self.model.mtp_forward(k, hid, ids, pos, self.cache)
-            for s in decode:
-                n = s.main_len - s.mtp_len[k - 1]
-                block_out[(s.rid, k)] = h_k[s.row, :n]
-                q = probs(logits[s.row, n - 1], s.params)
-                qs[s.rid].append(q)
-                drafts[s.rid].append(sample(q, s.generator))
-        return drafts, qs, block_out
+    def _wipe(self, row: int, upto: int) -> None:
+        """Zero every cache slot of ``row`` that positions < ``upto`` map to, then empty the row.
 
-    def _prefill_done(self, s: _Seq, logits: Tensor, hidden: Tensor) -> list[int]:
-        n = logits.shape[0]
+        A failed request may have left NaN keys or values: attention gives a masked slot weight 0, but
+        0 * NaN is NaN, so the row's next request would read them.
+        """
+        if upto > 0:
+            view = _RowView(self.cache, [row])
+            for lay in self.cache.layouts:
+                first = max(0, upto - lay.slots) if lay.is_ring else 0
+                n = min(upto, lay.slots) if lay.is_ring else upto
+                shape = (1, lay.num_kv_heads, n)
+                k = torch.zeros(*shape, lay.qk_head_dim, device=self.device, dtype=self.dtype)
+                v = torch.zeros(*shape, lay.v_head_dim, device=self.device, dtype=self.dtype)
+                pos = torch.arange(first, first + n, device=self.device)[None]
+                view.update(lay.key, k, v, pos)
+        self.cache.reset([row])
+
+    # -- forwards over a subset of rows ---------------------------------------------------------
+    def _view(self, rows: list[int]) -> HybridKVCache | _RowView:
+        return self.cache if rows == list(range(len(self.rows))) else _RowView(self.cache, rows)
+
+    def _pad(self, inputs: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor]:
+        """[(ids, first position)] -> input_ids, position_ids (b, T), padding at position -1."""
+        T = max(len(ids) for ids, _ in inputs)
+        ids = torch.zeros(len(inputs), T, dtype=torch.long)
+        pos = torch.full((len(inputs), T), -1, dtype=torch.long)
+        for r, (toks, start) in enumerate(inputs):
+            ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            pos[r, : len(toks)] = torch.arange(start, start + len(toks))
+        return ids.to(self.device), pos.to(self.device)
+
+    def _forward(self, inputs: dict[_Seq, tuple[list[int], int]]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Main model over {seq: (ids, first position)} -> {rid: (logits (n, V), hidden (n, H))}."""
+        seqs = sorted(inputs, key=lambda s: s.row)
+        for s in seqs:
+            ids, start = inputs[s]
+            s.written = max(s.written, start + len(ids))
+        ids, pos = self._pad([inputs[s] for s in seqs])
+        out = self.model(ids, position_ids=pos, cache=self._view([s.row for s in seqs]))
+        return {
+            s.rid: (out.logits[i, : len(inputs[s][0])], out.hidden[i, : len(inputs[s][0])])
+            for i, s in enumerate(seqs)
+        }
+
+    def _mtp_forward(
+        self, k: int, inputs: dict[_Seq, tuple[list[int], int, Tensor]]
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """MTP block k over {seq: (ids x_(p+k), first position p, h^(k-1) (n, H))} -> {rid: (h^k, logits)}."""
+        seqs = sorted(inputs, key=lambda s: s.row)
+        ids, pos = self._pad([inputs[s][:2] for s in seqs])
+        hid = torch.zeros(
+            len(seqs), ids.shape[1], self.spec.model.hidden_size, device=self.device, dtype=self.dtype
+        )
+        for i, s in enumerate(seqs):
+            h = inputs[s][2]
+            hid[i, : h.shape[0]] = h
+        h_k, logits = self.model.mtp_forward(k, hid, ids, pos, self._view([s.row for s in seqs]))
+        return {
+            s.rid: (h_k[i, : len(inputs[s][0])], logits[i, : len(inputs[s][0])]) for i, s in enumerate(seqs)
+        }
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, plan: dict[_Seq, int]) -> list[Event]:
+        inputs = {s: (s.prompt[s.main_len : s.main_len + n], s.main_len) for s, n in plan.items()}
+        outs = self._isolated(inputs, self._forward)
+        events = []
+        for s in plan:
+            if s.rid in outs:
+                ev = self._guard(s, self._prefilled, *outs[s.rid])
+                if ev is not None:
+                    events.append(ev)
+        if self.depth:
+            self._catch_up([s for s in plan if not s.finished])
+        return events
+
+    def _prefilled(self, s: _Seq, logits: Tensor, hidden: Tensor) -> Event | None:
+        """Record one prompt chunk; at the prompt's end, sample the first token (or finish: max_tokens 0)."""
+        start, n, P = s.main_len, logits.shape[0], len(s.prompt)
+        if s.prompt_logprobs is not None:
+            m = min(n, P - 1 - start)  # position p predicts prompt token p + 1
+            s.prompt_logprobs += _logprobs(
+                logits[:m], s.prompt[start + 1 : start + 1 + m], s.params.prompt_logprobs
+            )
         if self.depth:
             s.hidden[0] = torch.cat([s.hidden[0], hidden])
         s.main_len += n
-        if s.main_len < len(s.prompt):
-            return []
+        if s.main_len < P:
+            return None
+        if s.params.max_tokens == 0:
+            self._finish(s, "length")
+            return self._event(s, [], "")
         token = sample(probs(logits[-1], s.params), s.generator)
         s.tokens.append(token)
-        return [token]
+        return self._emit(s, [token], logits[-1:])
+
+    def _catch_up(self, seqs: list[_Seq]) -> None:
+        """Run each MTP block over the prompt positions whose inputs are now known, chunk by chunk.
+
+        Block k at position p reads x_(p+k), a prompt token while p <= P-1-k, so after the main model
+        has read the prompt up to main_len, block k can advance to E_k = min(main_len, P - k). Doing it
+        here, a chunk at a time, keeps the first decode step from running every block over the whole
+        prompt at once.
+        """
+        for k in range(1, self.depth + 1):
+            ends = {s: min(s.main_len, len(s.prompt) - k) for s in seqs if not s.finished}
+            todo = [s for s, end in ends.items() if end > s.mtp_len[k - 1]]
+            inputs = {}
+            for s in todo:
+                start, end = s.mtp_len[k - 1], ends[s]
+                inputs[s] = (s.tokens[start + k : end + k], start, s.hidden[k - 1][: end - start])
+            outs = self._isolated(inputs, functools.partial(self._mtp_forward, k))
+            for s in todo:
+                if s.rid in outs:
+                    self._guard(s, self._caught_up, k, ends[s], outs[s.rid][0])
+
+    def _caught_up(self, s: _Seq, k: int, end: int, h_k: Tensor) -> None:
+        n = end - s.mtp_len[k - 1]
+        if k < self.depth:
+            s.hidden[k] = torch.cat([s.hidden[k], h_k])
+        s.hidden[k - 1] = s.hidden[k - 1][n:]
+        s.mtp_len[k - 1] = end
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode(self, seqs: list[_Seq]) -> list[Event]:
+        drafts, draft_probs, block_out = self._draft(seqs) if self.depth else ({}, {}, {})
+        seqs = [s for s in seqs if not s.finished]
+        inputs = {s: ([s.tokens[s.main_len]] + drafts.get(s.rid, []), s.main_len) for s in seqs}
+        outs = self._isolated(inputs, self._forward)
+        events = []
+        for s in seqs:
+            if s.rid not in outs:
+                continue
+            logits, hidden = outs[s.rid]
+            new = self._guard(s, self._verify, logits, hidden, drafts, draft_probs, block_out)
+            if new is not None:
+                ev = self._guard(s, self._emit, new, logits)
+                if ev is not None:
+                    events.append(ev)
+        self._rollback([s for s in seqs if s.error is None])
+        return events
+
+    def _rollback(self, seqs: list[_Seq]) -> None:
+        """Forget the rejected drafts' positions of ``seqs`` in the main and MTP caches."""
+        big = self.cache.max_len + 1  # other rows: nothing to forget
+        main_lengths = torch.full((len(self.rows),), big, dtype=torch.long)
+        mtp_lengths = [torch.full((len(self.rows),), big, dtype=torch.long) for _ in range(self.depth)]
+        for s in seqs:
+            main_lengths[s.row] = s.main_len
+            for k in range(self.depth):
+                mtp_lengths[k][s.row] = s.mtp_len[k]
+        self.cache.rollback(main_lengths, keys=self.main_keys)
+        for k in range(self.depth):
+            self.cache.rollback(mtp_lengths[k], keys=[f"model.mtp.layers.{k}"])
+
+    def _draft(self, seqs: list[_Seq]) -> tuple[dict[int, list[int]], dict[int, list[Tensor]], dict]:
+        """Run MTP blocks 1..D over each decoding sequence; return drafts, their q, and block outputs."""
+        drafts: dict[int, list[int]] = {s.rid: [] for s in seqs}
+        qs: dict[int, list[Tensor]] = {s.rid: [] for s in seqs}
+        block_out: dict[tuple[int, int], Tensor] = {}  # (rid, k) -> h^k for positions mtp_len[k-1] .. N-1
+        for k in range(1, self.depth + 1):
+            live = [s for s in seqs if not s.finished]
+            inputs = {}
+            for s in live:
+                start, N = s.mtp_len[k - 1], s.main_len
+                h = s.hidden[k - 1]  # h^(k-1) at positions start .. N-1, the newest from this round
+                if k > 1:
+                    h = torch.cat([h, block_out[(s.rid, k - 1)]])
+                inputs[s] = ((s.tokens + drafts[s.rid])[start + k : N + k], start, h)
+            outs = self._isolated(inputs, functools.partial(self._mtp_forward, k))
+            for s in live:
+                if s.rid in outs:
+                    block_out[(s.rid, k)], logits = outs[s.rid]
+                    self._guard(s, self._draft_one, logits[-1], drafts[s.rid], qs[s.rid])
+        return drafts, qs, block_out
+
+    def _draft_one(self, s: _Seq, logits: Tensor, drafts: list[int], qs: list[Tensor]) -> None:
+        q = probs(logits, s.params)
+        qs.append(q)
+        drafts.append(sample(q, s.generator))
 
     def _verify(
         self,
@@ -414,7 +659,8 @@ class DecodeEngine:
                 s.hidden[j] = s.hidden[j][consumed:]
         return new
 
-    def _emit(self, s: _Seq, new: list[int]) -> Event:
+    def _emit(self, s: _Seq, new: list[int], logits: Tensor) -> Event:
+        """Report tokens ``new`` (``logits[i]`` is the distribution new[i] was drawn from), cut at a limit."""
         if s.stats.first_token_at is None:
             s.stats.first_token_at = time.perf_counter()
         room = s.params.max_tokens - s.stats.completion_tokens
@@ -431,10 +677,29 @@ class DecodeEngine:
         if reason is not None:
             self._finish(s, reason)
             text += s.text.flush()
-        return self._event(s, new, text)
+        k = s.params.logprobs
+        lps = None if k is None else _logprobs(logits[: len(new)], new, k)
+        return self._event(s, new, text, lps)
 
-    def _event(self, s: _Seq, new: list[int], text: str) -> Event:
-        return Event(s.rid, new, text, s.finished, s.finish_reason, s.stats)
+    def _event(self, s: _Seq, new: list[int], text: str, logprobs: list[TokenLogprob] | None = None) -> Event:
+        prompt_lps = None
+        if s.prompt_logprobs is not None and (s.decoding or s.finished):
+            prompt_lps, s.prompt_logprobs = s.prompt_logprobs, None  # sent once, when the prompt is read
+        return Event(s.rid, new, text, s.finished, s.finish_reason, s.stats, logprobs, prompt_lps)
+
+
+def _logprobs(logits: Tensor, tokens: Sequence[int], k: int | None) -> list[TokenLogprob]:
+    """Log-softmax of the raw ``logits`` (n, V) at ``tokens`` (n,), with the k most likely alternatives."""
+    if not len(tokens):
+        return []
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    lp = logits.to(cdt).log_softmax(-1)  # (n, V)
+    chosen = lp.gather(-1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    top_v, top_i = lp.topk(k or 0, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    return [
+        TokenLogprob(int(t), c, tuple(zip(ti, tv, strict=True)))
+        for t, c, ti, tv in zip(tokens, chosen, top_i.tolist(), top_v.tolist(), strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,10 +709,15 @@ class DecodeEngine:
 
 @dataclass
 class Completion:
+    """A finished request; ``finish_reason`` is "error" (and ``error`` says why) when it failed."""
+
     text: str
     token_ids: list[int]
     finish_reason: str
     stats: RequestStats
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None
 
 
 class Generator:
@@ -507,18 +777,21 @@ class Generator:
         ids = [self._ids(p) for p in prompts]
         engine = self._engine(ids, list(params))
         rids = [engine.add(p, sp) for p, sp in zip(ids, params, strict=True)]
-        tokens: dict[int, list[int]] = {r: [] for r in rids}
-        texts: dict[int, str] = {r: "" for r in rids}
-        done: dict[int, Event] = {}
+        out = {r: Completion("", [], "length", RequestStats(0)) for r in rids}
+        for r, sp in zip(rids, params, strict=True):
+            out[r].logprobs = None if sp.logprobs is None else []
         while engine.active:
             for ev in engine.step():
-                tokens[ev.rid] += ev.token_ids
-                texts[ev.rid] += ev.text
+                c = out[ev.rid]
+                c.token_ids += ev.token_ids
+                c.text += ev.text
+                if ev.logprobs is not None and c.logprobs is not None:
+                    c.logprobs += ev.logprobs
+                if ev.prompt_logprobs is not None:
+                    c.prompt_logprobs = ev.prompt_logprobs
                 if ev.finished:
-                    done[ev.rid] = ev
-        return [
-            Completion(texts[r], tokens[r], done[r].finish_reason or "length", done[r].stats) for r in rids
-        ]
+                    c.finish_reason, c.stats, c.error = ev.finish_reason or "length", ev.stats, ev.error
+        return [out[r] for r in rids]
 
 
 # ---------------------------------------------------------------------------------------------
