@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from lmspec.runtime.ops import (
     get_backend,
 )
 from lmspec.runtime.ops import reference as ref
+from lmspec.runtime.ops.base import AttentionOptions
 
 hf = pytest.importorskip("transformers.models.mimo_v2_flash.modeling_mimo_v2_flash")
 
@@ -102,3 +105,13 @@ def test_mixed_backend_routes_each_family():
     assert isinstance(mixed, MixedBackend) and mixed.name == "cpu+attention=reference,moe=cpu"
     assert mixed.attention is ref.attention and mixed.route is ref.route
     assert get_backend("reference", overrides={"attention": "cpu"}).attention is cpu.attention
+
+
+def test_attention_options_are_the_reference_keywords():
+    # Overrides that pass the keywords on (cpu.attention) read their names from AttentionOptions.
+    params = inspect.signature(ref.attention).parameters.values()
+    keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"scale"}
+    assert AttentionOptions.__optional_keys__ == keywords
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['window'\]"):
+        cpu.attention(q, q, q, None, scale=0.3, window=3)

@@ -8,9 +8,13 @@ that signature. ``OP_FAMILIES`` groups the ops into the families that ``get_back
 
 from __future__ import annotations
 
+from typing import TypedDict
+
+from torch import Tensor
+
 from lmspec.runtime.ops import reference
 
-__all__ = ["OP_FAMILIES", "OPS", "Backend", "ReferenceBackend"]
+__all__ = ["OP_FAMILIES", "OPS", "AttentionOptions", "Backend", "ReferenceBackend"]
 
 # Override keys name a family; each family covers these backend methods.
 OP_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -24,6 +28,16 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
 
 # Every op of the surface, in family order.
 OPS: tuple[str, ...] = tuple(op for ops in OP_FAMILIES.values() for op in ops)
+
+
+class AttentionOptions(TypedDict, total=False):
+    """The keywords of ``attention`` after ``scale``, as ``reference.attention`` defines them. An override
+    that dispatches on them takes ``**kw: Unpack[AttentionOptions]`` and passes them on unchanged."""
+
+    value_scale: float
+    window_keys: int | None
+    q_pos: Tensor | None
+    k_pos: Tensor | None
 
 
 class Backend:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lmspec.runtime.ops import reference
-from lmspec.runtime.ops.base import Backend
+from lmspec.runtime.ops.base import AttentionOptions, Backend
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack for **kwargs needs Python 3.11
 
 __all__ = ["BAND_BLOCK", "PATH_CALLS", "CPUBackend", "attention", "attention_path", "min_banded_seq"]
 
@@ -68,30 +72,29 @@ def attention_path(
 
 
 def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    sinks: Tensor | None,
-    *,
-    scale: float,
-    value_scale: float = 1.0,
-    window_keys: int | None = None,
-    q_pos: Tensor | None = None,
-    k_pos: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, **kw: Unpack[AttentionOptions]
 ) -> Tensor:
     """``reference.attention`` (same arguments and result), through the fastest path that computes it."""
-    Tq, Tk = q.shape[2], k.shape[2]
-    dense = q_pos is None and k_pos is None
+    unknown = kw.keys() - AttentionOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"attention() got unexpected keyword arguments {sorted(unknown)}")
+    window_keys = kw.get("window_keys")
+    dense = kw.get("q_pos") is None and kw.get("k_pos") is None
     path = attention_path(
-        Tq, Tk, window_keys=window_keys, sink=sinks is not None, dtype=q.dtype, dense_positions=dense
+        q.shape[2],
+        k.shape[2],
+        window_keys=window_keys,
+        sink=sinks is not None,
+        dtype=q.dtype,
+        dense_positions=dense,
     )
     PATH_CALLS[path] += 1
     if path == "reference":
-        kw = {"value_scale": value_scale, "window_keys": window_keys, "q_pos": q_pos, "k_pos": k_pos}
         return reference.attention(q, k, v, sinks, scale=scale, **kw)
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k.shape[1]}")
     out = _PATHS[path](q, k, v, sinks, scale=scale, window_keys=window_keys)
+    value_scale = kw.get("value_scale", 1.0)
     return out * value_scale if value_scale != 1.0 else out
 
 
