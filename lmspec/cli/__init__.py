@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lmspec.cli import serve, spec, train
-from lmspec.cli.common import Parser, spec_args
+from lmspec.cli.common import Parser, spec_args, verbose_arg
+from lmspec.compiler.debug import set_debug_level
 from lmspec.errors import SpecError, UsageError, one_line
 
 __all__ = ["build_parser", "main"]
@@ -22,10 +23,12 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lmspec", description="A declarative model-spec compiler for LLMs.")
+    verbose_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help: str, spec: bool = True):
         p = sub.add_parser(name, help=help, description=help)
+        verbose_arg(p)
         if spec:
             spec_args(p)
         p.set_defaults(fn=fn)
@@ -38,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_debug_level(args.verbose or None)  # no flag: LMSPEC_DEBUG decides
     try:
         return int(args.fn(args) or 0)
     except SpecError as e:

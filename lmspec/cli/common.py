@@ -15,6 +15,22 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def verbose_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """`-v`/`-vv`/`-vvv`: the debug level, as `LMSPEC_DEBUG=1|2|3` (lmspec.compiler.debug) sets it.
+
+    Accepted before the command (`lmspec -vv compile`) and after it (`lmspec compile -vv`); a command's
+    own flag leaves the earlier count alone unless given (argparse.SUPPRESS).
+    """
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else argparse.SUPPRESS,
+        help="debug output on stderr: -v pass timings, -vv also the IR after each pass, "
+        "-vvv also the plan and the generated files (as LMSPEC_DEBUG=1, 2, 3)",
+    )
+
+
 def spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="spec YAML file")
     p.add_argument(

@@ -25,6 +25,7 @@ import torch
 import lmspec
 from lmspec.codegen.render import class_name, render_model, spec_locations, template_sources
 from lmspec.compiler import Graph, lower, run_passes
+from lmspec.compiler.debug import log_generated
 from lmspec.spec import MoEFFN, Spec, spec_to_data
 
 __all__ = ["CompiledModel", "cache_root", "compile_graph", "compile_spec", "kernel_constants"]
@@ -226,4 +227,4 @@ def compile_spec(
     With ``out_dir`` the files go there; otherwise into the cache (see module docstring).
     """
     graph = run_passes(lower(spec), disable=disable)
-    return compile_graph(graph, out_dir, None if spec_path is None else str(spec_path))
+    return log_generated(compile_graph(graph, out_dir, None if spec_path is None else str(spec_path)))

@@ -2,7 +2,8 @@
 
 `PIPELINE` lists them in order. `run_passes(graph, disable=("fusion",))` skips by name; a fusion
 unit alone is skipped with `fusion.<unit>` (e.g. `fusion.router`). Logger `lmspec.compiler.passes`
-logs each pass and its time at INFO and the op counts before and after at DEBUG.
+logs each pass and its time at INFO and the IR before and after at DEBUG; `LMSPEC_DEBUG=1|2|3` (or
+`lmspec -v`) prints them (`lmspec.compiler.debug`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from lmspec.compiler.debug import PLAN_LOGGER, GraphDump, apply_debug_level, describe_plan
 from lmspec.compiler.graph import Graph
 from lmspec.compiler.ops import FUSED_UNITS
 from lmspec.compiler.passes.accounting import accounting
@@ -45,10 +47,6 @@ PASSES: dict[str, PassFn] = {
 PIPELINE: tuple[str, ...] = ("shapes", "check", "accounting", "fusion", "plan")
 
 
-def _fmt_counts(graph: Graph) -> str:
-    return ", ".join(f"{op}={n}" for op, n in sorted(graph.op_counts().items()))
-
-
 def run_passes(
     graph: Graph,
     disable: Iterable[str] = (),
@@ -65,17 +63,22 @@ def run_passes(
         raise ValueError(f"unknown passes {sorted(unknown)}; expected some of {[*PIPELINE, *sorted(units)]}")
     ctx = ctx or PassContext()
     ctx.units = tuple(u for u in ctx.units if f"fusion.{u}" not in disable)
+    apply_debug_level()
+    dump = GraphDump()
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", dump(graph, "before the passes"))
     for name in PIPELINE:
         if name not in wanted or name in disable:
             log.info("pass %s: skipped", name)
             continue
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("before %s: %d nodes: %s", name, graph.nx.number_of_nodes(), _fmt_counts(graph))
         t0 = time.perf_counter()
         graph = PASSES[name](graph, ctx)
         graph.passes.append(name)
         ctx.timings[name] = time.perf_counter() - t0
         log.info("pass %s: %.1f ms, %d nodes", name, 1e3 * ctx.timings[name], graph.nx.number_of_nodes())
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("after %s: %s", name, _fmt_counts(graph))
+            log.debug("%s", dump(graph, f"after {name}"))
+    plan_log = logging.getLogger(PLAN_LOGGER)
+    if "plan" in graph.nx.graph and plan_log.isEnabledFor(logging.INFO):
+        plan_log.info("%s", describe_plan(graph.nx.graph["plan"]))
     return graph
