@@ -1,5 +1,8 @@
 """GPU check of every rendered kernel at full MiMo-V2-Flash dims: correctness vs the reference, and speed.
 
+The kernels are the variants of ``examples/mimo_v2_flash.yaml``'s IR (``kernel_variants``), with the head
+counts of the attention nodes each one implements.
+
 Usage: ``python benchmarks/gpu_check.py [--out gpu_check.json] [--seq 4096] [--budget-s 270]``
 
 For each kernel: relative error of the forward and of every gradient against the plain-PyTorch reference
@@ -25,35 +28,10 @@ from typing import Any
 
 import torch
 
-MIMO_SWA = {
-    "window_keys": 129,
-    "sink": True,
-    "qk_head_dim": 192,
-    "v_head_dim": 128,
-    "value_scale": 0.707,
-    "rope_dim": 64,
-}
-MIMO_FULL = {
-    "window_keys": None,
-    "sink": False,
-    "qk_head_dim": 192,
-    "v_head_dim": 128,
-    "value_scale": 0.707,
-    "rope_dim": 64,
-}
-MIMO_CONSTANTS = {
-    "attention": [MIMO_SWA, MIMO_FULL],
-    "moe": {
-        "num_experts": 256,
-        "top_k": 8,
-        "score_function": "sigmoid",
-        "renormalize": True,
-        "routed_scaling_factor": 1.0,
-    },
-    "rmsnorm": {"eps": 1e-5},
-    "lm_head_ce": {"vocab_size": 152576},
-}
-HIDDEN, HEADS, MOE_INTER, INTER = 4096, 64, 2048, 16384
+# The kernels checked are the ones the real spec compiles to: its IR's kernel variants.
+SPEC = Path(__file__).resolve().parents[1] / "examples" / "mimo_v2_flash.yaml"
+HIDDEN, MOE_INTER, INTER = 4096, 2048, 16384
+HEAD_CAP: int | None = None  # --smoke caps query heads (keeping the GQA group) to keep the interpreter quick
 # --smoke runs every check at tiny sizes on the CPU (Triton interpreter) to exercise this script's own code.
 DEVICE = "cuda"
 
@@ -158,21 +136,34 @@ def check(
     return row
 
 
-def _attention_rows(backend, seq: int) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
-    from lmspec.runtime.ops import torch_backend as ref
+def _heads(graph: Any, variant: Any) -> tuple[int, int]:
+    """(num_heads, num_kv_heads) of the first attention node this variant implements."""
+    attrs = graph.node(variant.nodes[0])["attrs"]
+    heads, kv_heads = attrs["num_heads"], attrs["num_kv_heads"]
+    if HEAD_CAP is not None and heads > HEAD_CAP:
+        heads, kv_heads = HEAD_CAP, max(1, kv_heads * HEAD_CAP // heads)
+    return heads, kv_heads
+
+
+def _attention_rows(graph, variants, backend, seq: int) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+    from lmspec.compiler.variants import AttentionVariant
+    from lmspec.runtime.ops import reference as ref
 
     rows = []
-    for variant, kv_heads in ((MIMO_SWA, 8), (MIMO_FULL, 4)):
-        w = variant["window_keys"]
-        kw = {"scale": 192**-0.5, "value_scale": variant["value_scale"], "window_keys": w}
-        label = "swa_w129_sink" if w else "full"
+    for variant in variants:
+        if type(variant) is not AttentionVariant:
+            continue
+        heads, kv_heads = _heads(graph, variant)
+        w = variant.window_keys
+        kw = {"scale": variant.qk_head_dim**-0.5, "value_scale": variant.value_scale, "window_keys": w}
+        label = variant.name
 
-        def run(variant=variant, kv_heads=kv_heads, kw=kw, w=w, label=label) -> dict[str, Any]:
+        def run(variant=variant, heads=heads, kv_heads=kv_heads, kw=kw, w=w, label=label) -> dict[str, Any]:
             dt = torch.bfloat16
-            q = torch.randn(1, HEADS, seq, 192, device=DEVICE, dtype=dt)
-            k = torch.randn(1, kv_heads, seq, 192, device=DEVICE, dtype=dt)
-            v = torch.randn(1, kv_heads, seq, 128, device=DEVICE, dtype=dt)
-            sinks = torch.randn(HEADS, device=DEVICE, dtype=dt) + 2.0 if variant["sink"] else None
+            q = torch.randn(1, heads, seq, variant.qk_head_dim, device=DEVICE, dtype=dt)
+            k = torch.randn(1, kv_heads, seq, variant.qk_head_dim, device=DEVICE, dtype=dt)
+            v = torch.randn(1, kv_heads, seq, variant.v_head_dim, device=DEVICE, dtype=dt)
+            sinks = torch.randn(heads, device=DEVICE, dtype=dt) + 2.0 if variant.sink else None
             i = torch.arange(seq, device=DEVICE)
             mask = i[None, :] <= i[:, None]
             if w:
@@ -202,41 +193,39 @@ def _attention_rows(backend, seq: int) -> list[tuple[str, Callable[[], dict[str,
             except Exception as e:  # flex is optional: older torch, or a head-dim limit
                 print(f"  flex attention unavailable: {type(e).__name__}: {e}", file=sys.stderr)
             return check(
-                f"attention_{label} (T={seq}, Hq={HEADS}, Hkv={kv_heads}, bf16)",
+                f"{label} (T={seq}, Hq={heads}, Hkv={kv_heads}, bf16)",
                 lambda q_, k_, v_, s_: backend.attention(q_, k_, v_, s_, **kw),
                 lambda q_, k_, v_, s_: ref.attention(q_, k_, v_, s_, **kw),
                 [q, k, v, sinks],
                 extra_timings=extra,
             )
 
-        rows.append((f"attention_{label}", run))
+        rows.append((label, run))
 
     def decode() -> dict[str, Any]:
-        # 8 sequences decoding one token: a 129-slot ring buffer (SWA) and a 32k cache (GA).
+        # 8 sequences decoding one token: a ring buffer of window_keys slots (sliding), a 32k cache (global).
         dt = torch.bfloat16
         out = []
-        ga_slots = 32768 if DEVICE == "cuda" else 64
-        for variant, kv_heads, slots, newest in (
-            (MIMO_SWA, 8, 129, 5000),
-            (MIMO_FULL, 4, ga_slots, ga_slots - 1),
-        ):
-            kw = {
-                "scale": 192**-0.5,
-                "value_scale": variant["value_scale"],
-                "window_keys": variant["window_keys"],
-            }
+        global_slots = 32768 if DEVICE == "cuda" else 64
+        for variant in variants:
+            if variant.family != "decode_attention":
+                continue
+            heads, kv_heads = _heads(graph, variant)
+            w = variant.window_keys
+            slots, newest = (w, 5000) if w else (global_slots, global_slots - 1)
+            kw = {"scale": variant.qk_head_dim**-0.5, "value_scale": variant.value_scale, "window_keys": w}
             pos = torch.arange(newest - slots + 1, newest + 1, device=DEVICE)
             k_pos = torch.empty(slots, dtype=torch.int64, device=DEVICE)
             k_pos[pos % slots] = pos
             k_pos = k_pos.expand(8, slots).contiguous()
             q_pos = torch.full((8, 1), newest, device=DEVICE)
-            q = torch.randn(8, HEADS, 1, 192, device=DEVICE, dtype=dt)
-            k = torch.randn(8, kv_heads, slots, 192, device=DEVICE, dtype=dt)
-            v = torch.randn(8, kv_heads, slots, 128, device=DEVICE, dtype=dt)
-            sinks = torch.randn(HEADS, device=DEVICE, dtype=dt) if variant["sink"] else None
+            q = torch.randn(8, heads, 1, variant.qk_head_dim, device=DEVICE, dtype=dt)
+            k = torch.randn(8, kv_heads, slots, variant.qk_head_dim, device=DEVICE, dtype=dt)
+            v = torch.randn(8, kv_heads, slots, variant.v_head_dim, device=DEVICE, dtype=dt)
+            sinks = torch.randn(heads, device=DEVICE, dtype=dt) if variant.sink else None
             out.append(
                 check(
-                    f"decode_{'swa' if variant['window_keys'] else 'full'} (B=8, slots={slots}, bf16)",
+                    f"{variant.name} (B=8, slots={slots}, bf16)",
                     lambda q_, k_, v_, s_, kw=kw, q_pos=q_pos, k_pos=k_pos: backend.attention(
                         q_, k_, v_, s_, q_pos=q_pos, k_pos=k_pos, **kw
                     ),
@@ -253,75 +242,90 @@ def _attention_rows(backend, seq: int) -> list[tuple[str, Callable[[], dict[str,
     return rows
 
 
-def _other_rows(backend, seq: int) -> list[tuple[str, Callable[[], Any]]]:
-    from lmspec.runtime.ops import torch_backend as ref
+def _other_rows(variants, backend, seq: int) -> list[tuple[str, Callable[[], Any]]]:
+    from lmspec.compiler.variants import (
+        LMHeadCEVariant,
+        MoEVariant,
+        RMSNormVariant,
+        RoPEVariant,
+        SwiGLUVariant,
+    )
+    from lmspec.runtime.ops import reference as ref
 
     dt = torch.bfloat16
     n = seq
 
-    def rmsnorm() -> dict[str, Any]:
+    def rmsnorm(v: RMSNormVariant) -> dict[str, Any]:
         x = torch.randn(n, HIDDEN, device=DEVICE, dtype=dt)
         r = torch.randn(n, HIDDEN, device=DEVICE, dtype=dt)
         w = torch.randn(HIDDEN, device=DEVICE, dtype=dt)
         return check(
-            f"add_rmsnorm (N={n}, H={HIDDEN}, bf16)",
-            lambda a, b, c: backend.add_rmsnorm(a, b, c, 1e-5),
-            lambda a, b, c: ref.add_rmsnorm(a, b, c, 1e-5),
+            f"{v.name} (N={n}, H={HIDDEN}, bf16)",
+            lambda a, b, c: backend.add_rmsnorm(a, b, c, v.eps),
+            lambda a, b, c: ref.add_rmsnorm(a, b, c, v.eps),
             [x, r, w],
         )
 
-    def swiglu() -> dict[str, Any]:
+    def swiglu(v: SwiGLUVariant) -> dict[str, Any]:
         g = torch.randn(n, INTER, device=DEVICE, dtype=dt)
         u = torch.randn(n, INTER, device=DEVICE, dtype=dt)
-        return check(f"swiglu (N={n}, I={INTER}, bf16)", backend.swiglu, ref.swiglu, [g, u])
+        return check(f"{v.name} (N={n}, I={INTER}, bf16)", backend.swiglu, ref.swiglu, [g, u])
 
-    def rope() -> dict[str, Any]:
-        q = torch.randn(1, HEADS, seq, 192, device=DEVICE, dtype=dt)
-        k = torch.randn(1, 8, seq, 192, device=DEVICE, dtype=dt)
-        ang = torch.randn(seq, 64, device=DEVICE)
+    def rope(v: RoPEVariant) -> dict[str, Any]:
+        q = torch.randn(1, HEAD_CAP or 64, seq, v.qk_head_dim, device=DEVICE, dtype=dt)
+        k = torch.randn(1, 8, seq, v.qk_head_dim, device=DEVICE, dtype=dt)
+        ang = torch.randn(seq, v.rope_dim, device=DEVICE)
         cos, sin = ang.cos().to(dt), ang.sin().to(dt)
         return check(
-            f"rope (T={seq}, rope_dim=64 of 192, bf16)",
+            f"{v.name} (T={seq}, bf16)",
             lambda a, b: backend.rope(a, b, cos, sin),
             # cos/sin follow the inputs' dtype, as HF builds them in the model dtype.
             lambda a, b: ref.rope(a, b, cos.to(a.dtype), sin.to(a.dtype)),
             [q, k],
         )
 
-    def moe() -> list[dict[str, Any]]:
+    def moe(v: MoEVariant) -> list[dict[str, Any]]:
+        e = v.num_experts
         x = torch.randn(n, HIDDEN, device=DEVICE, dtype=dt)
-        rw = torch.randn(256, HIDDEN, device=DEVICE) * HIDDEN**-0.5
-        bias = torch.randn(256, device=DEVICE) * 0.01
-        kw = {"top_k": 8, "score_function": "sigmoid", "renormalize": True, "routed_scaling_factor": 1.0}
+        rw = torch.randn(e, HIDDEN, device=DEVICE) * HIDDEN**-0.5
+        bias = torch.randn(e, device=DEVICE) * 0.01
+        kw = {k: val for k, val in v.constants().items() if k != "num_experts"}  # the routing keywords
         route = check(
-            f"moe_route (N={n}, E=256, k=8)",
+            f"{v.name}_route (N={n})",
             lambda a, b: backend.route(a, b, bias, **kw),
             lambda a, b: ref.route(a, b, bias, **kw),
             [x, rw],
         )
         w, idx, _ = ref.route(x, rw, bias, **kw)
-        gu = torch.randn(256, 2 * MOE_INTER, HIDDEN, device=DEVICE, dtype=dt) * HIDDEN**-0.5
-        dp = torch.randn(256, HIDDEN, MOE_INTER, device=DEVICE, dtype=dt) * MOE_INTER**-0.5
+        gu = torch.randn(e, 2 * MOE_INTER, HIDDEN, device=DEVICE, dtype=dt) * HIDDEN**-0.5
+        dp = torch.randn(e, HIDDEN, MOE_INTER, device=DEVICE, dtype=dt) * MOE_INTER**-0.5
         experts = check(
-            f"moe_experts (N={n}, E=256, k=8, I={MOE_INTER}, bf16)",
+            f"{v.name}_experts (N={n}, I={MOE_INTER}, bf16)",
             lambda a, b, c, d: backend.moe_experts(a, b, idx, c, d),
             lambda a, b, c, d: ref.moe_experts(a, b, idx, c, d),
             [x, w, gu, dp],
         )
         return [route, experts]
 
-    def ce() -> dict[str, Any]:
+    def ce(v: LMHeadCEVariant) -> dict[str, Any]:
         h = torch.randn(n, HIDDEN, device=DEVICE, dtype=dt)
-        w = torch.randn(152576, HIDDEN, device=DEVICE, dtype=dt) * HIDDEN**-0.5
-        labels = torch.randint(0, 152576, (n,), device=DEVICE)
+        w = torch.randn(v.vocab_size, HIDDEN, device=DEVICE, dtype=dt) * HIDDEN**-0.5
+        labels = torch.randint(0, v.vocab_size, (n,), device=DEVICE)
         return check(
-            f"lm_head_ce (N={n}, V=152576, bf16)",
+            f"{v.name} (N={n}, bf16)",
             lambda a, b: backend.lm_head_ce(a, b, labels),
             lambda a, b: ref.lm_head_ce(a, b, labels),
             [h, w],
         )
 
-    return [("rmsnorm", rmsnorm), ("swiglu", swiglu), ("rope", rope), ("moe", moe), ("lm_head_ce", ce)]
+    runners: dict[type, Callable[[Any], Any]] = {
+        RMSNormVariant: rmsnorm,
+        SwiGLUVariant: swiglu,
+        RoPEVariant: rope,
+        MoEVariant: moe,
+        LMHeadCEVariant: ce,
+    }
+    return [(v.name, lambda v=v: runners[type(v)](v)) for v in variants if type(v) in runners]
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
@@ -363,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.smoke:
-        global DEVICE, HIDDEN, HEADS, MOE_INTER, INTER
-        DEVICE, HIDDEN, HEADS, MOE_INTER, INTER = "cpu", 32, 8, 16, 48
+        global DEVICE, HIDDEN, HEAD_CAP, MOE_INTER, INTER
+        DEVICE, HIDDEN, HEAD_CAP, MOE_INTER, INTER = "cpu", 32, 8, 16, 48
         args.seq = min(args.seq, 24)
         import lmspec.runtime.ops.triton_support  # noqa: F401  (interpreter on)
     elif not torch.cuda.is_available():
@@ -374,14 +378,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     from lmspec.codegen.kernels import render_kernels
+    from lmspec.compiler import lower, run_passes
+    from lmspec.compiler.variants import kernel_variants
     from lmspec.runtime.ops.triton_backend import TritonBackend
+    from lmspec.spec import load_spec
 
     start = time.monotonic()
     rows: list[dict[str, Any]] = []
+    graph = run_passes(lower(load_spec(SPEC)))
+    variants = kernel_variants(graph)
     with tempfile.TemporaryDirectory(prefix="lmspec-gpu-check-") as tmp:
-        render_kernels(MIMO_CONSTANTS, tmp, spec_name="benchmarks/gpu_check.py (MiMo-V2-Flash dims)")
+        render_kernels(variants, tmp, spec_name="examples/mimo_v2_flash.yaml")
         backend = TritonBackend(tmp)
-        for name, run in _attention_rows(backend, args.seq) + _other_rows(backend, args.seq):
+        todo = _attention_rows(graph, variants, backend, args.seq) + _other_rows(variants, backend, args.seq)
+        for name, run in todo:
             if time.monotonic() - start > args.budget_s:
                 rows.append({"kernel": name, "error": "skipped: time budget spent"})
                 continue

@@ -135,13 +135,14 @@ def import_hf_command(config_path: str | Path, output: str | Path) -> int:
 def test_kernels_command(
     spec: Any, *, examples: int = 50, seq_len: int | None = None, dtypes: tuple[str, ...] = ("float32",)
 ) -> int:
-    """``lmspec test-kernels SPEC``: run the suite on the spec's kernel constants, print the table.
+    """``lmspec test-kernels SPEC``: run the suite on the kernel variants of the spec's IR, print the table.
 
     Returns the exit status: 0 when every kernel passes, 1 otherwise. ``seq_len`` caps sequence lengths.
     """
     from rich.console import Console
 
-    from lmspec.codegen import kernel_constants
+    from lmspec.compiler import lower, run_passes
+    from lmspec.compiler.variants import kernel_variants
     from lmspec.testing import print_kernel_table, run_kernel_suite
 
     console = Console()
@@ -149,7 +150,8 @@ def test_kernels_command(
     console.print(
         f"property-testing the kernels of {name}: {examples} examples per kernel, dtypes {', '.join(dtypes)}"
     )
-    rows = run_kernel_suite(kernel_constants(spec), examples, dtypes=dtypes, max_seq=seq_len)
+    variants = kernel_variants(run_passes(lower(spec)))
+    rows = run_kernel_suite(variants, examples, dtypes=dtypes, max_seq=seq_len)
     print_kernel_table(rows, console=console)
     return 0 if all(r.verdict == "pass" for r in rows) else 1
 

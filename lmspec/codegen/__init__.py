@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
@@ -26,9 +25,10 @@ import lmspec
 from lmspec.codegen.render import class_name, render_model, spec_locations, template_sources
 from lmspec.compiler import Graph, lower, run_passes
 from lmspec.compiler.debug import log_generated
-from lmspec.spec import MoEFFN, Spec, spec_to_data
+from lmspec.compiler.variants import kernel_variants
+from lmspec.spec import Spec, spec_to_data
 
-__all__ = ["CompiledModel", "cache_root", "compile_graph", "compile_spec", "kernel_constants"]
+__all__ = ["CompiledModel", "cache_root", "compile_graph", "compile_spec"]
 
 
 def cache_root() -> Path:
@@ -55,44 +55,6 @@ def _kernels_module() -> ModuleType | None:
     except ImportError:
         return None
     return kernels
-
-
-def kernel_constants(spec: Spec) -> dict[str, Any]:
-    """The per-spec constants ``render_kernels`` bakes into the Triton templates (same names as the spec)."""
-    m = spec.model
-    attention = []
-    for name, a in m.attention.items():
-        attention.append(
-            {
-                "name": name,
-                "window_keys": a.window_keys,
-                "sink": a.sink,
-                "qk_head_dim": a.qk_head_dim,
-                "v_head_dim": a.v_head_dim,
-                "value_scale": float(a.value_scale),
-                "num_heads": a.num_heads,
-                "num_kv_heads": a.num_kv_heads,
-                "rope_dim": a.rope_dim,
-            }
-        )
-    constants: dict[str, Any] = {
-        "attention": attention,
-        "rmsnorm": {"eps": float(m.norm.eps)},
-        "lm_head_ce": {"vocab_size": m.vocab_size},
-    }
-    moe = [f for f in m.ffn.values() if isinstance(f, MoEFFN)]
-    if moe:
-        f = moe[0]
-        constants["moe"] = {
-            "num_experts": f.num_experts,
-            "top_k": f.top_k,
-            "score_function": f.score_function,
-            "renormalize": f.renormalize,
-            "routed_scaling_factor": float(f.routed_scaling_factor),
-            "num_groups": f.num_groups,
-            "top_k_groups": f.top_k_groups,
-        }
-    return constants
 
 
 def _kernel_template_bytes() -> bytes:
@@ -186,11 +148,12 @@ class CompiledModel:
         return "\n".join(lines)
 
 
-def _render_kernels(spec: Spec, directory: Path) -> list[Path]:
+def _render_kernels(graph: Graph, directory: Path) -> list[Path]:
     kernels = _kernels_module()
     if kernels is None:
         return []
-    return list(kernels.render_kernels(kernel_constants(spec), directory / "kernels", spec_name=spec.name))
+    variants = kernel_variants(graph)
+    return list(kernels.render_kernels(variants, directory / "kernels", spec_name=graph.spec.name))
 
 
 def compile_graph(
@@ -202,14 +165,14 @@ def compile_graph(
     if out_dir is not None:
         directory = Path(out_dir)
         _write_text_atomic(directory / "model.py", render_model(graph, spec_path, locations))
-        files = _render_kernels(graph.spec, directory)
+        files = _render_kernels(graph, directory)
         return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)
     directory = cache_root() / key[:2] / key
     model_path = directory / "model.py"
     kernels_done = _kernels_module() is None or (directory / "kernels" / "kernels.json").exists()
     if model_path.exists() and kernels_done:
         return CompiledModel(graph.spec, graph, key, directory, cache_hit=True)
-    files = _render_kernels(graph.spec, directory)
+    files = _render_kernels(graph, directory)
     # model.py is written last: its presence marks a complete entry.
     _write_text_atomic(model_path, render_model(graph, spec_path, locations))
     return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)

@@ -1,20 +1,15 @@
-"""Render the Triton kernel templates for one spec.
+"""Render the Triton kernel templates for a tuple of kernel variants.
 
-``render_kernels(constants, out_dir)`` turns a dict of per-spec constants into readable Python modules, one
-per kernel family and variant, plus ``kernels.json`` (the manifest ``TritonBackend`` loads). The constants
-keep the names used everywhere else (``window_keys``, ``sink``, ``qk_head_dim``, ``v_head_dim``,
-``value_scale``, ``rope_dim``, ``top_k``, ``num_experts``) and become ``tl.constexpr`` or Jinja structure.
+``render_kernels(variants, out_dir)`` writes one readable, ruff-formatted Python module per variant
+(``lmspec.compiler.variants``: ``kernel_variants(graph)`` for a model, or variants built by hand in tests)
+plus ``kernels.json``, the manifest ``TritonBackend`` loads: for each module its family, name, lookup
+``key`` (a list), baked constants, IR nodes, file and template hash.
 
-Constants, all keys optional::
-
-    {"attention": [{"name": "swa", "window_keys": 129, "sink": True, "qk_head_dim": 192, "v_head_dim": 128,
-                    "value_scale": 0.707, "num_heads": 64, "num_kv_heads": 8, "rope_dim": 64}, ...],
-     "moe": {"num_experts": 256, "top_k": 8, "score_function": "sigmoid", "renormalize": True,
-             "routed_scaling_factor": 1.0, "num_groups": 1, "top_k_groups": 1},
-     "rmsnorm": {"eps": 1e-5},
-     "lm_head_ce": {"vocab_size": 152576}}
-
-``swiglu`` is always rendered; ``rope`` once per distinct (rope_dim, qk_head_dim) of the attention variants.
+A variant's fields become Jinja structure (sink or not, sigmoid or softmax router) and ``tl.constexpr``
+defaults under the same names. Templates render in the one environment of ``lmspec.codegen.render``
+(``jinja_env``): every value reaches the source through its ``py`` filter, so a string can only ever
+appear as an escaped literal (or sanitised comment text). Each module opens with a header naming the
+spec, the IR nodes it implements, its template and the baked constants.
 """
 
 from __future__ import annotations
@@ -22,160 +17,109 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
+from lmspec.codegen.render import Py, compress_indices, format_source, jinja_env, py
+from lmspec.compiler.variants import (
+    BlockCountAttentionVariant,
+    KernelVariant,
+    MoEVariant,
+    RoPEVariant,
+)
+
+__all__ = ["MANIFEST", "TEMPLATE_DIR", "render_kernels", "render_module", "template_hash"]
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 MANIFEST = "kernels.json"
-FAMILIES = ("rmsnorm", "swiglu", "rope", "attention", "decode_attention", "moe", "lm_head_ce")
 
 
-@dataclass(frozen=True)
-class RenderedModule:
-    """One rendered kernel module: its family, file stem, kernel-name prefix and baked constants."""
-
-    family: str
-    module: str
-    prefix: str
-    constants: dict[str, Any] = field(default_factory=dict)
+def template_hash(template: str) -> str:
+    """Short content hash of a kernel template, written into headers and the manifest."""
+    return hashlib.sha256((TEMPLATE_DIR / f"{template}.py.jinja").read_bytes()).hexdigest()[:12]
 
 
-def _fmt(x: float) -> str:
-    return repr(float(x)).replace(".", "p").replace("-", "m")
+_LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
-def attention_variant(c: Mapping[str, Any]) -> str:
-    """Name of an attention variant, e.g. ``swa_sink_w129_qk192_v128_vs0p707`` (value scale only if != 1)."""
-    window = c.get("window_keys")
-    parts = ["swa" if window else "full"]
-    if c.get("sink"):
-        parts.append("sink")
-    if window:
-        parts.append(f"w{window}")
-    parts += [f"qk{c['qk_head_dim']}", f"v{c['v_head_dim']}"]
-    if float(c.get("value_scale", 1.0)) != 1.0:
-        parts.append(f"vs{_fmt(c['value_scale'])}")
-    return "_".join(parts)
+def ir_summary(nodes: Sequence[str]) -> list[str]:
+    """Node ids with the layer index folded: ``model.layers.{0-3, 5}.self_attn.attention``, one per entry."""
+    # Each entry is a node id, or a (head, tail) layer group listed where its first member appears.
+    entries: dict[str | tuple[str, str], list[int]] = {}
+    for node in nodes:
+        m = _LAYER.match(node)
+        if m is None:
+            entries.setdefault(node, [])
+        else:
+            entries.setdefault((m[1], m[3]), []).append(int(m[2]))
+    out: list[str] = []
+    for entry, idx in entries.items():
+        if isinstance(entry, str):
+            out.append(entry)
+            continue
+        layers = compress_indices(sorted(idx))
+        out.append(f"{entry[0]}{layers}{entry[1]}" if len(idx) == 1 else f"{entry[0]}{{{layers}}}{entry[1]}")
+    return out
 
 
-def _attention_constants(c: Mapping[str, Any], count_blocks: bool) -> dict[str, Any]:
-    window = c.get("window_keys")
-    if window is not None and int(window) < 1:
-        raise ValueError(f"window_keys must be >= 1, got {window}")
-    return {
-        "window_keys": int(window) if window else None,
-        "sink": bool(c.get("sink", False)),
-        "qk_head_dim": int(c["qk_head_dim"]),
-        "v_head_dim": int(c["v_head_dim"]),
-        "value_scale": float(c.get("value_scale", 1.0)),
-        "count_blocks": count_blocks,
-    }
+def _comment_lines(label: str, items: Iterable[str], width: int = 106) -> list[str]:
+    lines, line = [], f"# {label}:"
+    for item in items:
+        piece = f" {item},"
+        if len(line) + len(piece) > width and not line.endswith(":"):
+            lines.append(line)
+            line = "#" + " " * (len(label) + 2)
+        line += piece
+    lines.append(line.rstrip(","))
+    return lines
 
 
-def _moe_constants(c: Mapping[str, Any]) -> dict[str, Any]:
-    score = c.get("score_function", "sigmoid")
-    if score not in ("sigmoid", "softmax"):
-        raise ValueError(f"score_function must be 'sigmoid' or 'softmax', got {score!r}")
-    return {
-        "num_experts": int(c["num_experts"]),
-        "top_k": int(c["top_k"]),
-        "score_function": score,
-        "renormalize": bool(c.get("renormalize", True)),
-        "routed_scaling_factor": float(c.get("routed_scaling_factor", 1.0)),
-        "num_groups": int(c.get("num_groups", 1)),
-        "top_k_groups": int(c.get("top_k_groups", 1)),
-    }
-
-
-def plan_modules(constants: Mapping[str, Any], *, count_blocks: bool = False) -> list[RenderedModule]:
-    """The modules ``render_kernels`` writes for these constants (pure: no files touched)."""
-    mods: list[RenderedModule] = []
-    eps = float(constants.get("rmsnorm", {}).get("eps", 1e-6))
-    mods.append(RenderedModule("rmsnorm", "rmsnorm", f"lmspec_add_rmsnorm_eps{_fmt(eps)}", {"eps": eps}))
-    mods.append(RenderedModule("swiglu", "swiglu", "lmspec_swiglu", {}))
-    seen_rope: set[tuple[int, int]] = set()
-    for c in constants.get("attention", []):
-        base = _attention_constants(c, count_blocks)
-        variant = attention_variant(c)
-        mods.append(RenderedModule("attention", f"attn_{variant}", f"lmspec_attn_{variant}", base))
-        decode = {k: v for k, v in base.items() if k != "count_blocks"}
-        mods.append(
-            RenderedModule("decode_attention", f"decode_{variant}", f"lmspec_decode_{variant}", decode)
-        )
-        rope_dim = c.get("rope_dim")
-        if rope_dim and (int(rope_dim), base["qk_head_dim"]) not in seen_rope:
-            seen_rope.add((int(rope_dim), base["qk_head_dim"]))
-            name = f"rope_r{rope_dim}_qk{base['qk_head_dim']}"
-            rc = {"rope_dim": int(rope_dim), "qk_head_dim": base["qk_head_dim"]}
-            mods.append(RenderedModule("rope", name, f"lmspec_{name}", rc))
-    if "moe" in constants:
-        m = _moe_constants(constants["moe"])
-        name = f"moe_{m['score_function']}_e{m['num_experts']}_k{m['top_k']}"
-        mods.append(RenderedModule("moe", name, f"lmspec_{name}", m))
-    if "lm_head_ce" in constants:
-        vocab = int(constants["lm_head_ce"]["vocab_size"])
-        mods.append(
-            RenderedModule(
-                "lm_head_ce", f"lm_head_ce_v{vocab}", f"lmspec_lm_head_ce_v{vocab}", {"vocab_size": vocab}
-            )
-        )
-    names = [m.module for m in mods]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two kernel variants render to the same module name: {names}")
-    return mods
-
-
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
-def template_hash(family: str) -> str:
-    """Short content hash of a family's template, written into headers and the manifest."""
-    return hashlib.sha256((TEMPLATE_DIR / f"{family}.py.jinja").read_bytes()).hexdigest()[:12]
-
-
-def _header(mod: RenderedModule, spec_name: str) -> str:
+def _header(v: KernelVariant, spec_name: str) -> Py:
+    """The opening comment block. Made of escaped parts only (the spec name as a literal, node ids as
+    sanitised text, numbers and fixed words), so it is marked safe as a whole."""
+    constants = [f"{k}={py(x)}" for k, x in v.constants().items()] or ["none"]
+    ir = [py(n, "text") for n in ir_summary(v.nodes)] or ["none (rendered from a variant, not a graph)"]
     lines = [
-        f"# Generated by lmspec from spec {spec_name}; do not edit (re-render instead).",
-        f"# Template: lmspec/codegen/templates/{mod.family}.py.jinja (sha256 {template_hash(mod.family)})",
-        f"# Kernels: {mod.prefix}_*",
-        "# Baked constants: " + (", ".join(f"{k}={v!r}" for k, v in mod.constants.items()) or "none"),
+        f"# Generated by lmspec from spec {py(spec_name)}; do not edit (re-render instead).",
+        *_comment_lines("IR", ir),
+        f"# Template: lmspec/codegen/templates/{v.template}.py.jinja (sha256 {template_hash(v.template)})",
+        f"# Kernels: lmspec_{v.name}_*",
+        *_comment_lines("Baked constants", constants),
     ]
-    return "\n".join(lines)
+    return Py("\n".join(lines))
 
 
-def _extra_context(mod: RenderedModule) -> dict[str, Any]:
-    c = mod.constants
-    if mod.family == "rope":
-        half = c["rope_dim"] // 2
-        rest = c["qk_head_dim"] - c["rope_dim"]
-        return {
-            "half_pad": 1 << max(0, (half - 1).bit_length()),
-            "pass_pad": (1 << (rest - 1).bit_length()) if rest > 0 else 0,
-        }
-    if mod.family == "moe":
-        e = c["num_experts"]
-        return {"experts_pad": max(16, 1 << (e - 1).bit_length())}
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _template_context(v: KernelVariant) -> dict[str, Any]:
+    """Sizes a template needs beyond the variant's fields (register paddings, the debug flag)."""
+    if isinstance(v, RoPEVariant):
+        rest = v.qk_head_dim - v.rope_dim
+        return {"half_pad": _next_pow2(v.rope_dim // 2), "pass_pad": _next_pow2(rest) if rest > 0 else 0}
+    if isinstance(v, MoEVariant):
+        return {"experts_pad": max(16, _next_pow2(v.num_experts))}
+    if v.template == "attention":
+        return {"count_blocks": isinstance(v, BlockCountAttentionVariant)}
     return {}
 
 
-def render_module(mod: RenderedModule, spec_name: str = "<unnamed spec>") -> str:
-    """Source text of one rendered module."""
-    template = _env().get_template(f"{mod.family}.py.jinja")
-    return template.render(
-        header=_header(mod, spec_name), prefix=mod.prefix, **mod.constants, **_extra_context(mod)
+def render_module(variant: KernelVariant, spec_name: str = "<unnamed spec>") -> str:
+    """Formatted source text of one variant's module."""
+    # Names are built from numbers and fixed words, never from spec strings; `ident` checks it.
+    prefix = py(f"lmspec_{variant.name}", "ident")
+    template = jinja_env().get_template(f"{variant.template}.py.jinja")
+    text = template.render(
+        header=_header(variant, spec_name),
+        prefix=prefix,
+        **variant.constants(),
+        **_template_context(variant),
     )
+    return format_source(text)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -185,33 +129,40 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def render_kernels(
-    constants: Mapping[str, Any],
-    out_dir: str | Path,
-    *,
-    spec_name: str = "<unnamed spec>",
-    count_blocks: bool = False,
-) -> list[Path]:
-    """Render every kernel module these constants need into ``out_dir``; returns the written paths.
+def _manifest_entry(v: KernelVariant) -> dict[str, Any]:
+    return {
+        "family": v.family,
+        "name": v.name,
+        "key": list(v.key),
+        "constants": v.constants(),
+        "nodes": list(v.nodes),
+        "file": f"{v.name}.py",
+        "template": v.template,
+        "template_sha": template_hash(v.template),
+    }
 
-    Also writes ``kernels.json`` (the last path returned), listing each module's family, kernel prefix and
-    constants. ``count_blocks`` adds a debug output to attention forward kernels that counts key blocks.
+
+def render_kernels(
+    variants: Iterable[KernelVariant], out_dir: str | Path, *, spec_name: str = "<unnamed spec>"
+) -> list[Path]:
+    """Render one module per variant into ``out_dir``; returns the written paths, ``kernels.json`` last.
+
+    Raises ValueError when two different variants would share a module name (a naming bug).
     """
+    variants = tuple(dict.fromkeys(variants))  # equal variants are one kernel
+    names: dict[str, KernelVariant] = {}
+    for v in variants:
+        if names.setdefault(v.name, v) != v:
+            raise ValueError(f"kernel variants {names[v.name]!r} and {v!r} render to the same name {v.name}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mods = plan_modules(constants, count_blocks=count_blocks)
     paths = []
-    for mod in mods:
-        path = out / f"{mod.module}.py"
-        _write_atomic(path, render_module(mod, spec_name))
+    for v in variants:
+        path = out / f"{v.name}.py"
+        _write_atomic(path, render_module(v, spec_name))
         paths.append(path)
-    manifest = {
-        "spec": spec_name,
-        "modules": [
-            asdict(m) | {"file": f"{m.module}.py", "template_sha": template_hash(m.family)} for m in mods
-        ],
-    }
+    manifest = {"spec": spec_name, "modules": [_manifest_entry(v) for v in variants]}
     manifest_path = out / MANIFEST
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     paths.append(manifest_path)
     return paths

@@ -277,9 +277,7 @@ def _node_variants(op: str, attrs: dict[str, Any]) -> Iterator[KernelVariant]:
     elif op == "swiglu":  # unfused gate/up + silu_mul run inline in the model
         yield SwiGLUVariant()
     elif op == "rope":
-        # `head_dim` is the attribute's older name; the spec's name is `qk_head_dim`.
-        qk = attrs["qk_head_dim"] if "qk_head_dim" in attrs else attrs["head_dim"]
-        yield RoPEVariant(rope_dim=attrs["rope_dim"], qk_head_dim=qk)
+        yield RoPEVariant(rope_dim=attrs["rope_dim"], qk_head_dim=attrs["qk_head_dim"])
     elif op == "attention":
         yield AttentionVariant(**_attention(attrs))
         yield DecodeAttentionVariant(**_attention(attrs))

@@ -141,8 +141,13 @@ class MoEStats:
         return torch.stack(self.aux).sum() if self.aux else like.new_zeros((), dtype=torch.float32)
 
     def expert_load(self, like: Tensor) -> Tensor:
-        """(num_moe_layers, num_experts) token counts; (0, 0) for a model without MoE layers."""
-        return torch.stack(self.load) if self.load else like.new_zeros((0, 0), dtype=torch.float32)
+        """(num_moe_layers, num_experts) token counts; (0, 0) for a model without MoE layers.
+
+        With MoE kinds of different sizes, rows of smaller layers are zero-padded to the widest layer."""
+        if not self.load:
+            return like.new_zeros((0, 0), dtype=torch.float32)
+        width = max(t.numel() for t in self.load)
+        return torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in self.load])
 
 
 class CausalLMBase(nn.Module):

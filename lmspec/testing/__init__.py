@@ -1,10 +1,10 @@
 """Property testing of kernels against float64 references, for lmspec's own kernels and users' specs.
 
 - ``compare``: ``TOLERANCES`` (the one tolerance table), ``assert_matches_reference``, ``poisoned_allocations``.
-- ``strategies``: Hypothesis strategies drawing kernel cases from a spec's constants.
+- ``strategies``: Hypothesis strategies drawing kernel cases from a spec's kernel variants.
 - ``checks``: one forward+backward check per kernel family.
-- ``suite``: ``run_kernel_suite(constants, examples) -> list[KernelRow]``, ``print_kernel_table`` and
-  ``run_kernel_suite`` and ``print_kernel_table``, behind ``lmspec test-kernels``.
+- ``suite``: ``run_kernel_suite(variants, examples) -> list[KernelRow]`` and ``print_kernel_table``,
+  behind ``lmspec test-kernels``.
 
 Importing this package registers the Hypothesis profiles ``lmspec-kernels`` and ``lmspec-kernels-ci`` (the
 one for a ``CI`` environment); ``register_profiles(load=True)`` also loads it (tests/kernels does).

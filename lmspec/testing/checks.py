@@ -2,7 +2,7 @@
 
 Each ``check_*(backend, case)`` returns ``{result name: relative error}`` and raises AssertionError (with a
 readable report) on the first result outside the dtype's tolerance. ``backend`` is a ``TritonBackend``
-(or any backend with the same surface); the reference is ``lmspec.runtime.ops.torch_backend`` in float64.
+(or any backend with the same surface); the reference is ``lmspec.runtime.ops.reference`` in float64.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from lmspec.runtime.ops import torch_backend as ref
+from lmspec.compiler.variants import MoEVariant
+from lmspec.runtime.ops import reference as ref
 from lmspec.testing.compare import assert_matches_reference, poisoned_allocations
 from lmspec.testing.strategies import (
     DTYPES,
@@ -103,11 +104,7 @@ def check_attention(backend: Any, case: AttentionCase) -> dict[str, float]:
     v = case.variant
     dtype = DTYPES[case.dtype]
     x = case.inputs()
-    kw = {
-        "scale": v["qk_head_dim"] ** -0.5,
-        "value_scale": float(v.get("value_scale", 1.0)),
-        "window_keys": v.get("window_keys"),
-    }
+    kw = {"scale": v.qk_head_dim**-0.5, "value_scale": v.value_scale, "window_keys": v.window_keys}
     ins = [x["q"], x["k"], x["v"], x["sinks"]]
     k_out, r_out, kg, rg = _run_both(
         lambda q, k, vv, s: backend.attention(q, k, vv, s, **kw),
@@ -158,25 +155,21 @@ def _attention_grad_magnitudes(
 
 
 def check_decode_attention(backend: Any, case: DecodeCase) -> dict[str, float]:
-    """Positional (cache) attention forward, with split-K, ring-buffer slots and empty slots."""
+    """Positional (cache) attention forward, with split-K, ring-buffer slots and empty slots.
+
+    ``backend`` must be a ``TritonBackend``: the decode module is called directly to choose ``num_splits``.
+    """
     v = case.variant
     dtype = DTYPES[case.dtype]
     x = case.inputs()
     kw = {
-        "scale": v["qk_head_dim"] ** -0.5,
-        "value_scale": float(v.get("value_scale", 1.0)),
-        "window_keys": v.get("window_keys"),
+        "scale": v.qk_head_dim**-0.5,
+        "value_scale": v.value_scale,
+        "window_keys": v.window_keys,
         "q_pos": x["q_pos"],
         "k_pos": x["k_pos"],
     }
-    variant = {
-        "window_keys": v.get("window_keys"),
-        "sink": bool(v.get("sink")),
-        "qk_head_dim": v["qk_head_dim"],
-        "v_head_dim": v["v_head_dim"],
-        "value_scale": kw["value_scale"],
-    }
-    module = backend._find("decode_attention", **variant)
+    module = backend.kernel(v.key)  # the module itself: the backend's call has no num_splits
     with poisoned_allocations():
         out = module.attention(x["q"], x["k"], x["v"], x["sinks"], num_splits=case.num_splits, **kw)
     r = [None if t is None else t.to(torch.float64) for t in (x["q"], x["k"], x["v"], x["sinks"])]
@@ -227,15 +220,11 @@ def check_rope(backend: Any, case: RopeCase) -> dict[str, float]:
     return _compare(["q", "k", "dq", "dk"], k_out + kg, r_out + rg, dtype)
 
 
-def _moe_kw(moe: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "top_k": moe["top_k"],
-        "score_function": moe.get("score_function", "sigmoid"),
-        "renormalize": moe.get("renormalize", True),
-        "routed_scaling_factor": float(moe.get("routed_scaling_factor", 1.0)),
-        "num_groups": moe.get("num_groups", 1),
-        "top_k_groups": moe.get("top_k_groups", 1),
-    }
+def _moe_kw(moe: MoEVariant) -> dict[str, Any]:
+    """The routing keywords of ``backend.route``: the variant's constants but the expert count (a shape)."""
+    kw = moe.constants()
+    del kw["num_experts"]
+    return kw
 
 
 def check_moe_route(backend: Any, case: MoECase) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for kernel inputs, drawn from a spec's kernel constants.
+"""Hypothesis strategies for kernel inputs, drawn from a spec's kernel variants (``lmspec.compiler.variants``).
 
 Each strategy draws a small frozen *case* (shapes, spec variant, dtype, seed); ``case.inputs()`` builds the
 tensors deterministically from the seed, so a failing example prints as a short, replayable repr.
@@ -8,11 +8,20 @@ and across the sliding window are favoured, since that is where masks and block 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hypothesis import strategies as st
+
+from lmspec.compiler.variants import (
+    AttentionVariant,
+    DecodeAttentionVariant,
+    LMHeadCEVariant,
+    MoEVariant,
+    RoPEVariant,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +55,7 @@ def seq_lengths(
 
 @dataclass(frozen=True)
 class AttentionCase:
-    variant: dict[str, Any]
+    variant: AttentionVariant
     batch: int
     kv_heads: int
     group: int
@@ -61,16 +70,16 @@ class AttentionCase:
         v = self.variant
         hq = self.kv_heads * self.group
         out: dict[str, Any] = {
-            "q": _randn(g, self.batch, hq, self.seq, v["qk_head_dim"], dtype=dt),
-            "k": _randn(g, self.batch, self.kv_heads, self.seq, v["qk_head_dim"], dtype=dt),
-            "v": _randn(g, self.batch, self.kv_heads, self.seq, v["v_head_dim"], dtype=dt),
-            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.get("sink") else None,
+            "q": _randn(g, self.batch, hq, self.seq, v.qk_head_dim, dtype=dt),
+            "k": _randn(g, self.batch, self.kv_heads, self.seq, v.qk_head_dim, dtype=dt),
+            "v": _randn(g, self.batch, self.kv_heads, self.seq, v.v_head_dim, dtype=dt),
+            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.sink else None,
         }
         return out
 
 
 def attention_cases(
-    variants: list[dict[str, Any]],
+    variants: Sequence[AttentionVariant],
     *,
     dtypes: tuple[str, ...] = ("float32",),
     max_batch: int = 2,
@@ -89,7 +98,7 @@ def attention_cases(
             batch=d(st.integers(1, max_batch)),
             kv_heads=d(st.integers(1, max_kv_heads)),
             group=d(st.integers(1, max_group)),
-            seq=d(seq_lengths(variant.get("window_keys"), max_small=max_small, max_seq=max_seq)),
+            seq=d(seq_lengths(variant.window_keys, max_small=max_small, max_seq=max_seq)),
             # Up to 8: with unit-scale logits the sink then holds most of the softmax mass.
             sink_mean=d(st.sampled_from([0.0, 2.0, 5.0, 8.0])),
             dtype=d(_dtypes(dtypes)),
@@ -101,7 +110,7 @@ def attention_cases(
 
 @dataclass(frozen=True)
 class DecodeCase:
-    variant: dict[str, Any]
+    variant: DecodeAttentionVariant
     batch: int
     kv_heads: int
     group: int
@@ -129,24 +138,27 @@ class DecodeCase:
             k_pos[:: self.empty_every] = -1
         q_pos = torch.arange(self.newest - self.queries + 1, self.newest + 1)
         return {
-            "q": _randn(g, self.batch, hq, self.queries, v["qk_head_dim"], dtype=dt),
-            "k": _randn(g, self.batch, self.kv_heads, s, v["qk_head_dim"], dtype=dt),
-            "v": _randn(g, self.batch, self.kv_heads, s, v["v_head_dim"], dtype=dt),
-            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.get("sink") else None,
+            "q": _randn(g, self.batch, hq, self.queries, v.qk_head_dim, dtype=dt),
+            "k": _randn(g, self.batch, self.kv_heads, s, v.qk_head_dim, dtype=dt),
+            "v": _randn(g, self.batch, self.kv_heads, s, v.v_head_dim, dtype=dt),
+            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.sink else None,
             "q_pos": q_pos.expand(self.batch, -1).clone(),
             "k_pos": k_pos.expand(self.batch, -1).clone(),
         }
 
 
 def decode_cases(
-    variants: list[dict[str, Any]], *, dtypes: tuple[str, ...] = ("float32",), max_slots: int = 140
+    variants: Sequence[DecodeAttentionVariant],
+    *,
+    dtypes: tuple[str, ...] = ("float32",),
+    max_slots: int = 140,
 ) -> st.SearchStrategy[DecodeCase]:
     """Decode / chunked-prefill cases over a ring-buffer cache with empty slots and split-K."""
 
     @st.composite
     def draw(d: st.DrawFn) -> DecodeCase:
         variant = d(st.sampled_from(variants))
-        window = variant.get("window_keys")
+        window = variant.window_keys
         slot_choices = st.integers(1, 40)
         if window:
             slot_choices = st.one_of(
@@ -243,16 +255,14 @@ class RopeCase:
 
 
 def rope_cases(
-    variants: list[dict[str, Any]], *, dtypes: tuple[str, ...] = ("float32",)
+    variants: Sequence[RoPEVariant], *, dtypes: tuple[str, ...] = ("float32",)
 ) -> st.SearchStrategy[RopeCase]:
-    """``variants``: dicts with rope_dim and qk_head_dim (the attention constants)."""
-
     @st.composite
     def draw(d: st.DrawFn) -> RopeCase:
         v = d(st.sampled_from(variants))
         return RopeCase(
-            rope_dim=v["rope_dim"],
-            qk_head_dim=v["qk_head_dim"],
+            rope_dim=v.rope_dim,
+            qk_head_dim=v.qk_head_dim,
             batch=d(st.integers(1, 2)),
             heads=d(st.integers(1, 4)),
             kv_heads=d(st.integers(1, 2)),
@@ -267,7 +277,7 @@ def rope_cases(
 
 @dataclass(frozen=True)
 class MoECase:
-    moe: dict[str, Any]
+    moe: MoEVariant
     tokens: int
     hidden: int
     intermediate: int
@@ -278,7 +288,7 @@ class MoECase:
     def inputs(self) -> dict[str, Any]:
         g = _gen(self.seed)
         dt = DTYPES[self.dtype]
-        e = self.moe["num_experts"]
+        e = self.moe.num_experts
         return {
             "x": _randn(g, self.tokens, self.hidden, dtype=dt),
             "router_weight": _randn(g, e, self.hidden, dtype=torch.float32, scale=self.hidden**-0.5),
@@ -293,7 +303,7 @@ class MoECase:
 
 
 def moe_cases(
-    moe: dict[str, Any], *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 24
+    moe: MoEVariant, *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 24
 ) -> st.SearchStrategy[MoECase]:
     return st.builds(
         MoECase,
@@ -331,11 +341,11 @@ class CECase:
 
 
 def ce_cases(
-    vocab_size: int, *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 40
+    variant: LMHeadCEVariant, *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 40
 ) -> st.SearchStrategy[CECase]:
     return st.builds(
         CECase,
-        vocab_size=st.just(vocab_size),
+        vocab_size=st.just(variant.vocab_size),
         tokens=st.integers(1, max_tokens),
         hidden=st.integers(1, 48),
         ignore_every=st.sampled_from([0, 1, 2, 5]),

@@ -1,6 +1,6 @@
 """The kernel property suite of one spec: every kernel family against its float64 reference.
 
-``run_kernel_suite(constants, examples)`` renders the spec's kernels, draws ``examples`` Hypothesis cases per
+``run_kernel_suite(variants, examples)`` renders the spec's kernels, draws ``examples`` Hypothesis cases per
 kernel, and returns one ``KernelRow`` per kernel; ``print_kernel_table(rows)`` shows them. It backs
 ``lmspec test-kernels SPEC [--examples N]``. On a CPU the kernels run in the Triton interpreter.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,16 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from lmspec.compiler.variants import (
+    AttentionVariant,
+    DecodeAttentionVariant,
+    KernelVariant,
+    LMHeadCEVariant,
+    MoEVariant,
+    RMSNormVariant,
+    RoPEVariant,
+    SwiGLUVariant,
+)
 from lmspec.testing import checks
 from lmspec.testing import strategies as S
 from lmspec.testing.compare import ReferenceMismatch, tolerance
@@ -69,60 +79,41 @@ def _property(strategy: st.SearchStrategy[Any], check: Callable[[Any], dict[str,
     return stats["cases"], stats["worst"], verdict, stats["detail"]
 
 
-def _plan(
-    constants: Mapping[str, Any], backend: Any, dtypes: tuple[str, ...], max_seq: int | None = None
-) -> list[tuple[str, st.SearchStrategy[Any], Callable[[Any], dict[str, float]]]]:
-    from lmspec.codegen.kernels import plan_modules
+Check = Callable[[Any], dict[str, float]]
 
-    mods = plan_modules(constants)
-    prefix = {(m.family, m.module): m.prefix for m in mods}
-    plan: list[tuple[str, st.SearchStrategy[Any], Callable[[Any], dict[str, float]]]] = []
-    eps = next(m.constants["eps"] for m in mods if m.family == "rmsnorm")
-    plan.append(
-        (
-            prefix[("rmsnorm", "rmsnorm")],
-            S.rmsnorm_cases(dtypes=dtypes),
-            lambda c: checks.check_rmsnorm(backend, c, eps),
-        )
-    )
-    plan.append(
-        (
-            prefix[("swiglu", "swiglu")],
-            S.swiglu_cases(dtypes=dtypes),
-            lambda c: checks.check_swiglu(backend, c),
-        )
-    )
-    for m in mods:
-        if m.family == "rope":
-            plan.append(
-                (
-                    m.prefix,
-                    S.rope_cases([m.constants], dtypes=dtypes),
-                    lambda c: checks.check_rope(backend, c),
-                )
-            )
-        elif m.family in ("attention", "decode_attention"):
-            variant = {k: v for k, v in m.constants.items() if k != "count_blocks"}
-            if m.family == "attention":
-                seq = {} if max_seq is None else {"max_seq": max_seq, "max_small": min(40, max_seq)}
-                strat = S.attention_cases([variant], dtypes=dtypes, **seq)
-                plan.append((m.prefix, strat, lambda c: checks.check_attention(backend, c)))
-            else:
-                slots = {} if max_seq is None else {"max_slots": max_seq}
-                strat = S.decode_cases([variant], dtypes=dtypes, **slots)
-                plan.append((m.prefix, strat, lambda c: checks.check_decode_attention(backend, c)))
-        elif m.family == "moe":
-            strat = S.moe_cases(m.constants, dtypes=dtypes)
-            plan.append((f"{m.prefix}_route", strat, lambda c: checks.check_moe_route(backend, c)))
-            plan.append((f"{m.prefix}_experts", strat, lambda c: checks.check_moe_experts(backend, c)))
-        elif m.family == "lm_head_ce":
-            strat = S.ce_cases(m.constants["vocab_size"], dtypes=dtypes)
-            plan.append((m.prefix, strat, lambda c: checks.check_lm_head_ce(backend, c)))
-    return plan
+
+def _plan_one(
+    v: KernelVariant, backend: Any, dtypes: tuple[str, ...], max_seq: int | None
+) -> list[tuple[str, st.SearchStrategy[Any], Check]]:
+    """(row name, case strategy, check) for one variant; the MoE variant has two rows, router and experts."""
+    name = f"lmspec_{v.name}"
+    if isinstance(v, RMSNormVariant):
+        return [(name, S.rmsnorm_cases(dtypes=dtypes), lambda c: checks.check_rmsnorm(backend, c, v.eps))]
+    if isinstance(v, SwiGLUVariant):
+        return [(name, S.swiglu_cases(dtypes=dtypes), lambda c: checks.check_swiglu(backend, c))]
+    if isinstance(v, RoPEVariant):
+        return [(name, S.rope_cases([v], dtypes=dtypes), lambda c: checks.check_rope(backend, c))]
+    if isinstance(v, DecodeAttentionVariant):
+        slots = {} if max_seq is None else {"max_slots": max_seq}
+        strat = S.decode_cases([v], dtypes=dtypes, **slots)
+        return [(name, strat, lambda c: checks.check_decode_attention(backend, c))]
+    if type(v) is AttentionVariant:
+        seq = {} if max_seq is None else {"max_seq": max_seq, "max_small": min(40, max_seq)}
+        strat = S.attention_cases([v], dtypes=dtypes, **seq)
+        return [(name, strat, lambda c: checks.check_attention(backend, c))]
+    if isinstance(v, MoEVariant):
+        strat = S.moe_cases(v, dtypes=dtypes)
+        return [
+            (f"{name}_route", strat, lambda c: checks.check_moe_route(backend, c)),
+            (f"{name}_experts", strat, lambda c: checks.check_moe_experts(backend, c)),
+        ]
+    if isinstance(v, LMHeadCEVariant):
+        return [(name, S.ce_cases(v, dtypes=dtypes), lambda c: checks.check_lm_head_ce(backend, c))]
+    return []  # debug variants (block counting) have no reference of their own
 
 
 def run_kernel_suite(
-    constants: Mapping[str, Any],
+    variants: Sequence[KernelVariant],
     examples: int = 25,
     *,
     kernel_dir: str | Path | None = None,
@@ -130,12 +121,12 @@ def run_kernel_suite(
     only: Callable[[str], bool] | None = None,
     max_seq: int | None = None,
 ) -> list[KernelRow]:
-    """Run the property suite of every kernel the constants render; one row per kernel.
+    """Render ``variants`` and property-test each against its reference; one row per kernel.
 
-    ``kernel_dir``: render there (default: a temporary folder). ``dtypes``: names from
-    ``lmspec.testing.strategies.DTYPES``; the tolerance of a row is the loosest over them.
-    ``only``: a predicate on kernel names to run a subset. ``max_seq``: cap on drawn sequence lengths and
-    cache sizes (default: lengths up to 160, around and across the window).
+    ``variants``: e.g. ``kernel_variants(graph)`` of a spec. ``kernel_dir``: render there (default: a
+    temporary folder). ``dtypes``: names from ``lmspec.testing.strategies.DTYPES``; the tolerance of a row
+    is the loosest over them. ``only``: a predicate on kernel names to run a subset. ``max_seq``: cap on
+    drawn sequence lengths and cache sizes (default: lengths up to 160, around and across the window).
     """
     import torch
 
@@ -146,28 +137,21 @@ def run_kernel_suite(
     # Cases are tiny: torch threads between interpreted kernels would only contend for cores.
     torch.set_num_threads(1)
     try:
-        return _run_suite(
-            constants, examples, kernel_dir, dtypes, only, max_seq, render_kernels, TritonBackend
-        )
+        with tempfile.TemporaryDirectory(prefix="lmspec-kernels-") as tmp:
+            out = Path(kernel_dir) if kernel_dir is not None else Path(tmp)
+            render_kernels(variants, out, spec_name="test-kernels")
+            backend = TritonBackend(out)
+            tol = max(tolerance(DTYPES[d]) for d in dtypes)
+            rows = []
+            for v in variants:
+                for name, strategy, check in _plan_one(v, backend, dtypes, max_seq):
+                    if only is not None and not only(name):
+                        continue
+                    cases, worst, verdict, detail = _property(strategy, check, examples)
+                    rows.append(KernelRow(name, cases, worst, tol, verdict, detail))
+            return rows
     finally:
         torch.set_num_threads(threads)
-
-
-def _run_suite(
-    constants, examples, kernel_dir, dtypes, only, max_seq, render_kernels, TritonBackend
-) -> list[KernelRow]:
-    with tempfile.TemporaryDirectory(prefix="lmspec-kernels-") as tmp:
-        out = Path(kernel_dir) if kernel_dir is not None else Path(tmp)
-        render_kernels(constants, out, spec_name="test-kernels")
-        backend = TritonBackend(out)
-        tol = max(tolerance(DTYPES[d]) for d in dtypes)
-        rows = []
-        for name, strategy, check in _plan(constants, backend, dtypes, max_seq):
-            if only is not None and not only(name):
-                continue
-            cases, worst, verdict, detail = _property(strategy, check, examples)
-            rows.append(KernelRow(name, cases, worst, tol, verdict, detail))
-        return rows
 
 
 def print_kernel_table(rows: list[KernelRow], *, console: Any = None, details: bool = True) -> None:

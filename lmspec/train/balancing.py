@@ -30,7 +30,7 @@ def update_correction_bias(
         bias = getattr(layer.gate, "e_score_correction_bias", None)
         if bias is None:  # correction_bias: false in the spec
             continue
-        load = load.to(device=bias.device, dtype=torch.float32)
+        load = load[: bias.numel()].to(device=bias.device, dtype=torch.float32)  # rows may be zero-padded
         step = bias_update * torch.sign(load.mean() - load)
         bias.add_(step.to(bias.dtype))
 

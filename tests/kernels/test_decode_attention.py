@@ -6,20 +6,20 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from kernels.constants import ATTENTION_VARIANTS, MIMO_SWA
+from kernels.constants import DECODE_VARIANTS, MIMO_SLIDING
 from lmspec.testing import checks
 from lmspec.testing import strategies as S
 
 
 @settings(max_examples=50)
-@given(case=S.decode_cases(ATTENTION_VARIANTS))
+@given(case=S.decode_cases(DECODE_VARIANTS))
 def test_decode_attention_matches_reference(backend, case):
     checks.check_decode_attention(backend, case)
 
 
 @pytest.mark.slow
 @settings(max_examples=300)
-@given(case=S.decode_cases(ATTENTION_VARIANTS, max_slots=300))
+@given(case=S.decode_cases(DECODE_VARIANTS, max_slots=300))
 def test_decode_attention_matches_reference_slow(backend, case):
     checks.check_decode_attention(backend, case)
 
@@ -37,7 +37,7 @@ def test_query_with_no_visible_key_and_no_sink_gives_zero(backend):
 def test_backend_routes_positions_to_the_decode_kernel(backend):
     # Same call with explicit arange positions and without: decode and flash kernels agree.
     case = S.AttentionCase(
-        MIMO_SWA, batch=1, kv_heads=1, group=8, seq=9, sink_mean=2.0, dtype="float32", seed=3
+        MIMO_SLIDING, batch=1, kv_heads=1, group=8, seq=9, sink_mean=2.0, dtype="float32", seed=3
     )
     x = case.inputs()
     kw = {"scale": 192**-0.5, "value_scale": 0.707, "window_keys": 129}

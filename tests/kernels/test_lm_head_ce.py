@@ -13,26 +13,27 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from kernels.constants import VOCAB
+from kernels.constants import LM_HEAD_CE
+from lmspec.compiler.variants import LMHeadCEVariant
 from lmspec.testing import checks
 from lmspec.testing import strategies as S
 
 
 @settings(max_examples=50)
-@given(case=S.ce_cases(VOCAB))
+@given(case=S.ce_cases(LM_HEAD_CE))
 def test_lm_head_ce_matches_reference(backend, case):
     checks.check_lm_head_ce(backend, case)
 
 
 @pytest.mark.slow
 @settings(max_examples=300)
-@given(case=S.ce_cases(VOCAB, max_tokens=300))
+@given(case=S.ce_cases(LM_HEAD_CE, max_tokens=300))
 def test_lm_head_ce_matches_reference_slow(backend, case):
     checks.check_lm_head_ce(backend, case)
 
 
 def test_reference_matches_torch_cross_entropy():
-    from lmspec.runtime.ops import torch_backend as ref
+    from lmspec.runtime.ops import reference as ref
 
     h = torch.randn(33, 16, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
@@ -91,7 +92,7 @@ def test_fused_ce_peak_memory_is_under_an_eighth_of_the_logits(backend_name, n, 
     from lmspec.codegen.kernels import render_kernels
 
     v, h = 152576, 8
-    render_kernels({"lm_head_ce": {"vocab_size": v}}, tmp_path)
+    render_kernels([LMHeadCEVariant(vocab_size=v)], tmp_path)
     extra = _peak_extra(backend_name, str(tmp_path), n, h, v)
     full_logits = n * v * 4
     assert extra < full_logits / 8, (

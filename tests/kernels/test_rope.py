@@ -6,11 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from kernels.constants import ATTENTION_VARIANTS
+from kernels.constants import ROPE_VARIANTS
 from lmspec.testing import checks
 from lmspec.testing import strategies as S
-
-ROPE_VARIANTS = [{"rope_dim": v["rope_dim"], "qk_head_dim": v["qk_head_dim"]} for v in ATTENTION_VARIANTS]
 
 
 @settings(max_examples=50)

@@ -6,21 +6,27 @@ import io
 
 from rich.console import Console
 
-from kernels.constants import MOE_SIGMOID, SMALL_FULL, SMALL_W5
+from kernels.constants import MOE_SIGMOID, NORM, SMALL_GLOBAL, SMALL_W5
+from lmspec.compiler.variants import DecodeAttentionVariant, LMHeadCEVariant, RoPEVariant, SwiGLUVariant
 from lmspec.testing import KernelRow, print_kernel_table, run_kernel_suite
 
-SMALL = {
-    "attention": [SMALL_W5, SMALL_FULL],
-    "moe": MOE_SIGMOID,
-    "rmsnorm": {"eps": 1e-5},
-    "lm_head_ce": {"vocab_size": 300},
-}
+SMALL = (
+    NORM,
+    SwiGLUVariant(),
+    RoPEVariant(rope_dim=16, qk_head_dim=40),
+    SMALL_W5,
+    SMALL_GLOBAL,
+    DecodeAttentionVariant(**SMALL_W5.constants()),
+    DecodeAttentionVariant(**SMALL_GLOBAL.constants()),
+    MOE_SIGMOID,
+    LMHeadCEVariant(vocab_size=300),
+)
 
 
 def test_suite_passes_every_kernel_in_bfloat16():
     rows = run_kernel_suite(SMALL, 4, dtypes=("bfloat16",))
     kernels = {r.kernel for r in rows}
-    assert "lmspec_attn_swa_sink_w5_qk40_v24_vs0p5" in kernels
+    assert {"lmspec_attn_sliding_sink_w5_qk40_v24_vs0p5", "lmspec_decode_global_qk20_v12"} <= kernels
     assert {
         "lmspec_moe_sigmoid_e8_k3_route",
         "lmspec_moe_sigmoid_e8_k3_experts",

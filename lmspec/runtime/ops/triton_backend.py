@@ -1,10 +1,11 @@
-"""The Triton backend: the op surface of ``TorchBackend``, served by kernels rendered for one spec.
+"""The Triton backend: the op surface of ``lmspec.runtime.ops.base.Backend``, served by kernels rendered for one spec.
 
 ``TritonBackend(kernel_dir)`` imports the modules that ``lmspec.codegen.kernels.render_kernels`` wrote into
-``kernel_dir`` (listed in its ``kernels.json``) and dispatches each call to the variant whose baked constants
-match the call (window_keys, sink, head dims, value scale; rope_dim; vocab size). A call no rendered variant
-serves raises ``LookupError``: kernels are specialised per spec, so a mismatch is a wiring bug, not a
-reason to fall back silently.
+``kernel_dir`` and indexes them by the ``key`` each one has in ``kernels.json``: ``(family, *constants)``
+with the constants in the order of the variant's fields (``lmspec.compiler.variants``). Each call computes
+the same key from its arguments (head dims from the shapes, the window and value scale from the keywords)
+and finds its module with one dict lookup. A call no rendered variant serves raises ``LookupError``:
+kernels are specialised per spec, so a mismatch is a wiring bug, not a reason to fall back silently.
 
 Attention with explicit positions (decode, prefill into a cache) runs the forward-only decode kernel; when a
 gradient is needed through it, the reference runs instead (training uses dense positions).
@@ -20,12 +21,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import Tensor
 
 import lmspec.runtime.ops.triton_support  # noqa: F401  (selects the interpreter before triton loads)
-from lmspec.runtime.ops import torch_backend
+from lmspec.runtime.ops import reference
+from lmspec.runtime.ops.base import Backend
 
 MANIFEST = "kernels.json"
+
+Key = tuple[Any, ...]
 
 
 def _load_module(path: Path, unique: str) -> ModuleType:
@@ -41,8 +46,18 @@ def _load_module(path: Path, unique: str) -> ModuleType:
     return module
 
 
-class TritonBackend:
-    """Rendered Triton kernels for one spec; same surface as ``TorchBackend``."""
+def attention_key(
+    family: str, q: Tensor, v: Tensor, sinks: Tensor | None, window_keys: int | None, value_scale: float
+) -> Key:
+    """Key of the attention (or decode attention) variant serving this call."""
+    return (family, window_keys, sinks is not None, q.shape[-1], v.shape[-1], float(value_scale))
+
+
+class TritonBackend(Backend):
+    """Rendered Triton kernels for one spec: every op of ``Backend`` has a kernel family here.
+
+    ``modules`` maps each rendered variant's key to its imported module; ``kernel(key)`` looks one up.
+    """
 
     name = "triton"
 
@@ -56,31 +71,42 @@ class TritonBackend:
             manifest_path.read_bytes() + str(self.kernel_dir.resolve()).encode()
         ).hexdigest()[:10]
         self.spec_name: str = manifest.get("spec", "")
-        self.modules: list[tuple[str, dict[str, Any], ModuleType]] = [
-            (m["family"], m["constants"], _load_module(self.kernel_dir / m["file"], unique))
-            for m in manifest["modules"]
-        ]
+        self.modules: dict[Key, ModuleType] = {}
+        self._names: dict[str, list[str]] = {}  # family -> rendered names, for error messages
+        # Every MoE variant of a (num_experts, top_k) has the same experts kernel; the call knows only those.
+        self._experts: dict[tuple[int, int], ModuleType] = {}
+        for m in manifest["modules"]:
+            module = _load_module(self.kernel_dir / m["file"], unique)
+            self.modules[tuple(m["key"])] = module
+            self._names.setdefault(m["family"], []).append(m["name"])
+            if m["family"] == "moe":
+                c = m["constants"]
+                self._experts.setdefault((c["num_experts"], c["top_k"]), module)
 
-    def _find(self, family: str, **want: Any) -> ModuleType:
-        for fam, consts, module in self.modules:
-            if fam == family and all(consts.get(k) == v for k, v in want.items()):
-                return module
-        have = [consts for fam, consts, _ in self.modules if fam == family]
-        raise LookupError(f"no rendered {family} kernel for {want} in {self.kernel_dir}; rendered: {have}")
+    def kernel(self, key: Key) -> ModuleType:
+        """The module rendered for ``key`` (a variant's ``key``); LookupError naming what was rendered."""
+        module = self.modules.get(key)
+        if module is None:
+            family = key[0] if key else "?"
+            raise LookupError(
+                f"no rendered {family} kernel for key {key} in {self.kernel_dir}; "
+                f"rendered: {self._names.get(family, [])}"
+            )
+        return module
 
     def rmsnorm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        return self._find("rmsnorm").rmsnorm(x, weight, eps)
+        return self.kernel(("rmsnorm", float(eps))).rmsnorm(x, weight, eps)
 
     def add_rmsnorm(
         self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
     ) -> tuple[Tensor, Tensor]:
-        return self._find("rmsnorm").add_rmsnorm(x, residual, weight, eps)
+        return self.kernel(("rmsnorm", float(eps))).add_rmsnorm(x, residual, weight, eps)
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        return self._find("swiglu").swiglu(gate, up)
+        return self.kernel(("swiglu",)).swiglu(gate, up)
 
     def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        return self._find("rope", rope_dim=cos.shape[-1], qk_head_dim=q.shape[-1]).rope(q, k, cos, sin)
+        return self.kernel(("rope", cos.shape[-1], q.shape[-1])).rope(q, k, cos, sin)
 
     def attention(
         self,
@@ -95,21 +121,14 @@ class TritonBackend:
         q_pos: Tensor | None = None,
         k_pos: Tensor | None = None,
     ) -> Tensor:
-        variant = {
-            "window_keys": window_keys,
-            "sink": sinks is not None,
-            "qk_head_dim": q.shape[-1],
-            "v_head_dim": v.shape[-1],
-            "value_scale": float(value_scale),
-        }
         if q_pos is None and k_pos is None and q.shape[2] == k.shape[2]:
-            module = self._find("attention", **variant)
+            module = self.kernel(attention_key("attention", q, v, sinks, window_keys, value_scale))
             return module.attention(
                 q, k, v, sinks, scale=scale, value_scale=value_scale, window_keys=window_keys
             )
         needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, sinks))
-        if needs_grad and torch_backend.torch.is_grad_enabled():
-            return torch_backend.attention(
+        if needs_grad and torch.is_grad_enabled():
+            return reference.attention(
                 q,
                 k,
                 v,
@@ -120,7 +139,7 @@ class TritonBackend:
                 q_pos=q_pos,
                 k_pos=k_pos,
             )
-        module = self._find("decode_attention", **variant)
+        module = self.kernel(attention_key("decode_attention", q, v, sinks, window_keys, value_scale))
         return module.attention(
             q,
             k,
@@ -146,7 +165,17 @@ class TritonBackend:
         num_groups: int = 1,
         top_k_groups: int = 1,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        module = self._find("moe", num_experts=weight.shape[0], top_k=top_k, score_function=score_function)
+        key = (
+            "moe",
+            weight.shape[0],
+            top_k,
+            score_function,
+            renormalize,
+            float(routed_scaling_factor),
+            num_groups,
+            top_k_groups,
+        )
+        module = self.kernel(key)
         return module.route(
             x,
             weight,
@@ -162,7 +191,13 @@ class TritonBackend:
     def moe_experts(
         self, x: Tensor, topk_weights: Tensor, topk_indices: Tensor, gate_up_proj: Tensor, down_proj: Tensor
     ) -> Tensor:
-        module = self._find("moe", num_experts=gate_up_proj.shape[0], top_k=topk_indices.shape[1])
+        experts = (gate_up_proj.shape[0], topk_indices.shape[1])
+        module = self._experts.get(experts)
+        if module is None:
+            raise LookupError(
+                f"no rendered moe kernel for num_experts={experts[0]}, top_k={experts[1]} in {self.kernel_dir}; "
+                f"rendered: {self._names.get('moe', [])}"
+            )
         return module.moe_experts(x, topk_weights, topk_indices, gate_up_proj, down_proj)
 
     def lm_head_ce(
@@ -174,5 +209,5 @@ class TritonBackend:
         ignore_index: int = -100,
         chunk_size: int = 4096,
     ) -> Tensor:
-        module = self._find("lm_head_ce", vocab_size=weight.shape[0])
+        module = self.kernel(("lm_head_ce", weight.shape[0]))
         return module.lm_head_ce(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
