@@ -20,6 +20,7 @@ NOT_YET_SPLIT: set[str] = {
     "lmspec/serve/server.py::create_app",
     "lmspec/serve/server.py::create_app.respond",
     "lmspec/train/plot.py::plot_run",
+    "lmspec/train/trainer.py::train",
 }
 
 
