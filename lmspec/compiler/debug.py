@@ -157,16 +157,23 @@ class Generated(Protocol):
 
     directory: Path
     cache_hit: bool
+    kernel_files: list[Path]
+
+    @property
+    def model_path(self) -> Path: ...
 
 
 G = TypeVar("G", bound=Generated)
 
 
 def log_generated(compiled: G) -> G:
-    """Level 3: the paths of every generated file of `compiled` (model and kernels); returns it."""
+    """Level 3: the paths of the files this compile wrote, or of the cache entry it reused; returns it."""
     log = logging.getLogger(CODEGEN_LOGGER)
     if log.isEnabledFor(logging.INFO):
-        paths = sorted(p for p in Path(compiled.directory).rglob("*") if p.is_file())
+        if compiled.cache_hit:
+            paths = sorted(p for p in Path(compiled.directory).rglob("*") if p.is_file())
+        else:
+            paths = sorted([Path(compiled.model_path), *map(Path, compiled.kernel_files)])
         log.info(
             "%s %d generated files in %s:\n%s",
             "reused" if compiled.cache_hit else "wrote",

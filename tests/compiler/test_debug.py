@@ -7,6 +7,7 @@ no other test sees debug output.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +89,20 @@ def test_level_3_adds_the_plan_and_every_generated_file(capsys, monkeypatch, tmp
     assert f"[lmspec.codegen] wrote {len(written)} generated files in {tmp_path / 'out'}:" in err
     listed = [line.strip() for line in err.splitlines() if line.startswith(f"  {tmp_path}")]
     assert listed == written and any(p.endswith("model.py") for p in listed)
+
+
+def test_level_3_names_the_cache_entry_it_writes_then_reuses(capsys, monkeypatch):
+    # A width no other test compiles, so the first compile of this session writes the entry.
+    monkeypatch.setenv("LMSPEC_DEBUG", "3")
+    args = ("compile", TINY, "--set", "model.ffn.dense.intermediate_size=200")
+    for verb in ("wrote", "reused"):
+        code, err = _run(capsys, *args)
+        assert code == 0
+        found = re.search(rf"^\[lmspec\.codegen\] {verb} (\d+) generated files in (.+):$", err, re.M)
+        assert found, err[-2000:]
+        entry = sorted(str(p) for p in Path(found.group(2)).rglob("*") if p.is_file())
+        listed = [line.strip() for line in err.splitlines() if line.startswith(f"  {found.group(2)}")]
+        assert listed == entry and int(found.group(1)) == len(entry)
 
 
 def test_level_0_compiles_without_a_word_on_stderr(capsys, tmp_path):
