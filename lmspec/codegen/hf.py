@@ -9,6 +9,7 @@ sliding layers. A spec outside that still exports a config: the keys the Hub che
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lmspec.spec import (
@@ -21,6 +22,7 @@ from lmspec.spec import (
     SpecError,
     spec_to_data,
 )
+from lmspec.spec.limits import MAX_LAYERS, clip, identifier_from, quote
 from lmspec.spec.loader import validate
 from lmspec.spec.pattern import compress_layers
 
@@ -92,14 +94,65 @@ def export_issues(spec: Spec) -> list[str]:
     return issues
 
 
-def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
-    """A transformers ``mimo_v2_flash`` config.json for the spec (see the module docstring for the limits)."""
+def _rope_parameters(g: Any, s: Any) -> dict[str, dict[str, Any]]:
+    """transformers' nested ``rope_parameters``: one entry per layer type (a missing kind borrows the other's)."""
+    rope: dict[str, Any] = {}
+    for lt, a in ((FULL, g or s), (SLIDING, s or g)):
+        rope[lt] = {
+            "rope_type": "default",
+            "rope_theta": float(a.rope.theta),
+            "partial_rotary_factor": a.rope.fraction,
+        }
+    return rope
+
+
+def _moe_config(moe: MoEFFN) -> dict[str, Any]:
+    return {
+        "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.expert_intermediate_size,
+        "norm_topk_prob": moe.renormalize,
+        "routed_scaling_factor": moe.routed_scaling_factor,
+        "n_group": moe.num_groups,
+        "topk_group": moe.top_k_groups,
+        "scoring_func": moe.score_function,
+        "topk_method": "noaux_tc" if moe.correction_bias else "greedy",
+        "n_shared_experts": moe.num_shared_experts or None,
+    }
+
+
+def _attention_config(spec: Spec) -> dict[str, Any]:
+    """The attention keys: heads, head dims, window, sinks, value scale and RoPE of the kinds in use."""
     m = spec.model
     g_name, s_name = _kinds(spec)
     g = m.attention[g_name] if g_name else None
     s = m.attention[s_name] if s_name else None
     ref = g or s
     assert ref is not None  # a spec has at least one layer
+    global_kv = g.num_kv_heads if g else max(1, s.num_kv_heads // 2)  # type: ignore[union-attr]
+    config: dict[str, Any] = {
+        "num_attention_heads": ref.num_heads,
+        "num_key_value_heads": global_kv,
+        "swa_num_key_value_heads": s.num_kv_heads if s else 2 * global_kv,
+        "head_dim": ref.qk_head_dim,
+        "v_head_dim": ref.v_head_dim,
+        "rope_parameters": _rope_parameters(g, s),
+        "attention_bias": ref.bias,
+        "attention_dropout": 0.0,
+        "attention_value_scale": ref.value_scale,
+        # transformers requires an int even without sliding layers, where nothing reads it.
+        "sliding_window": s.window_keys if s else m.max_position_embeddings,
+        "add_full_attention_sink_bias": bool(g and g.sink),
+        "add_swa_attention_sink_bias": bool(s and s.sink),
+    }
+    if s is not None and s.window_convention == "previous_plus_self":
+        config["sliding_window_size"] = s.window  # transformers sets sliding_window = this + 1
+    return config
+
+
+def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
+    """A transformers ``mimo_v2_flash`` config.json for the spec (see the module docstring for the limits)."""
+    m = spec.model
     layer_types = [
         SLIDING if isinstance(m.layer_attention(i), SlidingAttention) else FULL for i in range(m.num_layers)
     ]
@@ -108,16 +161,6 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
     moe = next((m.layer_ffn(i) for i in range(m.num_layers) if isinstance(m.layer_ffn(i), MoEFFN)), None)
     if moe is None:
         moe = next((f for f in m.ffn.values() if isinstance(f, MoEFFN)), None)
-    rope: dict[str, Any] = {}
-    for lt, a in ((FULL, g or s), (SLIDING, s or g)):
-        assert a is not None
-        rope[lt] = {
-            "rope_type": "default",
-            "rope_theta": float(a.rope.theta),
-            "partial_rotary_factor": a.rope.fraction,
-        }
-    global_kv = g.num_kv_heads if g else max(1, s.num_kv_heads // 2)  # type: ignore[union-attr]
-    swa_kv = s.num_kv_heads if s else 2 * global_kv
     config: dict[str, Any] = {
         "architectures": ["MiMoV2FlashForCausalLM"],
         "model_type": "mimo_v2_flash",
@@ -128,47 +171,22 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
         if dense
         else (moe.expert_intermediate_size if moe else 1),
         "num_hidden_layers": m.num_layers,
-        "num_attention_heads": ref.num_heads,
-        "num_key_value_heads": global_kv,
-        "swa_num_key_value_heads": swa_kv,
-        "head_dim": ref.qk_head_dim,
-        "v_head_dim": ref.v_head_dim,
         "hidden_act": "silu",
         "max_position_embeddings": m.max_position_embeddings,
         "initializer_range": m.init_std,
         "rms_norm_eps": m.norm.eps,
         "tie_word_embeddings": m.tie_word_embeddings,
-        "rope_parameters": rope,
-        "attention_bias": ref.bias,
-        "attention_dropout": 0.0,
-        "attention_value_scale": ref.value_scale,
-        # transformers requires an int even without sliding layers, where nothing reads it.
-        "sliding_window": s.window_keys if s else m.max_position_embeddings,
+        **_attention_config(spec),
         "layer_types": layer_types,
         "mlp_layer_types": mlp_types,
-        "add_full_attention_sink_bias": bool(g and g.sink),
-        "add_swa_attention_sink_bias": bool(s and s.sink),
         "num_nextn_predict_layers": m.mtp.num_blocks if m.mtp else 0,
         "pad_token_id": None,
         "bos_token_id": None,
         "eos_token_id": None,
         "use_cache": True,
     }
-    if s is not None and s.window_convention == "previous_plus_self":
-        config["sliding_window_size"] = s.window  # transformers sets sliding_window = this + 1
     if moe is not None:
-        config.update(
-            n_routed_experts=moe.num_experts,
-            num_experts_per_tok=moe.top_k,
-            moe_intermediate_size=moe.expert_intermediate_size,
-            norm_topk_prob=moe.renormalize,
-            routed_scaling_factor=moe.routed_scaling_factor,
-            n_group=moe.num_groups,
-            topk_group=moe.top_k_groups,
-            scoring_func=moe.score_function,
-            topk_method="noaux_tc" if moe.correction_bias else "greedy",
-            n_shared_experts=moe.num_shared_experts or None,
-        )
+        config.update(_moe_config(moe))
     issues = export_issues(spec)
     if issues:
         # Stock transformers cannot run this spec; the full spec rides along so config_to_spec is exact.
@@ -177,151 +195,280 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
     return config
 
 
+# ---------------------------------------------------------------------------------------------
+# config.json -> Spec
+# ---------------------------------------------------------------------------------------------
+
+WHERE = "config.json"
+
+# The type of each config key read, checked before any value is used: JSON's 1e9 is not an integer,
+# true is not a number, and a count is never built into a list before it is known to be small.
+_INT, _NUMBER, _BOOL, _TEXT = "an integer", "a number", "true or false", "a string"
+_CONFIG_TYPES = {
+    **dict.fromkeys(
+        (
+            "num_hidden_layers num_attention_heads num_key_value_heads swa_num_key_value_heads head_dim "
+            "v_head_dim swa_head_dim swa_v_head_dim sliding_window sliding_window_size intermediate_size "
+            "n_routed_experts num_experts_per_tok moe_intermediate_size n_shared_experts n_group topk_group "
+            "num_nextn_predict_layers vocab_size hidden_size max_position_embeddings"
+        ).split(),
+        _INT,
+    ),
+    **dict.fromkeys(
+        (
+            "attention_value_scale partial_rotary_factor rope_theta swa_rope_theta routed_scaling_factor "
+            "rms_norm_eps layernorm_epsilon initializer_range"
+        ).split(),
+        _NUMBER,
+    ),
+    **dict.fromkeys(
+        (
+            "attention_bias add_full_attention_sink_bias add_swa_attention_sink_bias norm_topk_prob "
+            "tie_word_embeddings"
+        ).split(),
+        _BOOL,
+    ),
+    **dict.fromkeys("model_type scoring_func topk_method".split(), _TEXT),
+}
+
+# Spec fields as the config.json keys that set them, so an out-of-range value is named as written.
+_CONFIG_KEY = {
+    "model.vocab_size": "vocab_size",
+    "model.hidden_size": "hidden_size",
+    "model.max_position_embeddings": "max_position_embeddings",
+    "model.init_std": "initializer_range",
+    "model.norm.eps": "rms_norm_eps",
+    "model.mtp.num_blocks": "num_nextn_predict_layers",
+    "model.ffn.dense.intermediate_size": "intermediate_size",
+    "model.ffn.moe.num_experts": "n_routed_experts",
+    "model.ffn.moe.top_k": "num_experts_per_tok",
+    "model.ffn.moe.expert_intermediate_size": "moe_intermediate_size",
+    "model.ffn.moe.num_shared_experts": "n_shared_experts",
+    "model.ffn.moe.score_function": "scoring_func",
+    "model.ffn.moe.routed_scaling_factor": "routed_scaling_factor",
+    "model.ffn.moe.num_groups": "n_group",
+    "model.ffn.moe.top_k_groups": "topk_group",
+    "model.attention.global.num_heads": "num_attention_heads",
+    "model.attention.global.num_kv_heads": "num_key_value_heads",
+    "model.attention.global.qk_head_dim": "head_dim",
+    "model.attention.global.v_head_dim": "v_head_dim",
+    "model.attention.global.value_scale": "attention_value_scale",
+    "model.attention.global.rope.fraction": "rope_parameters.full_attention.partial_rotary_factor",
+    "model.attention.global.rope.theta": "rope_parameters.full_attention.rope_theta",
+    "model.attention.swa.num_heads": "num_attention_heads",
+    "model.attention.swa.num_kv_heads": "swa_num_key_value_heads",
+    "model.attention.swa.qk_head_dim": "head_dim",
+    "model.attention.swa.v_head_dim": "v_head_dim",
+    "model.attention.swa.window": "sliding_window",
+    "model.attention.swa.value_scale": "attention_value_scale",
+    "model.attention.swa.rope.fraction": "rope_parameters.sliding_attention.partial_rotary_factor",
+    "model.attention.swa.rope.theta": "rope_parameters.sliding_attention.rope_theta",
+}
+
+
+def _error(key: str, message: str) -> SpecError:
+    return SpecError(WHERE, 0, 0, clip(key), message)
+
+
+def _is(value: Any, expected: str) -> bool:
+    if isinstance(value, bool):
+        return expected == _BOOL
+    if expected == _INT:
+        return isinstance(value, int)
+    if expected == _NUMBER:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, str) if expected == _TEXT else False
+
+
+def _check_types(config: dict[str, Any]) -> None:
+    """Every key the import reads has the JSON type transformers means (null: the default)."""
+    for key, expected in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and not _is(value, expected):
+            raise _error(key, f"expected {expected}, got {quote(value)}")
+
+
 def _get(config: dict[str, Any], key: str, default: Any) -> Any:
     value = config.get(key)
     return default if value is None else value
 
 
-def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
-    """A Spec (no training section) from a transformers ``mimo_v2_flash`` config.json dict."""
-    if "lmspec_spec" in config:
-        return validate(config["lmspec_spec"], {}, "config.json:lmspec_spec")
-    where = "config.json"
-    model_type = config.get("model_type", "mimo_v2_flash")
-    if model_type != "mimo_v2_flash":
-        raise SpecError(where, 1, 1, "model_type", f"expected 'mimo_v2_flash', got {model_type!r}")
-    n_layers = int(_get(config, "num_hidden_layers", 48))
-    layer_types = config.get("layer_types")
-    if layer_types is None and config.get("hybrid_layer_pattern") is not None:
-        layer_types = [SLIDING if p else FULL for p in config["hybrid_layer_pattern"]]
+def _string_list(config: dict[str, Any], key: str, n_layers: int) -> list | None:
+    """``config[key]`` as a list of `n_layers` entries, or None when the config leaves it out."""
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != n_layers:
+        size = f"{len(value)} entries" if isinstance(value, list) else quote(value)
+        raise _error(key, f"expected a list of {n_layers} entries (num_hidden_layers), got {size}")
+    return value
+
+
+def _layer_types(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(attention type, MLP type) per decoder layer, from the config's lists or transformers' defaults."""
+    n_layers = _get(config, "num_hidden_layers", 48)
+    if not 1 <= n_layers <= MAX_LAYERS:  # before any per-layer list is built
+        raise _error("num_hidden_layers", f"expected 1 to {MAX_LAYERS} layers, got {n_layers}")
+    layer_types = _string_list(config, "layer_types", n_layers)
+    pattern = _string_list(config, "hybrid_layer_pattern", n_layers)
+    if layer_types is None and pattern is not None:
+        layer_types = [SLIDING if p else FULL for p in pattern]
     if layer_types is None:
         layer_types = [FULL if (i == 0 or not (i + 1) % 6) else SLIDING for i in range(n_layers)]
-    mlp_types = config.get("mlp_layer_types")
-    if mlp_types is None and config.get("moe_layer_freq") is not None:
-        mlp_types = ["sparse" if f else "dense" for f in config["moe_layer_freq"]]
+    mlp_types = _string_list(config, "mlp_layer_types", n_layers)
+    freq = _string_list(config, "moe_layer_freq", n_layers)
+    if mlp_types is None and freq is not None:
+        mlp_types = ["sparse" if f else "dense" for f in freq]
     if mlp_types is None:
         mlp_types = ["dense"] + ["sparse"] * (n_layers - 1)
-    if len(layer_types) != n_layers or len(mlp_types) != n_layers:
-        raise SpecError(
-            where,
-            1,
-            1,
-            "layer_types",
-            f"expected {n_layers} entries in layer_types and mlp_layer_types, got {len(layer_types)} and {len(mlp_types)}",
-        )
-    heads = int(_get(config, "num_attention_heads", 64))
-    kv = int(_get(config, "num_key_value_heads", 4))
-    swa_kv = int(_get(config, "swa_num_key_value_heads", 2 * kv))
-    head_dim = int(_get(config, "head_dim", 192))
-    v_head_dim = int(_get(config, "v_head_dim", 128))
-    value_scale = float(_get(config, "attention_value_scale", 1.0))
-    bias = bool(_get(config, "attention_bias", False))
-    # The Hub config has flat keys (rope_theta, swa_rope_theta, partial_rotary_factor); transformers nests them.
-    fraction = float(_get(config, "partial_rotary_factor", 0.334))
-    default_rope = {
-        FULL: {"rope_theta": _get(config, "rope_theta", 5_000_000.0), "partial_rotary_factor": fraction},
-        SLIDING: {"rope_theta": _get(config, "swa_rope_theta", 10_000.0), "partial_rotary_factor": fraction},
+    for i, (lt, mt) in enumerate(zip(layer_types, mlp_types, strict=True)):
+        if lt not in (FULL, SLIDING) or mt not in ("dense", "sparse"):
+            raise _error(
+                f"layer_types.{i}", f"expected full/sliding and dense/sparse, got {quote(lt)}, {quote(mt)}"
+            )
+    return layer_types, mlp_types
+
+
+def _rope(config: dict[str, Any], layer_type: str) -> dict[str, Any]:
+    """One layer type's RoPE; the Hub config has flat keys, transformers nests them in rope_parameters."""
+    fraction = _get(config, "partial_rotary_factor", 0.334)
+    flat = "rope_theta" if layer_type == FULL else "swa_rope_theta"
+    theta = _get(config, flat, 5_000_000.0 if layer_type == FULL else 10_000.0)
+    params = config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise _error("rope_parameters", f"expected a mapping of layer types, got {quote(params)}")
+    nested = params.get(layer_type) or {}
+    if not isinstance(nested, dict):
+        raise _error(f"rope_parameters.{layer_type}", f"expected a mapping, got {quote(nested)}")
+    return {
+        "theta": nested.get("rope_theta", theta),
+        "fraction": nested.get("partial_rotary_factor", fraction),
     }
-    rope_params = config.get("rope_parameters") or default_rope
 
-    def rope(lt: str) -> dict[str, float]:
-        p = rope_params.get(lt) or default_rope[lt]
-        return {"theta": float(p["rope_theta"]), "fraction": float(p.get("partial_rotary_factor", fraction))}
 
+def _attention_kinds(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The two attention kinds transformers can express: `global` and `swa`."""
     if config.get("sliding_window_size") is not None:
-        window, convention = int(config["sliding_window_size"]), "previous_plus_self"
+        window, convention = config["sliding_window_size"], "previous_plus_self"
     else:
-        keys = int(_get(config, "sliding_window", 129))
+        keys = _get(config, "sliding_window", 129)
         window, convention = (keys - 1, "previous_plus_self") if keys > 1 else (keys, "keys")
-    attention = {
+    head_dim = _get(config, "head_dim", 192)
+    v_head_dim = _get(config, "v_head_dim", 128)
+    shared = {
+        "num_heads": _get(config, "num_attention_heads", 64),
+        "value_scale": _get(config, "attention_value_scale", 1.0),
+        "bias": _get(config, "attention_bias", False),
+    }
+    kv = _get(config, "num_key_value_heads", 4)
+    return {
         "global": {
             "kind": "global",
-            "num_heads": heads,
+            **shared,
             "num_kv_heads": kv,
             "qk_head_dim": head_dim,
             "v_head_dim": v_head_dim,
-            "rope": rope(FULL),
-            "value_scale": value_scale,
-            "sink": bool(_get(config, "add_full_attention_sink_bias", False)),
-            "bias": bias,
+            "rope": _rope(config, FULL),
+            "sink": _get(config, "add_full_attention_sink_bias", False),
         },
         "swa": {
             "kind": "sliding",
             "window": window,
             "window_convention": convention,
-            "num_heads": heads,
-            "num_kv_heads": swa_kv,
-            "qk_head_dim": int(_get(config, "swa_head_dim", head_dim)),
-            "v_head_dim": int(_get(config, "swa_v_head_dim", v_head_dim)),
-            "rope": rope(SLIDING),
-            "value_scale": value_scale,
-            "sink": bool(_get(config, "add_swa_attention_sink_bias", True)),
-            "bias": bias,
+            **shared,
+            "num_kv_heads": _get(config, "swa_num_key_value_heads", 2 * kv),
+            "qk_head_dim": _get(config, "swa_head_dim", head_dim),
+            "v_head_dim": _get(config, "swa_v_head_dim", v_head_dim),
+            "rope": _rope(config, SLIDING),
+            "sink": _get(config, "add_swa_attention_sink_bias", True),
         },
     }
-    ffn = {
-        "dense": {"kind": "dense", "intermediate_size": int(_get(config, "intermediate_size", 16384))},
+
+
+def _ffn_kinds(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        "dense": {"kind": "dense", "intermediate_size": _get(config, "intermediate_size", 16384)},
         "moe": {
             "kind": "moe",
-            "num_experts": int(_get(config, "n_routed_experts", 256)),
-            "top_k": int(_get(config, "num_experts_per_tok", 8)),
-            "expert_intermediate_size": int(_get(config, "moe_intermediate_size", 2048)),
-            "num_shared_experts": int(_get(config, "n_shared_experts", 0)),
-            "score_function": str(_get(config, "scoring_func", "sigmoid")),
+            "num_experts": _get(config, "n_routed_experts", 256),
+            "top_k": _get(config, "num_experts_per_tok", 8),
+            "expert_intermediate_size": _get(config, "moe_intermediate_size", 2048),
+            "num_shared_experts": _get(config, "n_shared_experts", 0),
+            "score_function": _get(config, "scoring_func", "sigmoid"),
             "correction_bias": _get(config, "topk_method", "noaux_tc") == "noaux_tc",
-            "renormalize": bool(_get(config, "norm_topk_prob", True)),
-            "routed_scaling_factor": float(_get(config, "routed_scaling_factor", 1.0)),
-            "num_groups": int(_get(config, "n_group", 1)),
-            "top_k_groups": int(_get(config, "topk_group", 1)),
+            "renormalize": _get(config, "norm_topk_prob", True),
+            "routed_scaling_factor": _get(config, "routed_scaling_factor", 1.0),
+            "num_groups": _get(config, "n_group", 1),
+            "top_k_groups": _get(config, "topk_group", 1),
         },
     }
-    block_of = {
-        (FULL, "dense"): "G0",
-        (FULL, "sparse"): "G",
-        (SLIDING, "dense"): "S0",
-        (SLIDING, "sparse"): "S",
-    }
-    names = []
-    for lt, mt in zip(layer_types, mlp_types, strict=True):
-        if (lt, mt) not in block_of:
-            raise SpecError(
-                where, 1, 1, "layer_types", f"expected full/sliding and dense/sparse, got {lt!r}, {mt!r}"
-            )
-        names.append(block_of[(lt, mt)])
+
+
+_BLOCK_OF = {(FULL, "dense"): "G0", (FULL, "sparse"): "G", (SLIDING, "dense"): "S0", (SLIDING, "sparse"): "S"}
+
+
+def _model(config: dict[str, Any]) -> dict[str, Any]:
+    """The spec's model section, as plain data, from a type-checked config."""
+    layer_types, mlp_types = _layer_types(config)
+    names = [_BLOCK_OF[(lt, mt)] for lt, mt in zip(layer_types, mlp_types, strict=True)]
     blocks = {
         b: {"attention": "global" if lt == FULL else "swa", "ffn": "dense" if mt == "dense" else "moe"}
-        for (lt, mt), b in block_of.items()
+        for (lt, mt), b in _BLOCK_OF.items()
         if b in names
     }
-    mtp_blocks = int(_get(config, "num_nextn_predict_layers", 0))
+    mtp_blocks = _get(config, "num_nextn_predict_layers", 0)
+    if mtp_blocks:  # the MTP block is sliding attention with a dense FFN, as on the Hub
+        blocks["MTP"] = {"attention": "swa", "ffn": "dense"}
+    used = blocks.values()
     model: dict[str, Any] = {
-        "vocab_size": int(_get(config, "vocab_size", 152576)),
-        "hidden_size": int(_get(config, "hidden_size", 4096)),
-        "max_position_embeddings": int(_get(config, "max_position_embeddings", 131072)),
+        "vocab_size": _get(config, "vocab_size", 152576),
+        "hidden_size": _get(config, "hidden_size", 4096),
+        "max_position_embeddings": _get(config, "max_position_embeddings", 131072),
         "norm": {
             "kind": "rmsnorm",
-            "eps": float(_get(config, "rms_norm_eps", _get(config, "layernorm_epsilon", 1e-5))),
+            "eps": _get(config, "rms_norm_eps", _get(config, "layernorm_epsilon", 1e-5)),
         },
-        "tie_word_embeddings": bool(_get(config, "tie_word_embeddings", False)),
-        "init_std": float(_get(config, "initializer_range", 0.02)),
+        "tie_word_embeddings": _get(config, "tie_word_embeddings", False),
+        "init_std": _get(config, "initializer_range", 0.02),
         "attention": {
-            k: v
-            for k, v in attention.items()
-            if any(b["attention"] == k for b in blocks.values()) or (k == "swa" and mtp_blocks)
+            k: v for k, v in _attention_kinds(config).items() if any(b["attention"] == k for b in used)
         },
-        "ffn": {
-            k: v
-            for k, v in ffn.items()
-            if any(b["ffn"] == k for b in blocks.values()) or (k == "dense" and mtp_blocks)
-        },
+        "ffn": {k: v for k, v in _ffn_kinds(config).items() if any(b["ffn"] == k for b in used)},
         "blocks": blocks,
         "layers": compress_layers(names),
     }
     if mtp_blocks:
-        model["blocks"]["MTP"] = {"attention": "swa", "ffn": "dense"}
         model["mtp"] = {
             "num_blocks": mtp_blocks,
             "block": "MTP",
             "loss_weight": MTP.model_fields["loss_weight"].default,
         }
-    return validate({"name": name, "model": model}, {}, where)
+    return model
+
+
+def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
+    """A Spec (no training section) from a transformers ``mimo_v2_flash`` config.json dict.
+
+    Every key read is type-checked first (JSON's ``1e9`` is not an integer) and the layer count is
+    bounded before any per-layer list is built; the result is validated like any spec, with errors
+    naming the config key. ``name`` — usually a folder or file name — is made an identifier
+    (``MiMo-V2-Flash`` becomes ``MiMo_V2_Flash``); names *inside* the config (an embedded
+    ``lmspec_spec``) must already be identifiers, as in any spec.
+    """
+    if "lmspec_spec" in config:
+        embedded = config["lmspec_spec"]
+        if not isinstance(embedded, dict):
+            raise _error("lmspec_spec", f"expected a spec mapping, got {quote(embedded)}")
+        return validate(embedded, {}, f"{WHERE}:lmspec_spec")
+    _check_types(config)
+    model_type = config.get("model_type", "mimo_v2_flash")
+    if model_type != "mimo_v2_flash":
+        raise _error("model_type", f"expected 'mimo_v2_flash', got {quote(model_type)}")
+    data = {"name": identifier_from(name), "model": _model(config)}
+    try:
+        return validate(data, {}, WHERE)
+    except SpecError as e:
+        key = _CONFIG_KEY.get(e.field)
+        if key is None:
+            raise
+        raise _error(key, e.message) from None
