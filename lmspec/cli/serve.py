@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from lmspec.errors import UsageError
-from lmspec.runtime.checkpoint import resolve_checkpoint
-from lmspec.runtime.modeling import from_pretrained
-from lmspec.runtime.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, check_vocab, load_tokenizer
 from lmspec.spec import load_spec
+
+if TYPE_CHECKING:  # torch and the runtime load only when a command serves: `lmspec check` stays small
+    from torch import nn
+
+    from lmspec.runtime.tokenizer import Tokenizer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -24,6 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _find_tokenizer(checkpoint_arg: Path, ckpt: Path) -> Tokenizer:
+    from lmspec.runtime.tokenizer import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
+
     for d in (ckpt, checkpoint_arg, ckpt.parent.parent):
         if (d / TOKENIZER_FILE).is_file():
             return load_tokenizer(d / TOKENIZER_FILE)
@@ -37,6 +40,9 @@ def load_serving_model(args: argparse.Namespace) -> tuple[nn.Module, Tokenizer, 
     serving section (speculative depth, chat template, sampling defaults) and must describe the same
     model.
     """
+    from lmspec.runtime.checkpoint import resolve_checkpoint
+    from lmspec.runtime.modeling import from_pretrained
+    from lmspec.runtime.tokenizer import check_vocab
     from lmspec.serve.engine import decode_threads
 
     spec = load_spec(args.spec, args.overrides)
