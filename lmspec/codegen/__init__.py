@@ -1,10 +1,11 @@
-"""Codegen stage: render a lowered spec into a readable PyTorch model module (and its Triton kernels).
+"""Codegen stage: render a Plan into a readable PyTorch model module and its Triton kernels.
 
-``compile_spec(spec)`` lowers the spec, runs the compiler passes, renders ``model.py`` from
-``templates/model.py.jinja`` and writes it (atomically) under ``$LMSPEC_CACHE`` or ``~/.cache/lmspec``, at
-``<key[:2]>/<key>/model.py``. The key covers the canonical spec, the passes' choices, the template sources
-and the lmspec/torch versions, so a second compile is a cache hit that returns byte-identical code. When the
-kernel renderer is present its Triton sources go next to it, in ``kernels/``.
+``compile_spec(spec)`` lowers the spec and runs the compiler passes, the last of which plans the graph;
+``compile_plan(plan)`` renders ``model.py`` from ``templates/model.py.jinja`` and the plan's kernel variants
+into ``kernels/``, and writes them (atomically) under ``$LMSPEC_CACHE`` or ``~/.cache/lmspec``, at
+``<key[:2]>/<key>/``. Nothing here reads the Spec: the plan is the whole input. The key covers the plan,
+where the header points, the template sources and the lmspec/torch versions, so a second compile is a
+cache hit that returns byte-identical code.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from types import ModuleType
 import torch
 
 import lmspec
-from lmspec.codegen.render import class_name, render_model, spec_locations, template_sources
+from lmspec.codegen.render import render_model, spec_locations, template_sources
 from lmspec.compiler import Graph, lower, run_passes
 from lmspec.compiler.debug import log_generated
-from lmspec.compiler.variants import kernel_variants
-from lmspec.spec import Spec, spec_to_data
+from lmspec.compiler.plan import Plan, planned
+from lmspec.spec import Spec
 
-__all__ = ["CompiledModel", "cache_root", "compile_graph", "compile_spec"]
+__all__ = ["CompiledModel", "cache_key", "cache_root", "compile_graph", "compile_plan", "compile_spec"]
 
 
 def cache_root() -> Path:
@@ -64,12 +65,11 @@ def _kernel_template_bytes() -> bytes:
     )
 
 
-def cache_key(graph: Graph, spec_path: str | None, locations: dict[str, str] | None = None) -> str:
-    """What the generated files depend on: spec, passes' choices, where the header points, templates, versions."""
+def cache_key(plan: Plan, spec_path: str | None, locations: dict[str, str] | None = None) -> str:
+    """What the generated files depend on: the plan, where the header points, templates, versions."""
     h = hashlib.sha256()
     payload = {
-        "spec": spec_to_data(graph.spec),
-        "fused_units": sorted(graph.fused_units),
+        "plan": plan.to_data(),
         "spec_path": spec_path,
         "locations": locations or {},
         "lmspec": lmspec.__version__,
@@ -85,8 +85,7 @@ def cache_key(graph: Graph, spec_path: str | None, locations: dict[str, str] | N
 class CompiledModel:
     """A rendered model module on disk, importable; ``model_class`` is the generated ``...ForCausalLM``."""
 
-    spec: Spec
-    graph: Graph
+    plan: Plan
     key: str
     directory: Path
     cache_hit: bool
@@ -107,7 +106,7 @@ class CompiledModel:
 
     @property
     def class_name(self) -> str:
-        return class_name(self.spec.name) + "ForCausalLM"
+        return self.plan.class_name
 
     @property
     def module(self) -> ModuleType:
@@ -133,12 +132,12 @@ class CompiledModel:
         return getattr(self.module, self.class_name)
 
     def describe(self) -> str:
-        m = self.spec.model
+        p = self.plan
         lines = [
             f"{self.model_path} ({'cache hit' if self.cache_hit else 'written'})",
-            f"  class {self.class_name}: {m.num_layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}, "
-            f"{len(self.graph.mtp_layers)} MTP blocks",
-            f"  fused units: {', '.join(sorted(self.graph.fused_units)) or 'none'}",
+            f"  class {self.class_name}: {len(p.layers)} layers, hidden {p.hidden_size}, vocab {p.vocab_size}, "
+            f"{p.mtp.num_blocks if p.mtp else 0} MTP blocks",
+            f"  fused units: {', '.join(p.fused_units) or 'none'}",
             f"  key {self.key[:16]}  ({len(self.source.splitlines())} lines)",
         ]
         kd = self.kernel_dir
@@ -148,34 +147,40 @@ class CompiledModel:
         return "\n".join(lines)
 
 
-def _render_kernels(graph: Graph, directory: Path) -> list[Path]:
+def _render_kernels(plan: Plan, directory: Path) -> list[Path]:
     kernels = _kernels_module()
     if kernels is None:
         return []
-    variants = kernel_variants(graph)
-    return list(kernels.render_kernels(variants, directory / "kernels", spec_name=graph.spec.name))
+    return list(kernels.render_kernels(plan.kernels, directory / "kernels", spec_name=plan.name))
+
+
+def compile_plan(
+    plan: Plan, out_dir: str | Path | None = None, spec_path: str | None = None
+) -> CompiledModel:
+    """Render and write the model module and kernels of a plan (into ``out_dir``, else the cache)."""
+    locations = spec_locations(spec_path)
+    key = cache_key(plan, spec_path, locations)
+    if out_dir is not None:
+        directory = Path(out_dir)
+        _write_text_atomic(directory / "model.py", render_model(plan, spec_path, locations))
+        files = _render_kernels(plan, directory)
+        return CompiledModel(plan, key, directory, cache_hit=False, kernel_files=files)
+    directory = cache_root() / key[:2] / key
+    model_path = directory / "model.py"
+    kernels_done = _kernels_module() is None or (directory / "kernels" / "kernels.json").exists()
+    if model_path.exists() and kernels_done:
+        return CompiledModel(plan, key, directory, cache_hit=True)
+    files = _render_kernels(plan, directory)
+    # model.py is written last: its presence marks a complete entry.
+    _write_text_atomic(model_path, render_model(plan, spec_path, locations))
+    return CompiledModel(plan, key, directory, cache_hit=False, kernel_files=files)
 
 
 def compile_graph(
     graph: Graph, out_dir: str | Path | None = None, spec_path: str | None = None
 ) -> CompiledModel:
-    """Render and write the module for an already lowered (and passed) graph."""
-    locations = spec_locations(spec_path)
-    key = cache_key(graph, spec_path, locations)
-    if out_dir is not None:
-        directory = Path(out_dir)
-        _write_text_atomic(directory / "model.py", render_model(graph, spec_path, locations))
-        files = _render_kernels(graph, directory)
-        return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)
-    directory = cache_root() / key[:2] / key
-    model_path = directory / "model.py"
-    kernels_done = _kernels_module() is None or (directory / "kernels" / "kernels.json").exists()
-    if model_path.exists() and kernels_done:
-        return CompiledModel(graph.spec, graph, key, directory, cache_hit=True)
-    files = _render_kernels(graph, directory)
-    # model.py is written last: its presence marks a complete entry.
-    _write_text_atomic(model_path, render_model(graph, spec_path, locations))
-    return CompiledModel(graph.spec, graph, key, directory, cache_hit=False, kernel_files=files)
+    """Render and write the module for an already lowered (and passed) graph: its plan, compiled."""
+    return compile_plan(planned(graph), out_dir, spec_path)
 
 
 def compile_spec(

@@ -1,11 +1,34 @@
-"""Render the model module for a lowered graph: the Jinja context, the template, and formatting."""
+"""Render the model module from a Plan: the one Jinja environment, its escaping filter, formatting.
+
+The model template reads only the `Plan` (`lmspec.compiler.plan`), never a Spec: what is generated
+is what the compiler decided.
+
+Names are data, never code. `jinja_env()` is the one environment every template renders in (the
+model here, the Triton kernels in `kernels.py`). Its `finalize` guard sees every `{{ ... }}` value:
+numbers, booleans and None print as Python literals, an `Identifier` (a class name from
+`lmspec.compiler.plan.class_name`, only `[A-Za-z0-9_]`) as itself, and any other string only after
+the one escaping filter, `py`, has made it safe for where it goes:
+
+- `{{ x | py }}`: a Python literal, quoted and escaped (`ascii()`), for code: `ATTENTION = {{ a.name | py }}`;
+- `{{ x | py("text") }}`: one line of text for a docstring or a comment: printable ASCII without quotes
+  or backslashes, anything else becomes `?`, so it can neither close a docstring nor leave a comment;
+- `{{ x | py("comment") }}`: a str or lines, as `# `-prefixed comment lines (each one `text`);
+- `{{ x | py("ident") }}`: an identifier, checked, for a name the template builds code from.
+
+A string that reaches the output without the filter raises `TemplateEmitError` naming it, so a template
+cannot paste data into code by forgetting a filter. Data is never parsed as a template either: a name
+holding `{{ ... }}` is emitted as those characters.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -13,88 +36,112 @@ import jinja2
 import torch
 
 import lmspec
-from lmspec.compiler import Graph
-from lmspec.spec import GlobalAttention, MoEFFN, SlidingAttention, spec_hash
-from lmspec.spec.pattern import compress_layers
+from lmspec.compiler.plan import BlockPlan, Identifier, Plan
+
+__all__ = [
+    "MODEL_TEMPLATE",
+    "TEMPLATE_DIR",
+    "TemplateEmitError",
+    "compress_indices",
+    "format_source",
+    "ir_lines",
+    "jinja_env",
+    "model_context",
+    "py",
+    "render_model",
+    "spec_locations",
+    "template_sources",
+]
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 MODEL_TEMPLATE = "model.py.jinja"
 
 
-def class_name(name: str, suffix: str = "") -> str:
-    """`mimo_v2_flash_tiny` -> `MimoV2FlashTiny`; `swa` + Attention -> `SwaAttention`; keeps a valid identifier."""
-    parts = [p for p in re.split(r"[^0-9A-Za-z]+", name) if p]
-    text = "".join(p[0].upper() + p[1:] for p in parts) or "Unnamed"
-    if text[0].isdigit():
-        text = "K" + text
-    return text + suffix
+# -- names are data: the escaping filter and the guard ------------------------------------------------
 
 
-def _unique(names: dict[str, str]) -> dict[str, str]:
-    """Make class names unique when two spec names sanitise to the same identifier."""
-    seen: dict[str, int] = {}
-    out = {}
-    for key, cls in names.items():
-        n = seen.get(cls, 0)
-        seen[cls] = n + 1
-        out[key] = cls if n == 0 else f"{cls}{n + 1}"
-    return out
+class TemplateEmitError(TypeError):
+    """A template tried to emit a value that did not go through the `py` filter (a template bug)."""
 
 
-def _attention_context(name: str, cls: str, a: GlobalAttention | SlidingAttention) -> dict[str, Any]:
-    if isinstance(a, SlidingAttention):
-        window = f"window={a.window} {a.window_convention} -> {a.window_keys} keys"
-    else:
-        window = "global: every earlier key"
-    return {
-        "name": name,
-        "cls": cls,
-        "kind": a.kind,
-        "num_heads": a.num_heads,
-        "num_kv_heads": a.num_kv_heads,
-        "qk_head_dim": a.qk_head_dim,
-        "v_head_dim": a.v_head_dim,
-        "rope_dim": a.rope_dim,
-        "theta": float(a.rope.theta),
-        "value_scale": float(a.value_scale),
-        "sink": a.sink,
-        "bias": a.bias,
-        # The default scale is written as transformers computes it, so the float is the same and readable.
-        "scale": f"{a.qk_head_dim} ** -0.5" if a.softmax_scale is None else repr(float(a.softmax_scale)),
-        "window_keys": a.window_keys,
-        "window_comment": window,
-    }
+class Py(str):
+    """Text the `py` filter made safe for the place the template puts it."""
 
 
-def _ffn_context(name: str, cls: str, f: Any) -> dict[str, Any]:
-    ctx: dict[str, Any] = {"name": name, "cls": cls, "kind": f.kind}
-    if isinstance(f, MoEFFN):
-        ctx.update(
-            num_experts=f.num_experts,
-            top_k=f.top_k,
-            expert_intermediate_size=f.expert_intermediate_size,
-            num_shared_experts=f.num_shared_experts,
-            shared_intermediate_size=f.expert_intermediate_size * f.num_shared_experts,
-            score_function=f.score_function,
-            correction_bias=f.correction_bias,
-            renormalize=f.renormalize,
-            routed_scaling_factor=float(f.routed_scaling_factor),
-            num_groups=f.num_groups,
-            top_k_groups=f.top_k_groups,
+_TEXT_CHARS = frozenset(chr(c) for c in range(0x20, 0x7F)) - set("\"'\\")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _text(value: Any) -> str:
+    return "".join(c if c in _TEXT_CHARS else "?" for c in str(value))
+
+
+def _literal(value: Any) -> str:
+    """The Python literal of a value; ASCII only, so no character can reorder or break the line."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TemplateEmitError(f"no Python literal for the float {value!r}")
+        return repr(float(value))
+    if isinstance(value, str):
+        return ascii(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + "".join(_literal(v) + ", " for v in value).rstrip(" ") + ")"
+    raise TemplateEmitError(f"no Python literal for a {type(value).__name__}: {value!r}")
+
+
+def py(value: Any, place: str = "literal") -> Py:
+    """The escaping filter: `value` made safe for `place` (`literal`, `text`, `comment` or `ident`)."""
+    if place == "literal":
+        return Py(_literal(value))
+    if place == "text":
+        return Py(_text(value))
+    if place == "comment":
+        lines = value.splitlines() if isinstance(value, str) else list(value)
+        return Py("\n".join(f"# {_text(line)}".rstrip() for line in lines))
+    if place == "ident":
+        if not isinstance(value, str) or not _IDENTIFIER.match(value):
+            raise TemplateEmitError(f"not an identifier: {value!r}")
+        return Py(value)
+    raise ValueError(f"py: unknown place {place!r}; expected literal, text, comment or ident")
+
+
+def _finalize(value: Any) -> str:
+    """Applied by Jinja to every `{{ ... }}` value: see the module docstring."""
+    if isinstance(value, Py):
+        return value
+    if isinstance(value, Identifier):
+        return Identifier(str(value))  # re-checked: only [A-Za-z0-9_]
+    if isinstance(value, str):
+        raise TemplateEmitError(
+            f"template emits the string {value!r} without the py filter: write "
+            '`| py` (a literal), `| py("text")` (docstring or comment) or `| py("ident")`'
         )
-    else:
-        ctx.update(intermediate_size=f.intermediate_size)
-    return ctx
+    return _literal(value)
 
 
-def _used_by(block: str, graph: Graph) -> str:
-    layers = [layer.index for layer in graph.layers if layer.block == block]
-    parts = []
-    if layers:
-        parts.append(f"layers {compress_indices(layers)}")
-    if any(layer.block == block for layer in graph.mtp_layers):
-        parts.append("the MTP blocks")
-    return " and ".join(parts)
+@functools.cache
+def jinja_env() -> jinja2.Environment:
+    """The one Jinja environment of every generated-code template, with the `py` filter and its guard."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # HTML escaping means nothing in Python; `py` and `_finalize` do the escaping
+        finalize=_finalize,
+    )
+    env.filters["py"] = py
+    return env
+
+
+# -- what the comments and docstrings say -------------------------------------------------------------
 
 
 def compress_indices(indices: list[int]) -> str:
@@ -111,8 +158,63 @@ def compress_indices(indices: list[int]) -> str:
     return ", ".join(runs)
 
 
+_LAYER = re.compile(r"(?P<stem>.*?\.layers)\.(?P<index>\d+)\.(?P<rest>.+)\Z")
+
+
+def _fold(names: list[str]) -> str:
+    """['self_attn.q_proj', 'self_attn.attention'] -> 'self_attn.{attention, q_proj}'."""
+    if len(names) == 1:
+        return names[0]
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    head = ".".join(parts[0][:common])
+    tails = ", ".join(sorted(".".join(p[common:]) for p in parts))
+    return f"{head}.{{{tails}}}" if head else f"{{{tails}}}"
+
+
+def ir_lines(nodes: tuple[str, ...] | list[str], width: int = 100) -> list[str]:
+    """IR node ids folded for a docstring, `IR: ` first: `model.layers.{1-2, 4}.self_attn.{attention, ...}`.
+
+    Layers with the same members share one entry; entries wrap at `width` with an indented continuation.
+    """
+    layers: dict[str, dict[int, list[str]]] = {}
+    other: list[str] = []
+    for n in nodes:
+        m = _LAYER.match(n)
+        if m is None:
+            other.append(n)
+        else:
+            layers.setdefault(m["stem"], {}).setdefault(int(m["index"]), []).append(m["rest"])
+    entries: list[str] = []
+    for stem, by_index in layers.items():
+        groups: dict[str, list[int]] = {}
+        for index, rest in sorted(by_index.items()):
+            groups.setdefault(_fold(rest), []).append(index)
+        for members, indices in groups.items():
+            shown = compress_indices(indices)
+            entries.append(f"{stem}.{shown if len(indices) == 1 else '{' + shown + '}'}.{members}")
+    if other:
+        entries.append(", ".join(other))
+    lines: list[str] = []
+    for entry in entries:
+        lines += textwrap.wrap(
+            entry,
+            width,
+            initial_indent="IR: ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+    return lines
+
+
 def spec_locations(spec_path: str | None) -> dict[str, str]:
-    """`model.attention.swa` -> `examples/x.yaml:24` for the kinds and blocks of a spec file (empty if unreadable)."""
+    """`model.attention.swa` -> `examples/x.yaml:24` for the kinds and blocks of a spec file (empty if unreadable).
+
+    Reads the YAML file's positions only (the loader's source map), not a Spec.
+    """
     if spec_path is None or not Path(spec_path).is_file():
         return {}
     from lmspec.spec import SpecError
@@ -129,86 +231,34 @@ def spec_locations(spec_path: str | None) -> dict[str, str]:
     }
 
 
+def _used_by(block: BlockPlan) -> str:
+    parts = []
+    if block.layers:
+        parts.append(f"layers {compress_indices(list(block.layers))}")
+    if block.in_mtp:
+        parts.append("the MTP blocks")
+    return " and ".join(parts)
+
+
 def model_context(
-    graph: Graph, spec_path: str | None = None, locations: dict[str, str] | None = None
+    plan: Plan, spec_path: str | None = None, locations: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """Everything the model template reads, from the graph (layers, MTP layers, fused units) and its Spec."""
+    """Everything the model template reads: the plan, and how comments name spec fields and IR nodes."""
     where = locations or {}
 
-    def spec_ref(path: str) -> str:
-        return f"{path} ({where[path]})" if path in where else path
+    def spec_ref(field: str) -> str:
+        return f"{field} ({where[field]})" if field in where else field
 
-    spec = graph.spec
-    m = spec.model
-    used_blocks = [layer.block for layer in graph.layers] + [layer.block for layer in graph.mtp_layers]
-    block_names = list(dict.fromkeys(used_blocks))
-    att_names = list(dict.fromkeys(m.blocks[b].attention for b in block_names))
-    ffn_names = list(dict.fromkeys(m.blocks[b].ffn for b in block_names))
-    cls = _unique(
-        {("a", n): class_name(n, "Attention") for n in att_names}
-        | {("f", n): class_name(n, "FFN") for n in ffn_names}
-        | {("b", n): class_name(n, "Block") for n in block_names}
-    )
-    attention = {n: _attention_context(n, cls[("a", n)], m.attention[n]) for n in att_names}
-    ffn = {n: _ffn_context(n, cls[("f", n)], m.ffn[n]) for n in ffn_names}
-    for n, ctx in attention.items():
-        ctx["spec_ref"] = spec_ref(f"model.attention.{n}")
-    for n, ctx in ffn.items():
-        ctx["spec_ref"] = spec_ref(f"model.ffn.{n}")
-    blocks = {
-        n: {
-            "name": n,
-            "cls": cls[("b", n)],
-            "attention": attention[m.blocks[n].attention],
-            "ffn": ffn[m.blocks[n].ffn],
-            "used_by": _used_by(n, graph),
-            "spec_ref": spec_ref(f"model.blocks.{n}"),
-        }
-        for n in block_names
-    }
-    digest = spec_hash(spec)
-    header = [
-        f'"""{spec.name}: model module generated by lmspec {lmspec.__version__} for torch {torch.__version__}.',
-        "",
-        f"Spec: {spec_path or spec.name} (sha256 {digest})",
-        f"Template: lmspec/codegen/templates/{MODEL_TEMPLATE}",
-        f"Fused units: {', '.join(sorted(graph.fused_units)) or 'none'}",
-        "Do not edit: change the spec and recompile.",
-        '"""',
-    ]
-    mtp = None
-    if graph.mtp_layers:
-        mtp = {"num_blocks": len(graph.mtp_layers), "block": blocks[graph.mtp_layers[0].block]}
     return {
-        "header": "\n".join(header),
-        "spec_name": spec.name,
-        "spec_hash": digest,
-        "prefix": class_name(spec.name),
-        "hidden_size": m.hidden_size,
-        "vocab_size": m.vocab_size,
-        "eps": float(m.norm.eps),
-        "init_std": float(m.init_std),
-        "tie": m.tie_word_embeddings,
-        "num_layers": len(graph.layers),
-        "fused_units": sorted(graph.fused_units),
-        "fused_units_repr": repr(tuple(sorted(graph.fused_units))).replace("'", '"'),
-        "attention": list(attention.values()),
-        "ffn": list(ffn.values()),
-        "blocks": list(blocks.values()),
-        "layers": [{"index": layer.index, "cls": blocks[layer.block]["cls"]} for layer in graph.layers],
-        "layers_pattern": compress_layers([layer.block for layer in graph.layers]),
-        "mtp": mtp,
+        "plan": plan,
+        "spec_path": spec_path,
+        "version": lmspec.__version__,
+        "torch_version": torch.__version__,
+        "template": MODEL_TEMPLATE,
+        "spec_ref": spec_ref,
+        "ir": ir_lines,
+        "used_by": _used_by,
     }
-
-
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 def template_sources() -> bytes:
@@ -247,13 +297,13 @@ def format_source(text: str) -> str:
 
 
 def render_model(
-    graph: Graph,
+    plan: Plan,
     spec_path: str | None = None,
     locations: dict[str, str] | None = None,
     *,
     format: bool = True,
 ) -> str:
-    """Source text of the model module for this graph (``locations``: see ``spec_locations``)."""
-    text = _env().get_template(MODEL_TEMPLATE).render(**model_context(graph, spec_path, locations))
+    """Source text of the model module for this plan (``locations``: see ``spec_locations``)."""
+    text = jinja_env().get_template(MODEL_TEMPLATE).render(**model_context(plan, spec_path, locations))
     text = re.sub(r"\n{4,}", "\n\n\n", text)
     return format_source(text) if format else text

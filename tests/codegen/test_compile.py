@@ -11,7 +11,9 @@ import pytest
 
 import lmspec
 from lmspec.cli import main
-from lmspec.codegen import cache_root, compile_spec
+from lmspec.codegen import cache_root, compile_graph, compile_spec
+from lmspec.codegen.render import format_source
+from lmspec.compiler import lower, run_passes
 from lmspec.spec import load_spec, spec_hash
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -123,3 +125,90 @@ print(tuple(out.logits.shape))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(1, 8, 256)"
+
+
+# -- codegen reads only the plan ------------------------------------------------------------------
+
+CODEGEN = Path(__file__).resolve().parents[2] / "lmspec" / "codegen"
+
+
+class _NoSpec:
+    def __getattr__(self, name):
+        raise AssertionError(f"codegen read graph.spec.{name}")
+
+
+def test_codegen_renders_from_the_plan_alone(tiny_spec, tmp_path):
+    graph = run_passes(lower(tiny_spec))
+    graph.spec = _NoSpec()
+    compiled = compile_graph(graph, out_dir=tmp_path / "plan")
+    assert (
+        "MimoV2FlashTinyForCausalLM" in compiled.describe()
+        and compiled.class_name == compiled.plan.class_name
+    )
+    assert compiled.source == compile_spec(tiny_spec, out_dir=tmp_path / "spec").source
+    assert compiled.key == compile_spec(tiny_spec).key
+
+
+def test_codegen_source_never_touches_a_spec():
+    """render.py and __init__.py access no `.spec` attribute and import nothing from the schema."""
+    allowed = {"render.py": {"SpecError", "load"}, "__init__.py": {"Spec"}}  # load: the file's positions only
+    for name, names in allowed.items():
+        tree = ast.parse((CODEGEN / name).read_text())
+        assert not [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "spec"], (
+            name
+        )
+        imported = {
+            a.name
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("lmspec.spec")
+            for a in n.names
+        }
+        assert imported <= names, (name, imported - names)
+    template = (CODEGEN / "templates" / "model.py.jinja").read_text()
+    assert "spec." not in template.replace("lmspec.", "")
+
+
+@pytest.mark.parametrize("disable", [(), ("fusion",)])
+def test_generated_module_has_no_unused_constants_and_is_formatted(tiny_spec, disable):
+    src = compile_spec(tiny_spec, disable=disable).source
+    tree = ast.parse(src)
+    runtime = Path(lmspec.__file__).parent / "runtime"
+    read_by_runtime = {
+        n.attr
+        for p in runtime.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, ast.Attribute)
+    }
+    read_here = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    read_here |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    constants = [
+        t.id
+        for body in [tree.body, *(c.body for c in tree.body if isinstance(c, ast.ClassDef))]
+        for n in body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name) and t.id.isupper()
+    ]
+    assert constants and not [c for c in constants if c not in read_here | read_by_runtime]
+    for gone in ("SPEC_NAME", "FUSED_UNITS", "WINDOW_KEYS", "TOP_K"):
+        assert gone not in src
+    assert format_source(src) == src  # ruff format leaves it as it is
+
+
+def test_every_generated_class_names_its_ir_nodes(tiny_spec):
+    compiled = compile_spec(tiny_spec, spec_path="examples/mimo_v2_flash_tiny.yaml")
+    tree = ast.parse(compiled.source)
+    docs = {c.name: ast.get_docstring(c) or "" for c in tree.body if isinstance(c, ast.ClassDef)}
+    assert [name for name, doc in docs.items() if "IR: " not in doc] == ["MTPStack"]
+    assert (
+        "IR: model.layers.{1-2, 4-5}.self_attn.{attention, k_proj, o_proj, q_proj, rope_k, rope_q, v_proj,"
+        in (docs["SwaAttention"])
+    )
+    assert "IR: model.layers.{1-6}.mlp.gate" in docs["MoeFFNRouter"]
+    assert "IR: model.layers.{1-2, 4-5}.{input_layernorm, post_attention_layernorm}" in docs["SBlock"]
+    # Every IR node id is named by some class: the IR lines cover the plan's partition of the graph.
+    owners = compiled.plan.node_owners()
+    text = " ".join(docs.values())
+    for node in owners:
+        tail = node.rsplit(".", 1)[-1]
+        assert tail in text, node
