@@ -1,7 +1,12 @@
 """Shared test set-up: the Triton interpreter selected first, one Hypothesis profile, a private
-compile cache and one intra-op thread per test."""
+compile cache, one intra-op thread per test, and the repository's paths.
 
-import os
+Tests run from any working directory: a path into the repository comes from `repo_root` or
+`examples_dir` (or, where a module needs it at import time, from its own `__file__`), never from a
+relative path such as "examples/...".
+"""
+
+from pathlib import Path
 
 # Triton reads TRITON_INTERPRET once, at import: select the interpreter (on a machine without CUDA)
 # before transformers or anything else can import triton.
@@ -12,16 +17,26 @@ except (ImportError, RuntimeError):
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
 
-settings.register_profile(
-    "lmspec",
-    deadline=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=True,
-)
-settings.load_profile("lmspec")
+from lmspec.testing.profiles import register_profiles
+
+# The project's one Hypothesis profile system (lmspec.testing.profiles): `lmspec`, or `lmspec-ci` under CI.
+register_profiles(load=True)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's root directory, wherever pytest was started from."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def examples_dir(repo_root: Path) -> Path:
+    """`examples/`: the example specs."""
+    return repo_root / "examples"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,8 +6,8 @@
 - ``suite``: ``run_kernel_suite(variants, examples) -> list[KernelRow]`` and ``print_kernel_table``,
   behind ``lmspec test-kernels``.
 
-Importing this package registers the Hypothesis profiles ``lmspec-kernels`` and ``lmspec-kernels-ci`` (the
-one for a ``CI`` environment); ``register_profiles(load=True)`` also loads it (tests/kernels does).
+Importing this package registers the Hypothesis profiles ``lmspec`` and ``lmspec-ci`` (the one for a ``CI``
+environment); ``register_profiles(load=True)`` also loads it (tests/conftest.py does).
 """
 
 from lmspec.testing.compare import (
