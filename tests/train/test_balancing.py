@@ -9,9 +9,9 @@ from lmspec.train.losses import training_loss
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(examples_dir):
     torch.manual_seed(0)
-    return lmspec.build("examples/mimo_v2_flash_tiny.yaml")
+    return lmspec.build(examples_dir / "mimo_v2_flash_tiny.yaml")
 
 
 def test_sign_rule_moves_each_bias_towards_balance(model):

@@ -10,8 +10,8 @@ from lmspec.train.trainer import train
 
 
 @pytest.mark.slow
-def test_demo_learns_far_below_the_unigram_baseline_with_balanced_experts(tmp_path):
-    result = train("examples/mimo_v2_flash_tiny.yaml", out=tmp_path / "demo", progress=False)
+def test_demo_learns_far_below_the_unigram_baseline_with_balanced_experts(tmp_path, examples_dir):
+    result = train(examples_dir / "mimo_v2_flash_tiny.yaml", out=tmp_path / "demo", progress=False)
     print(
         f"\ndemo: {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s; held-out "
         f"{result.val_loss:.4f} nats/token = {result.val_bpb:.3f} bits/byte vs unigram {result.unigram_bpb:.3f}; "

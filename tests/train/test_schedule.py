@@ -1,5 +1,7 @@
 """The schedule as a pure function of (spec, tokens), against the values MiMo-V2-Flash declares."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,8 +18,9 @@ from lmspec.train.schedule import (
     stage_bounds,
 )
 
-FULL = load_spec("examples/mimo_v2_flash.yaml")
-TINY = load_spec("examples/mimo_v2_flash_tiny.yaml")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+FULL = load_spec(EXAMPLES / "mimo_v2_flash.yaml")
+TINY = load_spec(EXAMPLES / "mimo_v2_flash_tiny.yaml")
 
 
 def test_full_schedule_matches_the_paper():
@@ -54,7 +57,7 @@ def test_batch_ramp_is_linear_in_tokens():
 
 def test_absent_overrides_fall_back_to_training_defaults():
     spec = load_spec(
-        "examples/mimo_v2_flash_tiny.yaml",
+        EXAMPLES / "mimo_v2_flash_tiny.yaml",
         [
             "training.stages.1.overrides={}",
             "training.balancing.bias_update=0.25",
