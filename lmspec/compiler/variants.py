@@ -20,11 +20,12 @@ from ``graph.spec``): one per distinct value, in a fixed family order, each fami
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
-from lmspec.compiler.graph import Graph
+from lmspec.compiler.graph import Graph, GraphError
+from lmspec.spec import MoEFFN
 
 __all__ = [
     "FAMILIES",
@@ -37,10 +38,12 @@ __all__ = [
     "RMSNormVariant",
     "RoPEVariant",
     "SwiGLUVariant",
+    "from_attrs",
     "kernel_variants",
 ]
 
-SCORE_FUNCTIONS = ("sigmoid", "softmax")
+# The schema's own list: a score function added there is accepted here without another edit.
+SCORE_FUNCTIONS: tuple[str, ...] = get_args(MoEFFN.model_fields["score_function"].annotation)
 
 
 def number_tag(x: float) -> str:
@@ -248,43 +251,27 @@ FAMILIES: tuple[type[KernelVariant], ...] = (
 )
 
 
-def _attention(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "window_keys": attrs["window_keys"],
-        "sink": bool(attrs["sink"]),
-        "qk_head_dim": attrs["qk_head_dim"],
-        "v_head_dim": attrs["v_head_dim"],
-        "value_scale": attrs.get("value_scale", 1.0),
-    }
+# Which variants each IR op needs. Ops not listed run as plain torch in the generated model: unfused
+# gate/up + silu_mul, an unfused router (the experts still run on the backend) and an unfused head + CE.
+VARIANTS_OF_OP: dict[str, tuple[type[KernelVariant], ...]] = {
+    "rmsnorm": (RMSNormVariant,),
+    "add_rmsnorm": (RMSNormVariant,),
+    "swiglu": (SwiGLUVariant,),
+    "rope": (RoPEVariant,),
+    "attention": (AttentionVariant, DecodeAttentionVariant),
+    "router": (MoEVariant,),
+    "experts": (MoEVariant,),
+    "lm_head_ce": (LMHeadCEVariant,),
+}
 
 
-def _moe(attrs: dict[str, Any]) -> MoEVariant:
-    return MoEVariant(
-        num_experts=attrs["num_experts"],
-        top_k=attrs["top_k"],
-        score_function=attrs["score_function"],
-        renormalize=attrs["renormalize"],
-        routed_scaling_factor=attrs.get("routed_scaling_factor", 1.0),
-        num_groups=attrs.get("num_groups", 1),
-        top_k_groups=attrs.get("top_k_groups", 1),
-    )
-
-
-def _node_variants(op: str, attrs: dict[str, Any]) -> Iterator[KernelVariant]:
-    """The variants one IR node needs (none for ops the generated model runs as plain torch)."""
-    if op in ("rmsnorm", "add_rmsnorm"):
-        yield RMSNormVariant(eps=attrs["eps"])
-    elif op == "swiglu":  # unfused gate/up + silu_mul run inline in the model
-        yield SwiGLUVariant()
-    elif op == "rope":
-        yield RoPEVariant(rope_dim=attrs["rope_dim"], qk_head_dim=attrs["qk_head_dim"])
-    elif op == "attention":
-        yield AttentionVariant(**_attention(attrs))
-        yield DecodeAttentionVariant(**_attention(attrs))
-    elif op in ("experts", "router"):  # the experts always run on the backend; the router when fused
-        yield _moe(attrs)
-    elif op == "lm_head_ce":  # an unfused head + cross-entropy runs inline
-        yield LMHeadCEVariant(vocab_size=attrs["vocab_size"])
+def from_attrs(cls: type[KernelVariant], node_id: str, attrs: dict[str, Any]) -> KernelVariant:
+    """The variant ``cls`` of one node: each field is the node attribute of the same name."""
+    names = [f.name for f in fields(cls) if f.name != "nodes"]
+    missing = [n for n in names if n not in attrs]
+    if missing:  # lowering must put every constant on the node: a compiler bug, not a user error
+        raise GraphError(f"{node_id}: {cls.__name__} needs node attributes {missing}")
+    return cls(**{n: attrs[n] for n in names})
 
 
 def _natural(node_id: str) -> tuple[Any, ...]:
@@ -309,6 +296,8 @@ def kernel_variants(graph: Graph) -> tuple[KernelVariant, ...]:
     family order of ``FAMILIES``, then name.
     """
     found = (
-        (node_id, v) for node_id, d in graph.nx.nodes(data=True) for v in _node_variants(d["op"], d["attrs"])
+        (node_id, from_attrs(cls, node_id, d["attrs"]))
+        for node_id, d in graph.nx.nodes(data=True)
+        for cls in VARIANTS_OF_OP.get(d["op"], ())
     )
     return _merge(found)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+from dataclasses import dataclass
 
 import pytest
 
@@ -11,7 +12,7 @@ from kernels.conftest import COUNTING_SLIDING
 from kernels.constants import MIMO_GLOBAL, MIMO_SLIDING, MOE_SIGMOID, TEST_VARIANTS
 from lmspec.codegen.kernels import render_kernels, render_module
 from lmspec.codegen.render import format_source
-from lmspec.compiler.variants import AttentionVariant, MoEVariant, RMSNormVariant
+from lmspec.compiler.variants import AttentionVariant, MoEVariant, RMSNormVariant, RoPEVariant
 from lmspec.runtime.ops import get_backend
 from lmspec.runtime.ops.triton_backend import TritonBackend
 
@@ -76,6 +77,7 @@ def test_header_names_the_ir_nodes_with_layers_folded():
         'z"""; __import__("os").system("touch /tmp/pwned"); """',
         "line\nbreak\\",
         "{{ 7*7 }}{% x %}",
+        "rtl\u202eoverride",
     ],
 )
 def test_names_reach_the_source_only_as_literals(name):
@@ -148,3 +150,29 @@ def test_get_backend_overrides_and_lookup_errors(tmp_path):
         get_backend("torch", overrides={"attn": "torch"})
     with pytest.raises(ValueError, match="kernel_dir"):
         get_backend("triton")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _HeadsRoPEVariant(RoPEVariant):
+    """A RoPE variant with one more baked constant that the call knows (the query head count)."""
+
+    num_heads: int
+
+    @property
+    def name(self) -> str:
+        return f"{super().name}_h{self.num_heads}"
+
+
+def test_a_new_constant_needs_no_edit_of_renderer_manifest_or_backend(tmp_path):
+    # docs/compiler.md "Adding a kernel variant": the variant's field and the template are the kernel side.
+    import torch
+
+    v = _HeadsRoPEVariant(rope_dim=8, qk_head_dim=24, num_heads=4)
+    render_kernels([v], tmp_path)
+    backend = TritonBackend(tmp_path)
+    assert set(backend.modules) == {("rope", 8, 24, 4)}
+    cos, sin = torch.ones(5, 8), torch.zeros(5, 8)
+    q, k = torch.randn(1, 4, 5, 24), torch.randn(1, 2, 5, 24)
+    assert torch.equal(backend.rope(q, k, cos, sin)[0], q)  # cos 1, sin 0: the identity
+    with pytest.raises(LookupError, match=r"key \('rope', 8, 24, 2\)"):
+        backend.rope(q[:, :2], k, cos, sin)

@@ -2,9 +2,10 @@
 
 ``TritonBackend(kernel_dir)`` imports the modules that ``lmspec.codegen.kernels.render_kernels`` wrote into
 ``kernel_dir`` and indexes them by the ``key`` each one has in ``kernels.json``: ``(family, *constants)``
-with the constants in the order of the variant's fields (``lmspec.compiler.variants``). Each call computes
-the same key from its arguments (head dims from the shapes, the window and value scale from the keywords)
-and finds its module with one dict lookup. A call no rendered variant serves raises ``LookupError``:
+with the constants in the order of the variant's fields (``lmspec.compiler.variants``). Each call states
+what it knows under the spec's names (head dims from the shapes, the window and value scale from the
+keywords, ...); the key is those facts in the order of the family's fields, one dict lookup. A constant
+added to a variant is found here without an edit as long as the call knows it. A call no rendered variant serves raises ``LookupError``:
 kernels are specialised per spec, so a mismatch is a wiring bug, not a reason to fall back silently.
 
 Attention with explicit positions (decode, prefill into a cache) runs the forward-only decode kernel; when a
@@ -46,13 +47,6 @@ def _load_module(path: Path, unique: str) -> ModuleType:
     return module
 
 
-def attention_key(
-    family: str, q: Tensor, v: Tensor, sinks: Tensor | None, window_keys: int | None, value_scale: float
-) -> Key:
-    """Key of the attention (or decode attention) variant serving this call."""
-    return (family, window_keys, sinks is not None, q.shape[-1], v.shape[-1], float(value_scale))
-
-
 class TritonBackend(Backend):
     """Rendered Triton kernels for one spec: every op of ``Backend`` has a kernel family here.
 
@@ -73,12 +67,14 @@ class TritonBackend(Backend):
         self.spec_name: str = manifest.get("spec", "")
         self.modules: dict[Key, ModuleType] = {}
         self._names: dict[str, list[str]] = {}  # family -> rendered names, for error messages
+        self._fields: dict[str, tuple[str, ...]] = {}  # family -> its variants' field names, key order
         # Every MoE variant of a (num_experts, top_k) has the same experts kernel; the call knows only those.
         self._experts: dict[tuple[int, int], ModuleType] = {}
         for m in manifest["modules"]:
             module = _load_module(self.kernel_dir / m["file"], unique)
             self.modules[tuple(m["key"])] = module
             self._names.setdefault(m["family"], []).append(m["name"])
+            self._fields[m["family"]] = tuple(m["constants"])
             if m["family"] == "moe":
                 c = m["constants"]
                 self._experts.setdefault((c["num_experts"], c["top_k"]), module)
@@ -94,19 +90,30 @@ class TritonBackend(Backend):
             )
         return module
 
+    def _serving(self, family: str, **facts: Any) -> ModuleType:
+        """The module of ``family`` whose constants equal these facts about the call (the spec's names)."""
+        fields = self._fields.get(family, ())
+        unknown = [f for f in fields if f not in facts]
+        if unknown:
+            raise LookupError(f"{family} kernels are keyed by {unknown}, which a {family} call does not know")
+        return self.kernel((family, *(facts[f] for f in fields)))
+
     def rmsnorm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        return self.kernel(("rmsnorm", float(eps))).rmsnorm(x, weight, eps)
+        return self._serving("rmsnorm", eps=float(eps), hidden_size=x.shape[-1]).rmsnorm(x, weight, eps)
 
     def add_rmsnorm(
         self, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float
     ) -> tuple[Tensor, Tensor]:
-        return self.kernel(("rmsnorm", float(eps))).add_rmsnorm(x, residual, weight, eps)
+        module = self._serving("rmsnorm", eps=float(eps), hidden_size=x.shape[-1])
+        return module.add_rmsnorm(x, residual, weight, eps)
 
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
-        return self.kernel(("swiglu",)).swiglu(gate, up)
+        return self._serving("swiglu").swiglu(gate, up)
 
     def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        return self.kernel(("rope", cos.shape[-1], q.shape[-1])).rope(q, k, cos, sin)
+        facts = {"num_heads": q.shape[1], "num_kv_heads": k.shape[1]}
+        module = self._serving("rope", rope_dim=cos.shape[-1], qk_head_dim=q.shape[-1], **facts)
+        return module.rope(q, k, cos, sin)
 
     def attention(
         self,
@@ -121,8 +128,18 @@ class TritonBackend(Backend):
         q_pos: Tensor | None = None,
         k_pos: Tensor | None = None,
     ) -> Tensor:
+        facts = {
+            "window_keys": window_keys,
+            "sink": sinks is not None,
+            "qk_head_dim": q.shape[-1],
+            "v_head_dim": v.shape[-1],
+            "value_scale": float(value_scale),
+            "scale": float(scale),
+            "num_heads": q.shape[1],
+            "num_kv_heads": k.shape[1],
+        }
         if q_pos is None and k_pos is None and q.shape[2] == k.shape[2]:
-            module = self.kernel(attention_key("attention", q, v, sinks, window_keys, value_scale))
+            module = self._serving("attention", **facts)
             return module.attention(
                 q, k, v, sinks, scale=scale, value_scale=value_scale, window_keys=window_keys
             )
@@ -139,7 +156,7 @@ class TritonBackend(Backend):
                 q_pos=q_pos,
                 k_pos=k_pos,
             )
-        module = self.kernel(attention_key("decode_attention", q, v, sinks, window_keys, value_scale))
+        module = self._serving("decode_attention", **facts)
         return module.attention(
             q,
             k,
@@ -165,17 +182,17 @@ class TritonBackend(Backend):
         num_groups: int = 1,
         top_k_groups: int = 1,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        key = (
+        module = self._serving(
             "moe",
-            weight.shape[0],
-            top_k,
-            score_function,
-            renormalize,
-            float(routed_scaling_factor),
-            num_groups,
-            top_k_groups,
+            num_experts=weight.shape[0],
+            top_k=top_k,
+            score_function=score_function,
+            renormalize=renormalize,
+            routed_scaling_factor=float(routed_scaling_factor),
+            num_groups=num_groups,
+            top_k_groups=top_k_groups,
+            hidden_size=x.shape[-1],
         )
-        module = self.kernel(key)
         return module.route(
             x,
             weight,
@@ -209,5 +226,5 @@ class TritonBackend(Backend):
         ignore_index: int = -100,
         chunk_size: int = 4096,
     ) -> Tensor:
-        module = self.kernel(("lm_head_ce", weight.shape[0]))
+        module = self._serving("lm_head_ce", vocab_size=weight.shape[0], hidden_size=hidden.shape[-1])
         return module.lm_head_ce(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
