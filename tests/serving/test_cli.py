@@ -71,9 +71,10 @@ def test_generate_user_errors_are_one_line_with_status_2(checkpoint, capsys, ext
     assert rc == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_generate_rejects_a_checkpoint_of_another_model(checkpoint, capsys, tmp_path):
+def test_generate_rejects_a_checkpoint_of_another_model(checkpoint, capsys, tmp_path, examples_dir):
     _, path = checkpoint
-    rc = main(["generate", "examples/mimo_v2_flash_tiny.yaml", "--checkpoint", str(path), "--prompt", "hi"])
+    tiny = str(examples_dir / "mimo_v2_flash_tiny.yaml")
+    rc = main(["generate", tiny, "--checkpoint", str(path), "--prompt", "hi"])
     assert rc == 2 and "differs" in capsys.readouterr().err
     rc = main(["generate", str(path / "spec.yaml"), "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"])
     assert rc == 2 and "no such run" in capsys.readouterr().err

@@ -13,7 +13,8 @@ from lmspec.runtime.kv_cache import HybridKVCache, cache_layout, kv_cache_bytes
 from lmspec.runtime.ops.reference import attention
 from lmspec.spec import load_spec
 
-TINY = "examples/mimo_v2_flash_tiny.yaml"
+from .conftest import TINY
+
 SWA, GLOBAL = "model.layers.1", "model.layers.0"  # tiny pattern: G0 S*2 G S*2 G
 
 
@@ -163,9 +164,9 @@ def test_measured_bytes_equal_the_accounting_and_the_all_global_ratio(depth):
     assert all_global / hybrid == pytest.approx(7 * context / (3 * context + 4 * 33), rel=1e-12)
 
 
-def test_full_size_prediction_matches_lmspec_stats():
+def test_full_size_prediction_matches_lmspec_stats(examples_dir):
     """MiMo-V2-Flash at 256k: the cache the runtime would allocate is what `lmspec stats` reports, plus the speculative slots."""
-    spec = load_spec("examples/mimo_v2_flash.yaml")
+    spec = load_spec(examples_dir / "mimo_v2_flash.yaml")
     acc = account(spec, 262144, dtype_bytes=2)
     assert kv_cache_bytes(spec, 262144, speculative_depth=0, mtp_blocks=0) == acc.kv_bytes_at_context_total
     per_slot = 8 * (192 + 128) * 2  # SWA: 8 kv heads, qk 192 + v 128, bf16
