@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Defaults point into the repository, from any working directory.
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _summary(rows: list[dict]) -> dict:
     loads = [np.array(r["expert_load"]) * len(r["expert_load"][0]) for r in rows if r.get("expert_load")]
@@ -38,9 +41,9 @@ def _summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default="examples/mimo_v2_flash_tiny.yaml")
+    ap.add_argument("--spec", default=str(ROOT / "examples" / "mimo_v2_flash_tiny.yaml"))
     ap.add_argument("--max-tokens", type=float, default=300_000)
-    ap.add_argument("--out", default="benchmarks/results/balancing.json")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "balancing.json"))
     args = ap.parse_args()
 
     from lmspec.spec import load_spec

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+# Defaults point into the repository, from any working directory.
+ROOT = Path(__file__).resolve().parents[1]
+
 PROMPTS = [
     "def __init__(self, ",
     "import os\nimport sys\n\n\ndef main():\n    ",
@@ -60,12 +63,16 @@ def _checkpoint(path: Path, spec: str, train_tokens: float, train_out: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/demo", help="run or checkpoint directory")
+    p.add_argument("--checkpoint", default=str(ROOT / "runs" / "demo"), help="run or checkpoint directory")
     p.add_argument(
-        "--spec", default="examples/mimo_v2_flash_tiny.yaml", help="spec to train when there is no checkpoint"
+        "--spec",
+        default=str(ROOT / "examples" / "mimo_v2_flash_tiny.yaml"),
+        help="spec to train when there is no checkpoint",
     )
     p.add_argument("--train-tokens", type=float, default=3e5)
-    p.add_argument("--train-out", default="runs/decode_bench", help="where the quick model is trained")
+    p.add_argument(
+        "--train-out", default=str(ROOT / "runs" / "decode_bench"), help="where the quick model is trained"
+    )
     p.add_argument("--depths", type=int, nargs="+", default=None, help="default: 0..num MTP blocks")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="timed passes over the prompts per depth")

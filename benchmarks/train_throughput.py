@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+# Defaults point into the repository, from any working directory.
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _step_fn(model, x, y, hf: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -40,14 +43,14 @@ def _step_fn(model, x, y, hf: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default="examples/mimo_v2_flash_tiny.yaml")
+    ap.add_argument("--spec", default=str(ROOT / "examples" / "mimo_v2_flash_tiny.yaml"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
     ap.add_argument(
         "--threads", type=int, default=0, help="intra-op threads for both models (0: torch's default)"
     )
-    ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
