@@ -1,7 +1,8 @@
 """Comparison against a float64 reference: one tolerance table, NaN never passes, poisoned outputs.
 
 The error of a result is ``||out - ref|| / max(||ref||, floor)`` in float64 (relative Frobenius norm). The
-tolerance depends only on the dtype the kernel ran in, and lives in ``TOLERANCES`` and nowhere else.
+tolerance depends only on the dtype the kernel ran in, and lives in ``TOLERANCES`` and nowhere else; so do
+the element-wise tolerances tests pass to ``torch.testing.assert_close`` (``close(name)``).
 """
 
 from __future__ import annotations
@@ -9,15 +10,37 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-# Relative-norm tolerance per compute dtype, against a float64 reference. The one table of the project.
-TOLERANCES: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.float16: 5e-3,
-    torch.bfloat16: 1e-2,
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A row of ``TOLERANCES``: ``rtol`` relative, ``atol`` absolute (element-wise rows only)."""
+
+    rtol: float
+    atol: float = 0.0
+
+
+# The one tolerance table of the project.
+# - Keyed by a dtype: a kernel computed in that dtype against its float64 reference, as the relative norm
+#   error of ``assert_matches_reference`` (``rtol``; ``floor`` is that check's absolute part, per call).
+# - Keyed by a name: two implementations of one computation, element by element, for
+#   ``torch.testing.assert_close(a, b, **close(name))``.
+TOLERANCES: dict[torch.dtype | str, Tolerance] = {
+    torch.float64: Tolerance(1e-10),
+    torch.float32: Tolerance(1e-4),
+    torch.float16: Tolerance(5e-3),
+    torch.bfloat16: Tolerance(1e-2),
+    # The same operations in the same order (a save/load round trip, a replay, routing decisions): bitwise.
+    "exact": Tolerance(0.0, 0.0),
+    # Two float64 formulations of one result (reference vs rewritten or cached math): rounding only.
+    "float64": Tolerance(1e-10, 1e-12),
+    # Two float32 implementations of one op or one loss (ours vs transformers', fused vs unfused).
+    "float32": Tolerance(1e-5, 1e-5),
+    # float32 logits through a whole model: reduction orders differ in every layer and the errors add up.
+    "float32_model": Tolerance(1e-4, 1e-4),
 }
 
 
@@ -32,9 +55,18 @@ class ReferenceMismatch(AssertionError):
 def tolerance(dtype: torch.dtype) -> float:
     """Relative-norm tolerance for results computed in ``dtype``."""
     try:
-        return TOLERANCES[dtype]
+        return TOLERANCES[dtype].rtol
     except KeyError:
         raise KeyError(f"no tolerance for {dtype}; add it to lmspec.testing.compare.TOLERANCES") from None
+
+
+def close(name: str) -> dict[str, float]:
+    """``rtol`` and ``atol`` of the element-wise row ``name``, as keywords for ``torch.testing.assert_close``."""
+    row = TOLERANCES.get(name) if isinstance(name, str) else None
+    if row is None:
+        names = ", ".join(k for k in TOLERANCES if isinstance(k, str))
+        raise KeyError(f"no element-wise tolerance {name!r}; the table has {names}")
+    return {"rtol": row.rtol, "atol": row.atol}
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor, *, floor: float = 0.0) -> float:
