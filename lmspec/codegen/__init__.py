@@ -19,15 +19,17 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-
-import torch
+from typing import TYPE_CHECKING
 
 import lmspec
-from lmspec.codegen.render import render_model, spec_locations, template_sources
+from lmspec.codegen.render import render_model, spec_locations, template_sources, torch_version
 from lmspec.compiler import Graph, lower, run_passes
 from lmspec.compiler.debug import log_generated
 from lmspec.compiler.plan import Plan, planned
 from lmspec.spec import Spec
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CompiledModel", "cache_key", "cache_root", "compile_graph", "compile_plan", "compile_spec"]
 
@@ -73,7 +75,7 @@ def cache_key(plan: Plan, spec_path: str | None, locations: dict[str, str] | Non
         "spec_path": spec_path,
         "locations": locations or {},
         "lmspec": lmspec.__version__,
-        "torch": torch.__version__,
+        "torch": torch_version(),
     }
     h.update(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
     h.update(template_sources())

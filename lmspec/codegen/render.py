@@ -23,6 +23,7 @@ holding `{{ ... }}` is emitted as those characters.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import math
 import re
 import shutil
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import torch
 
 import lmspec
 from lmspec.compiler.plan import BlockPlan, Identifier, Plan
@@ -51,6 +51,7 @@ __all__ = [
     "render_model",
     "spec_locations",
     "template_sources",
+    "torch_version",
 ]
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -253,12 +254,23 @@ def model_context(
         "plan": plan,
         "spec_path": spec_path,
         "version": lmspec.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": torch_version(),
         "template": MODEL_TEMPLATE,
         "spec_ref": spec_ref,
         "ir": ir_lines,
         "used_by": _used_by,
     }
+
+
+@functools.cache
+def torch_version() -> str:
+    """torch's version from its installed metadata: rendering, and `lmspec compile`, never import torch."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout on sys.path
+        import torch
+
+        return torch.__version__
 
 
 def template_sources() -> bytes:
