@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import lmspec
 from lmspec.cli import main
 from lmspec.codegen import cache_root, compile_graph, compile_spec
 from lmspec.codegen.render import format_source
 from lmspec.compiler import lower, run_passes
-from lmspec.spec import load_spec, spec_hash
+from lmspec.spec import load_spec, spec_hash, spec_to_data
+from lmspec.spec.loader import validate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -212,3 +214,50 @@ def test_every_generated_class_names_its_ir_nodes(tiny_spec):
     for node in owners:
         tail = node.rsplit(".", 1)[-1]
         assert tail in text, node
+
+
+def _mixed_kinds(tiny_spec):
+    """The tiny spec plus a second sliding kind (8 keys, no sink, q/k/v bias) and a second MoE kind
+    (4 experts top-1, softmax, no correction bias, no renormalisation, one shared expert)."""
+    data = spec_to_data(tiny_spec)
+    m = data["model"]
+    m["attention"]["near"] = {
+        **m["attention"]["swa"],
+        "window": 8,
+        "window_convention": "keys",
+        "sink": False,
+    }
+    m["attention"]["near"]["bias"] = True
+    m["ffn"]["narrow"] = {
+        **m["ffn"]["moe"],
+        **{"num_experts": 4, "top_k": 1, "score_function": "softmax", "correction_bias": False},
+        **{"renormalize": False, "num_shared_experts": 1},
+    }
+    m["blocks"]["N"] = {"attention": "near", "ffn": "narrow"}
+    m["layers"] = "G0 S N G S N G"
+    return validate(data, {}, "<mixed kinds>")
+
+
+def test_two_moe_and_two_sliding_kinds_compile_and_agree_fused_and_unfused(tiny_spec):
+    spec = _mixed_kinds(tiny_spec)
+    compiled = compile_spec(spec)
+    src = compiled.source
+    assert "window=8 keys -> 8 keys; sink: none" in src and "window=32 previous_plus_self -> 33 keys" in src
+    assert "class NarrowFFNRouter" in src and "class NarrowFFNSharedExperts" in src
+    assert (
+        'score_function="softmax"' in src and "self.q_proj = nn.Linear(HIDDEN_SIZE, 4 * 48, bias=True)" in src
+    )
+    assert {k.name for k in compiled.plan.kernels if k.family == "moe"} == {
+        "moe_sigmoid_e8_k2",
+        "moe_softmax_e4_k1_raw",
+    }
+    torch.manual_seed(0)
+    fused = lmspec.build(spec).eval()
+    plain = lmspec.build(spec, disable_passes=("fusion",)).eval()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a, b = fused(x[:, :-1], labels=x[:, 1:]), plain(x[:, :-1], labels=x[:, 1:])
+        torch.testing.assert_close(fused(x).logits, plain(x).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(a.mtp_losses), torch.stack(b.mtp_losses), rtol=1e-5, atol=1e-6)
