@@ -22,30 +22,74 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return tokenizer_command(args)
 
 
+def _number(text: str) -> int | float:
+    """A flag's number as typed: `4096`, `4e3`, `-1`, `inf` all parse; what is allowed is TrainConfig's call.
+
+    argparse would print a usage block for a value its own type rejects; this lets every value that is a
+    number reach the one place that checks it, whose error is one line.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+
+
 def train_command(args: argparse.Namespace) -> int:
     """`lmspec train SPEC ...`: run the schedule, then print where the results are."""
-    from lmspec.train.trainer import DEFAULT_EVAL_TOKENS, train
+    from lmspec.train.trainer import DEFAULT_EVAL_TOKENS, TrainConfig, Trainer
 
-    progress = False if args.no_progress else None
-    result = train(
-        args.spec,
+    config = TrainConfig(
+        spec=args.spec,
         data=args.data,
         out=args.out,
         max_tokens=args.max_tokens,
         scale=args.scale,
         resume=args.resume,
+        resume_from=args.resume_from,
+        overwrite=args.overwrite,
         backend=args.backend,
         tokenizer=args.tokenizer,
         device=args.device,
         overrides=tuple(args.overrides),
-        progress=progress,
-        eval_every=getattr(args, "eval_every", None),
-        checkpoint_every=getattr(args, "checkpoint_every", None),
-        micro_batch_size=getattr(args, "micro_batch_size", None),
-        eval_tokens=getattr(args, "eval_tokens", None) or DEFAULT_EVAL_TOKENS,
+        progress=False if args.no_progress else None,
+        eval_every=args.eval_every,
+        eval_tokens=DEFAULT_EVAL_TOKENS if args.eval_tokens is None else args.eval_tokens,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        micro_batch_size=args.micro_batch_size,
     )
+    try:
+        result = Trainer(config).run()
+    except OSError as e:  # a full disk or a vanished directory in the middle of a run
+        where = f"{e.filename}: " if e.filename else ""
+        raise UsageError(f"{where}{e.strerror or e}") from None
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"out of memory while training ({first}); lower the stages' seq_len or batch size, "
+            "or pass --micro-batch-size"
+        ) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    print(_report(result), file=sys.stdout)
+    return 0
+
+
+def _report(result) -> str:
     lines = [f"trained {result.steps} steps, {result.tokens:,} tokens in {result.elapsed_s:.0f} s"]
     if result.val_loss is not None:
         lines.append(
@@ -59,8 +103,7 @@ def train_command(args: argparse.Namespace) -> int:
         lines.append(f"plot:       {result.plot}")
     if result.checkpoint is not None:
         lines.append(f"checkpoint: {result.checkpoint}")
-    print("\n".join(lines), file=sys.stdout)
-    return 0
+    return "\n".join(lines)
 
 
 def plot_command(run_dir: str, output: str | None) -> int:
@@ -70,17 +113,47 @@ def plot_command(run_dir: str, output: str | None) -> int:
 
     if not (Path(run_dir) / METRICS_FILE).is_file():
         raise UsageError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
-    print(plot_run(run_dir, output))
+    try:
+        print(plot_run(run_dir, output))
+    except OSError as e:
+        raise UsageError(f"{e.filename or output or run_dir}: {e.strerror or e}") from None
     return 0
+
+
+# Hugging Face tokenizers aborts the process (rc 134) when it cannot allocate a vocabulary this large;
+# 2**20 is 7x MiMo-V2-Flash's 152K and still trains in memory.
+MAX_BPE_VOCAB = 1 << 20
+
+
+def _check_output(path: Path) -> None:
+    """Prove `-o` writable before minutes of training: create its folder and a probe file beside it."""
+    import tempfile
+
+    if path.is_dir():
+        raise UsageError(f"-o {path}: is a directory; expected the tokenizer.json file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise UsageError(f"-o {path}: {e.strerror or e}") from None
 
 
 def tokenizer_command(args: argparse.Namespace) -> int:
     """`lmspec tokenizer train --data ... --vocab-size N -o tok.json`."""
-    from lmspec.runtime.tokenizer import train_bpe
+    from lmspec.runtime.tokenizer import EOS, train_bpe
     from lmspec.train.data import read_documents
 
+    vocab = args.vocab_size
+    if not (isinstance(vocab, int) and 257 <= vocab <= MAX_BPE_VOCAB):
+        raise UsageError(f"--vocab-size: expected 257 (256 bytes + {EOS}) to {MAX_BPE_VOCAB:,}, got {vocab}")
+    out = Path(args.output)
+    _check_output(out)
     docs = read_documents(args.data)
-    tok = train_bpe((d.text for d in docs), args.vocab_size, args.output)
+    try:
+        tok = train_bpe((d.text for d in docs), vocab, out)
+    except OSError as e:
+        raise UsageError(f"-o {out}: {e.strerror or e}") from None
     n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
     sample = docs[0].text[:20000]
     ratio = len(sample.encode("utf-8")) / max(len(tok.encode(sample)), 1)
@@ -97,22 +170,36 @@ def add_parsers(add) -> None:
         "--data", nargs="*", default=None, help="text files, globs or JSONL (default: embedded corpus)"
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/<spec name>)")
-    p.add_argument("--max-tokens", type=float, default=None, help="shrink the schedule to this many tokens")
-    p.add_argument("--scale", type=float, default=None, help="multiply every token budget by this factor")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--max-tokens", type=_number, default=None, help="shrink the schedule to this many tokens")
+    p.add_argument("--scale", type=_number, default=None, help="multiply every token budget by this factor")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint LATEST names")
+    p.add_argument(
+        "--resume-from", default=None, metavar="step_N", help="continue from this checkpoint of the run"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow deleting the run directory's checkpoints and metrics (start afresh, or with --resume-from "
+        "discard the checkpoints after it)",
+    )
     p.add_argument("--backend", default=None, help="torch or triton (default: triton on CUDA, torch on CPU)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: byte-level)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
-        "--eval-every", type=int, default=None, metavar="STEPS", help="held-out evaluation interval"
+        "--eval-every", type=_number, default=None, metavar="STEPS", help="held-out evaluation interval"
     )
     p.add_argument(
-        "--eval-tokens", type=int, default=None, help="held-out tokens per evaluation (default 16384)"
+        "--eval-tokens", type=_number, default=None, help="held-out tokens per evaluation (default 16384)"
     )
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS", help="checkpoint interval")
     p.add_argument(
-        "--micro-batch-size", type=int, default=None, help="sequences per forward (accumulate the rest)"
+        "--checkpoint-every", type=_number, default=None, metavar="STEPS", help="checkpoint interval"
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=_number, default=3, metavar="N", help="checkpoints to retain (default 3)"
+    )
+    p.add_argument(
+        "--micro-batch-size", type=_number, default=None, help="sequences per forward (accumulate the rest)"
     )
 
     p = add("plot", cmd_plot, "plot a run's losses, LR, batch size and expert load", spec=False)
@@ -122,5 +209,5 @@ def add_parsers(add) -> None:
     p = add("tokenizer", cmd_tokenizer, "train a BPE tokenizer with Hugging Face tokenizers", spec=False)
     p.add_argument("action", choices=["train"])
     p.add_argument("--data", nargs="*", default=None, help="text files or globs (default: embedded corpus)")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=_number, default=4096)
     p.add_argument("-o", "--output", required=True, help="tokenizer.json to write")

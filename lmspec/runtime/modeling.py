@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 
@@ -113,9 +113,12 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
     directory = Path(directory)
     raw: dict[str, Tensor] = {}
     for path in _safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                raw[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    raw[name] = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:  # truncated, empty or not safetensors at all
+            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:120]})") from None
     out: dict[str, Tensor] = {}
     experts: dict[str, dict[str, dict[int, Tensor]]] = {}
     for name, t in raw.items():
@@ -179,6 +182,10 @@ def from_pretrained(
         from lmspec.runtime.checkpoint import resolve_checkpoint
 
         directory = resolve_checkpoint(directory)  # a run directory: its newest complete checkpoint
+    from lmspec.runtime.checkpoint import MANIFEST_FILE, verify_checkpoint
+
+    if (directory / MANIFEST_FILE).exists():  # a training checkpoint: every file as it was written
+        verify_checkpoint(directory)
     spec = _spec_from_dir(directory)
     state = load_hf_state_dict(directory)
     model = build(spec, device="meta", backend=backend)

@@ -17,6 +17,8 @@ import glob
 import hashlib
 import json
 import math
+import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,7 @@ def _usage(msg: str) -> Exception:
 
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -70,35 +72,76 @@ def _read_jsonl(path: Path) -> list[Document]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _usage(f"{path}:{n}: not JSON ({e.msg})") from None
+            except RecursionError:
+                raise _usage(f"{path}:{n}: not JSON (nested too deeply)") from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise _usage(f"{path}:{n}: expected an object with a string field 'text'")
             docs.append(Document(f"{path}:{n}", row["text"]))
     return docs
 
 
-def read_documents(paths: list[str] | None) -> list[Document]:
-    """Documents from files, globs, directories (every file below, sorted) and JSONL; none → default corpus."""
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def regular_file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a readable regular file ("a FIFO", "no such file", ...), or None when it is one.
+
+    Asked before opening anything: reading /dev/zero never ends and opening a FIFO blocks until a writer
+    comes, so anything but a regular file is refused by what it is, without a read.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file") + ", not a regular file"
+
+
+def _data_files(spec: str) -> list[Path]:
+    """The regular files one `--data` argument names: a file, a glob, or every regular file under a folder."""
+    matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+    if not matches:
+        raise _usage(f"--data: no file matches {spec}")
+    files: list[Path] = []
+    for m in matches:
+        p = Path(m)
+        if p.is_dir():
+            # FIFOs, devices and sockets under a folder are skipped by what they are, never opened.
+            found = sorted(q for q in p.rglob("*") if regular_file_problem(q) is None)
+            if not found and not glob.has_magic(spec):
+                raise _usage(f"--data {m}: no regular file under this folder")
+            files.extend(found)
+            continue
+        problem = regular_file_problem(p)
+        if problem is not None:
+            raise _usage(f"--data {m}: {problem}")
+        files.append(p)
+    return files
+
+
+def read_documents(paths: list[str] | tuple[str, ...] | None) -> list[Document]:
+    """Documents from files, globs, directories (every regular file below, sorted) and JSONL; none → default."""
     if not paths:
         return default_corpus()
-    files: list[Path] = []
-    for spec in paths:
-        matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
-        if not matches:
-            raise _usage(f"--data: no file matches {spec}")
-        for m in matches:
-            p = Path(m)
-            if p.is_dir():
-                files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
-            elif p.is_file():
-                files.append(p)
-            else:
-                raise _usage(f"--data: no such file {m}")
+    files = [f for spec in paths for f in _data_files(spec)]
     docs: list[Document] = []
     for p in files:
-        if p.suffix == ".jsonl":
-            docs.extend(_read_jsonl(p))
-        else:
-            docs.append(Document(str(p), p.read_text(encoding="utf-8", errors="replace")))
+        try:
+            if p.suffix == ".jsonl":
+                docs.extend(_read_jsonl(p))
+            else:
+                docs.append(Document(str(p), p.read_text(encoding="utf-8", errors="replace")))
+        except OSError as e:
+            raise _usage(f"--data {p}: {e.strerror or type(e).__name__}") from None
     docs = [d for d in docs if d.text]
     if len(docs) < 2:
         raise _usage(f"--data: need at least 2 non-empty documents (one is held out), got {len(docs)}")

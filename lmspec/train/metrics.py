@@ -10,7 +10,6 @@ the values the step trained with.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,22 @@ TIMING_FIELDS = frozenset({"tokens_per_s", "elapsed_s"})
 
 class MetricsWriter:
     def __init__(self, run_dir: str | Path, *, truncate_after_step: int | None = None) -> None:
-        """Open the run's metrics for appending; on resume, drop lines past the checkpoint's step.
+        """Open the run's metrics for appending; on resume, cut the lines logged after the checkpoint's step.
 
         A crash between a checkpoint and the next one leaves lines the resumed run will write again;
-        dropping them keeps the file identical to an uninterrupted run's.
+        cutting them keeps the file identical to an uninterrupted run's. The cut is a truncation at the
+        first such line (or at a torn last line), so every byte before it stays as it was. A fresh run
+        (`truncate_after_step=None`) never writes over logged lines: the run directory decides first
+        (rundir.py), and this refuses if it did not.
         """
         self.path = Path(run_dir) / METRICS_FILE
         if truncate_after_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
-        elif truncate_after_step is None and self.path.exists():
-            self.path.unlink()
+            with self.path.open("r+b") as f:
+                f.truncate(_cut_offset(f.read(), truncate_after_step))
+        elif self.path.exists() and self.path.stat().st_size:
+            from lmspec.errors import UsageError
+
+            raise UsageError(f"{self.path}: already holds logged steps; refusing to write over them")
         self._f = self.path.open("a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -44,16 +46,31 @@ class MetricsWriter:
         self._f.close()
 
 
+def _cut_offset(data: bytes, after_step: int) -> int:
+    """Byte offset of the first line logged after `after_step`, or of a torn (unterminated) last line."""
+    offset = 0
+    for line in data.split(b"\n")[:-1]:  # the last piece is "" or an unterminated (torn) line
+        line += b"\n"
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None  # a damaged line of unknown step: kept, as everything before the cut is
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > after_step:
+            return offset
+        offset += len(line)
+    return offset
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a metrics file (or of RUN/metrics.jsonl); a torn last line from a crash is skipped."""
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
     rows = []
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
     return rows
 

@@ -29,24 +29,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmspec.errors import CheckpointError, UsageError
 from lmspec.runtime.checkpoint import (
+    CHECKPOINTS,
     latest_checkpoint,
     load_optimizer_state,
-    load_trainer_state,
     save_checkpoint,
+    step_dir_name,
 )
 from lmspec.runtime.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
 from lmspec.spec import Spec, dump_spec, load_spec, spec_hash
 from lmspec.train import distributed
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
+from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Corpus, TokenStream, bits_per_byte, read_documents
 from lmspec.train.losses import training_loss
-from lmspec.train.metrics import ConsoleReporter, MetricsWriter
+from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
+from lmspec.train.rundir import apply_plan, plan_run
 from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
 
-DEFAULT_EVAL_TOKENS = 16384
+__all__ = ["DEFAULT_EVAL_TOKENS", "TrainConfig", "TrainResult", "Trainer", "train"]
+
 EVALS_PER_RUN = 10
 CHECKPOINTS_PER_RUN = 5
+# A schedule longer than this many steps is a typo (--max-tokens 1e30), not a run: planning it would not end.
+MAX_STEPS = 10**8
 
 
 @dataclass
@@ -63,12 +70,6 @@ class TrainResult:
     elapsed_s: float
     plot: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-
-def _usage(msg: str) -> Exception:
-    from lmspec.errors import UsageError
-
-    return UsageError(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,11 +90,11 @@ def resolve_spec(
     elif overrides:
         raise ValueError("overrides apply to a spec file; apply them before building a Spec object")
     if spec.training is None:
-        raise _usage(f"spec {spec.name!r} has no training section to follow")
+        raise UsageError(f"spec {spec.name!r} has no training section to follow")
     try:
         factor = scale_factor(spec, max_tokens=max_tokens, scale=scale)
     except ValueError as e:
-        raise _usage(str(e)) from None
+        raise UsageError(str(e)) from None
     return scale_schedule(spec, factor)
 
 
@@ -147,7 +148,7 @@ def _chunks(rows: slice, n_chunks: int) -> list[slice]:
 def _micro_slices(d: distributed.Dist, batch_size: int, micro: int | None) -> list[slice]:
     """This rank's rows of a global batch in micro-batches; every rank runs the same number (FSDP needs it)."""
     if batch_size < d.world_size:
-        raise _usage(f"batch size {batch_size} is smaller than the {d.world_size} processes sharing it")
+        raise UsageError(f"batch size {batch_size} is smaller than the {d.world_size} processes sharing it")
     rows = d.rows(batch_size)
     most, fewest = -(-batch_size // d.world_size), batch_size // d.world_size
     n = min(-(-most // micro) if micro else 1, fewest)
@@ -162,7 +163,7 @@ def _autocast(spec: Spec, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(
+def held_out_loss(
     model: nn.Module,
     inputs: torch.Tensor,
     labels: torch.Tensor,
@@ -255,220 +256,296 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: d
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The trainer
 # ---------------------------------------------------------------------------------------------
 
 
-def train(
-    spec: Spec | str | Path,
-    *,
-    data: list[str] | None = None,
-    out: str | Path | None = None,
-    max_tokens: float | None = None,
-    scale: float | None = None,
-    resume: bool = False,
-    backend: str | None = None,
-    tokenizer: str | Path | None = None,
-    device: str | None = None,
-    overrides: tuple[str, ...] | list[str] = (),
-    progress: bool | None = None,
-    eval_every: int | None = None,
-    eval_tokens: int = DEFAULT_EVAL_TOKENS,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: int | None = 3,
-    micro_batch_size: int | None = None,
-    plot: bool = True,
-    quiet: bool = False,
-) -> TrainResult:
-    """Train `spec` on its declared schedule and return where the run is and how it ended.
-
-    `max_tokens` / `scale` shrink every token quantity of the schedule (scale_schedule). `eval_every` and
-    `checkpoint_every` are in steps (default: about 10 evaluations and 5 checkpoints per run, plus the end).
-    `micro_batch_size` caps the sequences per forward (gradient accumulation; default: the whole batch).
-    """
-    import lmspec
-
-    t_start = time.perf_counter()
-    d = distributed.init(device)
-    spec = resolve_spec(spec, overrides=overrides, max_tokens=max_tokens, scale=scale)
+def check_schedule(spec: Spec) -> None:
+    """Refuse a schedule too long to plan (a token budget that is a typo), before `plan_steps` loops on it."""
     assert spec.training is not None
-    run_dir = Path(out) if out is not None else Path("runs") / spec.name
-    reporter = ConsoleReporter(enabled=d.is_main and not quiet, bar=progress)
-
-    # --- run directory: fresh, or resumed from LATEST -------------------------------------------------
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None and not resume:
-        raise _usage(
-            f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another --out"
+    per_step = max(s.batch_size.size * s.seq_len for s in spec.training.stages)
+    if spec.training.total_tokens / per_step > MAX_STEPS:
+        raise UsageError(
+            f"the schedule's {spec.training.total_tokens:.3g} tokens take more than {MAX_STEPS:,} steps; "
+            "lower --max-tokens or --scale"
         )
-    run_spec_file = run_dir / "spec.yaml"
-    if ckpt is not None and run_spec_file.is_file():
-        from lmspec.spec import loads_spec
 
-        before = loads_spec(run_spec_file.read_text(encoding="utf-8"), str(run_spec_file))
-        if spec_hash(before) != spec_hash(spec):
-            raise _usage(
-                f"{run_dir} was trained with a different spec or schedule (compare {run_spec_file}); "
-                "resume with the same spec, --set, --max-tokens and --scale"
+
+class Trainer:
+    """One training run of `config`: `run()` does it all; `setup`, `step`, `evaluate` and `checkpoint` are
+    its parts, for a caller that wants to drive the loop itself.
+
+    Attributes after `setup()`: `spec` (resolved and scaled), `run_dir`, `model`, `optimizer`, `corpus`,
+    `stream`, and the counters `steps`, `tokens`, `elapsed` that a checkpoint saves.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.ready = False
+
+    # --- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Resolve the spec, decide what the run directory allows, load data, build or restore the model."""
+        c = self.config
+        self.t_start = time.perf_counter()
+        self.d = distributed.init(c.device)
+        self.spec = resolve_spec(c.spec, overrides=c.overrides, max_tokens=c.max_tokens, scale=c.scale)
+        check_schedule(self.spec)
+        self.run_dir = c.out if c.out is not None else Path("runs") / self.spec.name
+        self.reporter = ConsoleReporter(enabled=self.d.is_main and not c.quiet, bar=c.progress)
+        self.plan = plan_run(self.run_dir, resume=c.resume, resume_from=c.resume_from, overwrite=c.overwrite)
+        state = self.plan.state
+        if state and state["spec_hash"] != spec_hash(self.spec):
+            raise UsageError(
+                f"{self.plan.checkpoint} was trained with a different spec or schedule (compare "
+                f"{self.run_dir / 'spec.yaml'}); resume with the same spec, --set, --max-tokens and --scale"
             )
-    state: dict[str, Any] = load_trainer_state(ckpt) if ckpt is not None else {}
+        self._load_data(state)
+        if self.d.is_main:
+            self._prepare_run_dir()
+        self.d.barrier()
+        self.reporter.log(f"data: {self.corpus.describe()}")
+        self._build_model(state)
+        self._start_counters(state)
+        self.ready = True
 
-    # --- data (checked before anything is written) --------------------------------------------------
-    tok = load_tokenizer(tokenizer)
-    check_vocab(tok, spec.model.vocab_size)
-    corpus = Corpus(read_documents(data), tok, seed=spec.training.seed)
-    if state and state.get("corpus") != corpus.fingerprint:
-        raise _usage(f"{run_dir}: the data or tokenizer differ from the ones the run started with")
-    stream = TokenStream(corpus.train_tokens, position=int(state.get("data_position", 0)))
-    if d.is_main and ckpt is None:  # a fresh start (also after a crash before the first checkpoint)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_spec_file.write_text(dump_spec(spec), encoding="utf-8")
-    d.barrier()
-    reporter.log(f"data: {corpus.describe()}")
+    def _load_data(self, state: dict[str, Any]) -> None:
+        """Tokenizer and corpus, checked before anything is written (and against a resumed run's)."""
+        assert self.spec.training is not None
+        tok = load_tokenizer(self.config.tokenizer)
+        check_vocab(tok, self.spec.model.vocab_size)
+        self.corpus = Corpus(read_documents(self.config.data), tok, seed=self.spec.training.seed)
+        if state and state.get("corpus") != self.corpus.fingerprint:
+            raise UsageError(
+                f"{self.run_dir}: the data or tokenizer differ from the ones the run started with"
+            )
+        self.stream = TokenStream(self.corpus.train_tokens, position=int(state.get("data_position", 0)))
 
-    # --- model and optimizer ------------------------------------------------------------------------
-    dev = d.device
-    backend = backend or ("triton" if dev.type == "cuda" else "torch")
-    torch.manual_seed(spec.training.seed)
-    if ckpt is not None:
-        model = lmspec.from_pretrained(ckpt, device=dev, backend=backend)
-    else:
-        model = lmspec.build(spec, device=dev, backend=backend)
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    distributed.shard(model, d)
-    optimizer = make_optimizer(model, spec)
-    if ckpt is not None:
-        _load_optimizer(model, optimizer, load_optimizer_state(ckpt))
-        _set_rng_state(state["rng"])
-        reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
-    moe_layers = model.moe_layers()
+    def _prepare_run_dir(self) -> None:
+        """Apply the run-directory plan and write RUN/spec.yaml: the first writes of the run."""
+        spec_file = self.run_dir / "spec.yaml"
+        try:
+            apply_plan(self.plan)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.plan.checkpoint is None or not spec_file.is_file():
+                spec_file.write_text(dump_spec(self.spec), encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--out {self.run_dir}: cannot write the run directory ({_reason(e)})") from None
 
-    total_tokens = spec.training.total_tokens
-    total_steps = plan_steps(spec)
-    eval_every = eval_every or max(1, total_steps // EVALS_PER_RUN)
-    checkpoint_every = checkpoint_every or max(1, total_steps // CHECKPOINTS_PER_RUN)
-    step = int(state.get("step", 0))
-    tokens = int(state.get("tokens", 0))
-    elapsed = float(state.get("elapsed_s", 0.0))
-    metrics = (
-        MetricsWriter(run_dir, truncate_after_step=step if ckpt is not None else None) if d.is_main else None
-    )
-    extra_files = {TOKENIZER_FILE: Path(tokenizer)} if tokenizer is not None else None
-    reporter.log(
-        f"{spec.name}: {n_params / 1e6:.2f}M parameters, {len(spec.training.stages)} stages, "
-        f"{total_tokens:,.0f} tokens in {total_steps} steps on {dev} x{d.world_size} ({backend} backend)"
-    )
+    def _build_model(self, state: dict[str, Any]) -> None:
+        import lmspec
 
-    val_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    theta: dict[str, float] | None = None
-    last: dict[str, Any] = {}
-    last_val: tuple[float, float] | None = state.get("last_val")
-    saved_at = step if ckpt is not None else -1
-    history: list[dict[str, Any]] = []
-    reporter.start(total_tokens, done=tokens)
+        assert self.spec.training is not None
+        dev = self.d.device
+        self.backend = self.config.backend or ("triton" if dev.type == "cuda" else "torch")
+        torch.manual_seed(self.spec.training.seed)
+        ckpt = self.plan.checkpoint
+        if ckpt is not None:
+            self.model = lmspec.from_pretrained(ckpt, device=dev, backend=self.backend)
+        else:
+            self.model = lmspec.build(self.spec, device=dev, backend=self.backend)
+        self.model.train()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        distributed.shard(self.model, self.d)
+        try:
+            self.optimizer = make_optimizer(self.model, self.spec)
+        except ValueError as e:  # AdamW's own checks (betas, eps) on values the schema let through
+            raise UsageError(f"training.optimizer: {e}") from None
+        if ckpt is not None:
+            _load_optimizer(self.model, self.optimizer, load_optimizer_state(ckpt))
+            _set_rng_state(state["rng"])
+            self.reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
+        self.moe_layers = self.model.moe_layers()
 
-    def checkpoint() -> None:
+    def _start_counters(self, state: dict[str, Any]) -> None:
+        assert self.spec.training is not None
+        c, resumed = self.config, self.plan.checkpoint is not None
+        self.total_tokens = self.spec.training.total_tokens
+        total_steps = plan_steps(self.spec)
+        self.eval_every = c.eval_every or max(1, total_steps // EVALS_PER_RUN)
+        self.checkpoint_every = c.checkpoint_every or max(1, total_steps // CHECKPOINTS_PER_RUN)
+        self.steps = int(state.get("step", 0))
+        self.tokens = int(state.get("tokens", 0))
+        self.elapsed = float(state.get("elapsed_s", 0.0))
+        self.metrics = (
+            MetricsWriter(self.run_dir, truncate_after_step=self.steps if resumed else None)
+            if self.d.is_main
+            else None
+        )
+        self.extra_files = {TOKENIZER_FILE: c.tokenizer} if c.tokenizer is not None else None
+        self.reporter.log(
+            f"{self.spec.name}: {self.n_params / 1e6:.2f}M parameters, {len(self.spec.training.stages)} stages, "
+            f"{self.total_tokens:,.0f} tokens in {total_steps} steps on {self.d.device} x{self.d.world_size} "
+            f"({self.backend} backend)"
+        )
+        self.val_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.theta: dict[str, float] | None = None
+        self.last: dict[str, Any] = {}
+        self.last_val: tuple[float, float] | None = state.get("last_val")
+        self.saved_at = self.steps if resumed else -1
+        self.history: list[dict[str, Any]] = []
+
+    # --- the loop's parts --------------------------------------------------------------------------
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step on the next batch of the schedule; returns its metrics row."""
+        spec, model, optimizer = self.spec, self.model, self.optimizer
+        assert spec.training is not None
+        t0 = time.perf_counter()
+        sched = schedule_at(spec, self.tokens)
+        if sched.rope_theta != self.theta:
+            model.set_rope_theta(sched.rope_theta)
+            self.theta = dict(sched.rope_theta)
+            self.reporter.stage(sched)
+        for g in optimizer.param_groups:
+            g["lr"] = sched.lr
+        inputs, labels = self.stream.take(sched.batch_size, sched.seq_len)
+        parts = _train_step(
+            model, inputs, labels, sched, d=self.d, spec=spec, micro=self.config.micro_batch_size
+        )
+        grad_clip = spec.training.grad_clip
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_correction_bias(self.moe_layers, parts["expert_load"], sched.bias_update)
+        self.steps += 1
+        self.tokens += sched.batch_size * sched.seq_len
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        return _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
+
+    def evaluate(self, seq_len: int) -> tuple[float, float]:
+        """Held-out (loss in nats/token, bits per byte) at `seq_len`; the model is left in the mode it was in."""
+        if seq_len not in self.val_cache:
+            self.val_cache[seq_len] = self.corpus.val_set(seq_len, self.config.eval_tokens)
+        vx, vy = self.val_cache[seq_len]
+        was_training = self.model.training
+        self.model.eval()
+        self.last_val = held_out_loss(
+            self.model,
+            vx,
+            vy,
+            d=self.d,
+            spec=self.spec,
+            micro=self.config.micro_batch_size,
+            corpus=self.corpus,
+        )
+        self.model.train(was_training)
+        return self.last_val
+
+    def checkpoint(self) -> Path | None:
+        """Save the run's whole state at the current step (rank 0 writes); returns the checkpoint on rank 0.
+
+        A failed write (a full disk) leaves LATEST naming the previous checkpoint and raises a one-line
+        CheckpointError; `--resume` then continues from that checkpoint.
+        """
         # Both gathers are collectives: every rank takes part, rank 0 writes.
-        opt_state = _optimizer_state(model, optimizer)
-        writer = _model_writer(model, spec, d)
-        if d.is_main:
-            save_checkpoint(
-                run_dir,
-                step,
-                save_model=writer,
-                optimizer_state=opt_state,
-                trainer_state={
-                    "step": step,
-                    "tokens": tokens,
-                    "data_position": stream.position,
-                    "rng": _rng_state(),
-                    "corpus": corpus.fingerprint,
-                    "spec_hash": spec_hash(spec),
-                    "world_size": d.world_size,
-                    "elapsed_s": elapsed,
-                    "last_val": last_val,
-                },
-                extra_files=extra_files,
-                keep=keep_checkpoints,
-            )
-        d.barrier()
+        opt_state = _optimizer_state(self.model, self.optimizer)
+        writer = _model_writer(self.model, self.spec, self.d)
+        path = None
+        if self.d.is_main:
+            try:
+                path = save_checkpoint(
+                    self.run_dir,
+                    self.steps,
+                    save_model=writer,
+                    optimizer_state=opt_state,
+                    trainer_state=self._trainer_state(),
+                    extra_files=self.extra_files,
+                    keep=self.config.keep_checkpoints,
+                )
+            except OSError as e:
+                target = self.run_dir / CHECKPOINTS / step_dir_name(self.steps)
+                before = latest_checkpoint(self.run_dir)
+                kept = f"LATEST still names {before.name}" if before else "no checkpoint was written before"
+                raise CheckpointError(
+                    f"{target}: {_reason(e)} while writing the checkpoint; {kept}; "
+                    "fix that, then pass --resume to continue"
+                ) from None
+        self.d.barrier()
+        self.saved_at = self.steps
+        return path
 
-    try:
-        while tokens < total_tokens:
-            t0 = time.perf_counter()
-            sched = schedule_at(spec, tokens)
-            if sched.rope_theta != theta:
-                model.set_rope_theta(sched.rope_theta)
-                theta = dict(sched.rope_theta)
-                reporter.stage(sched)
-            for g in optimizer.param_groups:
-                g["lr"] = sched.lr
-            inputs, labels = stream.take(sched.batch_size, sched.seq_len)
-            parts = _train_step(model, inputs, labels, sched, d=d, spec=spec, micro=micro_batch_size)
-            grad_clip = spec.training.grad_clip
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_correction_bias(moe_layers, parts["expert_load"], sched.bias_update)
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.steps,
+            "tokens": self.tokens,
+            "data_position": self.stream.position,
+            "rng": _rng_state(),
+            "corpus": self.corpus.fingerprint,
+            "spec_hash": spec_hash(self.spec),
+            "world_size": self.d.world_size,
+            "elapsed_s": self.elapsed,
+            "last_val": self.last_val,
+        }
 
-            step += 1
-            tokens += sched.batch_size * sched.seq_len
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            row = _metrics_row(step, tokens, sched, parts, float(grad_norm), dt, elapsed)
-            done = tokens >= total_tokens
-            if step % eval_every == 0 or done:
-                if sched.seq_len not in val_cache:
-                    val_cache[sched.seq_len] = corpus.val_set(sched.seq_len, eval_tokens)
-                vx, vy = val_cache[sched.seq_len]
-                was_training = model.training
-                model.eval()
-                last_val = evaluate(model, vx, vy, d=d, spec=spec, micro=micro_batch_size, corpus=corpus)
-                model.train(was_training)
-                row["val_loss"], row["val_bpb"] = last_val
-            if metrics is not None:
-                metrics.write(row)
-            history.append(row)
-            last = row
-            reporter.update(row)
-            if step % checkpoint_every == 0 or done:
-                checkpoint()
-                saved_at = step
-    finally:
-        reporter.stop()
-        if metrics is not None:
-            metrics.close()
+    # --- the loop ----------------------------------------------------------------------------------
 
-    final_ckpt = latest_checkpoint(run_dir) if saved_at >= 0 else None
-    unigram = None
-    if last_val is not None:
-        seq = schedule_at(spec, max(tokens - 1, 0)).seq_len
-        vx, vy = val_cache.get(seq) or corpus.val_set(seq, eval_tokens)
-        unigram = corpus.unigram_bpb(vy)
-    plot_path = None
-    if plot and d.is_main and (run_dir / "metrics.jsonl").is_file():
-        from lmspec.train.plot import plot_run
+    def run(self) -> TrainResult:
+        """Train to the end of the schedule (from where a resumed run stopped) and report how it ended."""
+        if not self.ready:
+            self.setup()
+        self.reporter.start(self.total_tokens, done=self.tokens)
+        try:
+            while self.tokens < self.total_tokens:
+                row = self.step()
+                done = self.tokens >= self.total_tokens
+                if self.steps % self.eval_every == 0 or done:
+                    row["val_loss"], row["val_bpb"] = self.evaluate(row["seq_len"])
+                if self.metrics is not None:
+                    self.metrics.write(row)
+                self.history.append(row)
+                self.last = row
+                self.reporter.update(row)
+                if self.steps % self.checkpoint_every == 0 or done:
+                    self.checkpoint()
+        finally:
+            self.reporter.stop()
+            if self.metrics is not None:
+                self.metrics.close()
+        return self._result()
 
-        plot_path = plot_run(run_dir)
-    result = TrainResult(
-        run_dir=run_dir,
-        checkpoint=final_ckpt,
-        steps=step,
-        tokens=tokens,
-        loss=float(last.get("loss", math.nan)),
-        val_loss=last_val[0] if last_val else None,
-        val_bpb=last_val[1] if last_val else None,
-        unigram_bpb=unigram,
-        max_load_ratio=last.get("max_load_ratio"),
-        elapsed_s=time.perf_counter() - t_start,
-        plot=plot_path,
-        history=history,
-    )
-    distributed.shutdown(d)
-    return result
+    def _result(self) -> TrainResult:
+        final_ckpt = latest_checkpoint(self.run_dir) if self.saved_at >= 0 else None
+        unigram = None
+        if self.last_val is not None:
+            seq = schedule_at(self.spec, max(self.tokens - 1, 0)).seq_len
+            vx, vy = self.val_cache.get(seq) or self.corpus.val_set(seq, self.config.eval_tokens)
+            unigram = self.corpus.unigram_bpb(vy)
+        plot_path = None
+        if self.config.plot and self.d.is_main and (self.run_dir / METRICS_FILE).is_file():
+            from lmspec.train.plot import plot_run
+
+            plot_path = plot_run(self.run_dir)
+        result = TrainResult(
+            run_dir=self.run_dir,
+            checkpoint=final_ckpt,
+            steps=self.steps,
+            tokens=self.tokens,
+            loss=float(self.last.get("loss", math.nan)),
+            val_loss=self.last_val[0] if self.last_val else None,
+            val_bpb=self.last_val[1] if self.last_val else None,
+            unigram_bpb=unigram,
+            max_load_ratio=self.last.get("max_load_ratio"),
+            elapsed_s=time.perf_counter() - self.t_start,
+            plot=plot_path,
+            history=self.history,
+        )
+        distributed.shutdown(self.d)
+        return result
+
+
+def train(spec: Spec | str | Path, **options: Any) -> TrainResult:
+    """`Trainer(TrainConfig(spec=spec, **options)).run()`, for scripts and tests that want one call."""
+    return Trainer(TrainConfig(spec=spec, **options)).run()
+
+
+def _reason(e: OSError) -> str:
+    """An OSError as a short reason ("No space left on device"), without the path it repeats."""
+    return e.strerror or str(e) or type(e).__name__
 
 
 def _train_step(
@@ -554,4 +631,3 @@ def _metrics_row(
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-# ---------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ from lmspec.runtime.checkpoint import (
 from lmspec.train.metrics import MetricsWriter, read_metrics, without_timing
 
 
+def _state(step):
+    return {"step": step, "tokens": 0, "data_position": 0, "rng": {}, "corpus": "c", "spec_hash": "h"}
+
+
 def _save(run, step, **kw):
     def model(path):
         (path / "model.safetensors").write_bytes(b"w%d" % step)
@@ -26,7 +30,7 @@ def _save(run, step, **kw):
         step,
         save_model=model,
         optimizer_state={"state": {"w": torch.ones(2) * step}},
-        trainer_state={"step": step},
+        trainer_state=_state(step),
         **kw,
     )
 
@@ -41,13 +45,14 @@ def test_layout_latest_and_pruning(tmp_path):
         "step_00000004",
     ]
     assert latest_checkpoint(tmp_path) == path
-    assert load_trainer_state(path) == {"step": 4}
+    assert load_trainer_state(path) == _state(4)
     assert torch.equal(load_optimizer_state(path)["state"]["w"], torch.full((2,), 4.0))
     assert {p.name for p in path.iterdir()} == {
         "model.safetensors",
         "spec.yaml",
         "optimizer.pt",
         "trainer_state.json",
+        "manifest.json",
     }
 
 
@@ -59,7 +64,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
         raise KeyboardInterrupt  # stands in for the process dying half-way
 
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, 2, save_model=crash, optimizer_state={}, trainer_state={"step": 2})
+        save_checkpoint(tmp_path, 2, save_model=crash, optimizer_state={}, trainer_state=_state(2))
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert resolve_checkpoint(tmp_path).name == "step_00000001"
     _save(tmp_path, 2)  # the next save clears the debris
