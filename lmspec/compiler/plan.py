@@ -383,7 +383,9 @@ def _unique_classes(names: dict[tuple[str, str], Identifier]) -> dict[tuple[str,
     return out
 
 
-def _ffn_plan(name: str, cls: Identifier, facts: dict[str, Any], nodes: tuple[str, ...], graph: Graph):
+def _ffn_plan(
+    name: str, cls: Identifier, facts: dict[str, Any], nodes: tuple[str, ...], graph: Graph
+) -> FFNPlan:
     common = {"name": name, "cls": cls, "field": f"model.ffn.{name}", "nodes": nodes}
     if facts["kind"] == "dense":
         return DenseFFNPlan(**common, **facts)
@@ -452,7 +454,13 @@ def _collect(graph: Graph, by_scope: dict[str, list[str]]) -> tuple[_Kinds, _Kin
     return attention, ffn, blocks, mtp_nodes
 
 
-def _block_plans(graph: Graph, att: dict, ffns: dict, blocks: _Kinds, cls: dict) -> dict[str, BlockPlan]:
+def _block_plans(
+    graph: Graph,
+    att: dict[str, AttentionPlan],
+    ffns: dict[str, FFNPlan],
+    blocks: _Kinds,
+    cls: dict[tuple[str, str], Identifier],
+) -> dict[str, BlockPlan]:
     return {
         n: BlockPlan(
             name=n,
