@@ -98,7 +98,8 @@ def _assert_only_inside_literals(src: str, text: str) -> None:
 def test_hostile_names_only_ever_appear_as_string_literals(tiny_spec, tmp_path, template):
     canary = tmp_path / "canary"
     graph, names = _hostile_graph(tiny_spec, template, canary)
-    compiled = compile_graph(graph, out_dir=tmp_path / "out")
+    spec_path = f"{names[-1]}.yaml"  # the path the header names is data too
+    compiled = compile_graph(graph, out_dir=tmp_path / "out", spec_path=spec_path)
     src = compiled.source
     for path in [compiled.model_path, *compiled.kernel_dir.glob("*.py")]:
         compile(path.read_text(), str(path), "exec")
@@ -106,7 +107,7 @@ def test_hostile_names_only_ever_appear_as_string_literals(tiny_spec, tmp_path, 
         t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT
     ]
     assert all("\n" not in c and "\r" not in c for c in comments)
-    for text in [*names, _payload(canary), "__import__("]:
+    for text in [*names, spec_path, _payload(canary), "__import__("]:
         _assert_only_inside_literals(src, text)
     called = {
         n.func.id
