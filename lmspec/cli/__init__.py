@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from lmspec.cli import serve, spec, train
-from lmspec.cli.common import Parser, spec_args, verbose_arg
+from lmspec.cli.common import Parser, extra_for, spec_args, verbose_arg
 from lmspec.compiler.debug import set_debug_level
 from lmspec.errors import SpecError, UsageError, one_line
 
@@ -57,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         # A path the user named cannot be read or written (read-only, missing, a device, disk full).
         print(f"lmspec: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = extra_for(e.name)
+        if extra is None:
+            raise  # not an optional dependency: a bug, and its traceback is the report
+        print(f"lmspec: error: {e.name} is not installed: install lmspec[{extra}]", file=sys.stderr)
         return 2
     except MemoryError:
         print("lmspec: error: out of memory; reduce the sizes in the spec or the flags", file=sys.stderr)

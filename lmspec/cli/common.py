@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
-from lmspec.errors import one_line
+from lmspec.errors import UsageError, one_line
 from lmspec.spec import Spec, load_spec
 
 
@@ -13,6 +14,27 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit code is 2 too; keep one line
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+# Optional extras (pyproject.toml) and the modules each brings; a command that needs one checks first.
+EXTRAS: dict[str, tuple[str, ...]] = {"kernels": ("hypothesis", "triton"), "triton": ("triton",)}
+
+
+def require_extra(extra: str, command: str) -> None:
+    """Refuse, in one line naming `lmspec[extra]`, when a module of that extra is not installed.
+
+    `find_spec` looks without importing, so triton is not imported before the interpreter is chosen.
+    """
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{command} needs {' and '.join(missing)}: install lmspec[{extra}]")
+
+
+def extra_for(module: str | None) -> str | None:
+    """The extra that installs `module` (a top-level name), if any: the smallest one."""
+    top = (module or "").split(".")[0]
+    found = [e for e, mods in EXTRAS.items() if top in mods]
+    return min(found, key=lambda e: len(EXTRAS[e])) if found else None
 
 
 def verbose_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:

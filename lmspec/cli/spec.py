@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmspec.cli.common import load, positive_int
+from lmspec.cli.common import load, positive_int, require_extra
 from lmspec.errors import SpecError, UsageError
 from lmspec.spec import Spec, dump_spec
 
@@ -66,6 +66,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_test_kernels(args: argparse.Namespace) -> int:
+    require_extra("kernels", "test-kernels")
     return test_kernels_command(load(args), examples=args.examples, seq_len=args.seq_len)
 
 
