@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmspec.codegen.render import Py, compress_indices, format_source, jinja_env, py
+from lmspec.codegen.render import TEMPLATE_DIR, Py, compress_indices, format_source, jinja_env, py
 from lmspec.compiler.variants import (
     BlockCountAttentionVariant,
     KernelVariant,
@@ -33,7 +33,6 @@ from lmspec.compiler.variants import (
 
 __all__ = ["MANIFEST", "TEMPLATE_DIR", "render_kernels", "render_module", "template_hash"]
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
 MANIFEST = "kernels.json"
 
 

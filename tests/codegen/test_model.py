@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import lmspec
 from lmspec.compiler.accounting import param_count
 from lmspec.runtime.model_base import ModelOutput
+from lmspec.testing.compare import close
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = EXAMPLES / "mimo_v2_flash_tiny.yaml"
@@ -61,7 +62,7 @@ def test_labels_path_matches_logits_and_mtp_chaining(model):
         out = model(inp, labels=labels)
     assert out.logits is None
     ref = F.cross_entropy(full.logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref, **close("float32"))
     assert len(out.mtp_losses) == 3
     # Recompute each MTP loss from mtp_forward: block k at t reads labels[:, t+k-1], predicts labels[:, t+k].
     h = full.hidden
@@ -75,7 +76,7 @@ def test_labels_path_matches_logits_and_mtp_chaining(model):
         with torch.no_grad():
             h, logits = model.mtp_forward(k, h, inputs.clamp_min(0), None)
         ref_k = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100)
-        torch.testing.assert_close(out.mtp_losses[k - 1], ref_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.mtp_losses[k - 1], ref_k, **close("float32"))
 
 
 def test_return_mtp_logits(model):
@@ -127,11 +128,11 @@ def test_fused_and_unfused_models_agree(tiny_spec):
     with torch.no_grad():
         a, b = fused(x), plain(x)
         la, lb = fused(x, labels=x), plain(x, labels=x)
-    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-5)
-    torch.testing.assert_close(a.hidden, b.hidden, rtol=0, atol=1e-5)
-    torch.testing.assert_close(la.loss, lb.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.logits, b.logits, **close("float32"))
+    torch.testing.assert_close(a.hidden, b.hidden, **close("float32"))
+    torch.testing.assert_close(la.loss, lb.loss, **close("float32"))
     for u, v in zip(la.mtp_losses, lb.mtp_losses, strict=True):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(u, v, **close("float32"))
 
 
 class ConcatCache:
@@ -163,7 +164,7 @@ def test_incremental_decoding_through_the_cache_matches_a_full_forward(model):
             pieces.append(model(x[:, t : t + 1], position_ids=pos, cache=cache).logits)
     keys = set(cache.store)
     assert keys == {f"model.layers.{i}" for i in range(7)}
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, **close("float32_model"))
 
 
 def test_explicit_positions_and_logits_to_keep(model):
@@ -172,7 +173,7 @@ def test_explicit_positions_and_logits_to_keep(model):
         a = model(x).logits
         b = model(x, position_ids=torch.arange(35).expand(2, 35)).logits
         c = model(x, logits_to_keep=1).logits
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b, **close("float32"))
     assert c.shape == (2, 1, V)
     torch.testing.assert_close(c, a[:, -1:])
 
@@ -186,7 +187,7 @@ def test_set_rope_theta_changes_only_global_layers(model):
         model.set_rope_theta({"global": 5.0e6})
         again = model(x).logits
     assert not torch.allclose(before, after)
-    torch.testing.assert_close(before, again, rtol=0, atol=0)
+    torch.testing.assert_close(before, again, **close("exact"))
     with pytest.raises(ValueError, match="unknown attention kinds"):
         model.set_rope_theta({"nope": 1.0})
 
@@ -199,7 +200,7 @@ def test_set_backend_with_overrides_keeps_results(model):
         assert model.model.layers[1].self_attn.ops is model.ops
         b = model(x).logits
         model.set_backend("torch")
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, **close("exact"))
 
 
 def test_init_is_deterministic_and_follows_the_spec(tiny_spec):
@@ -254,7 +255,7 @@ def test_tied_embeddings(tiny_spec, tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight
     x = tokens(1, 16, seed=11)
     with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(back(x).logits, m(x).logits, **close("exact"))
 
 
 def test_bf16_build_keeps_the_balancing_bias_in_fp32(tiny_spec):
@@ -308,7 +309,7 @@ def test_a_checkpoint_records_the_rope_theta_it_was_saved_with(tiny_spec, tmp_pa
     )
     x = tokens(1, 40, seed=13)
     with torch.no_grad():
-        torch.testing.assert_close(back(x).logits, m(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(back(x).logits, m(x).logits, **close("exact"))
 
 
 def test_dtype_casts_keep_the_balancing_bias_exact(tiny_spec):

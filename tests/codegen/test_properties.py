@@ -12,6 +12,7 @@ from lmspec.codegen import compile_spec
 from lmspec.compiler.accounting import param_count
 from lmspec.spec import Spec
 from lmspec.spec.loader import validate
+from lmspec.testing.compare import close
 
 
 @st.composite
@@ -109,7 +110,7 @@ def test_counts_causality_and_gradients(spec, seed, t):
         a, b = model(x).logits, model(y).logits
     # Not bit-exact: changing later tokens regroups the sort-by-expert GEMMs, which rounds differently.
     # A real leak moves logits by O(0.1) at init_std 0.2.
-    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[:, :t], b[:, :t], **close("float32_model"))
 
     out = model(x[:, :-1], labels=x[:, 1:])
     total = out.loss + sum(out.mtp_losses) + out.aux_loss
@@ -134,7 +135,7 @@ def test_sliding_only_models_forget_beyond_their_receptive_field(spec, seed):
     y[:, : far + 1] = torch.randint(0, m.vocab_size, (1, far + 1), generator=g)
     with torch.no_grad():
         a, b = model(x).logits[:, -1], model(y).logits[:, -1]
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # same rounding caveat as above
+    torch.testing.assert_close(a, b, **close("float32_model"))  # same rounding caveat as above
     if m.layer_attention(m.num_layers - 1).window_keys > 1:
         z = x.clone()
         z[:, -2] = (z[:, -2] + 1) % m.vocab_size  # inside the window: must matter
@@ -161,12 +162,12 @@ def test_fused_and_unfused_models_agree(spec, seed):
     with torch.no_grad():
         a, b = fused(x, return_mtp=True), plain(x, return_mtp=True)
         la, lb = fused(x, labels=x), plain(x, labels=x)
-    torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(a.expert_load, b.expert_load, rtol=0, atol=0)
+    torch.testing.assert_close(a.logits, b.logits, **close("float32"))
+    torch.testing.assert_close(a.expert_load, b.expert_load, **close("exact"))
     for u, v in zip(a.mtp_logits, b.mtp_logits, strict=True):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(la.loss, lb.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(la.aux_loss, lb.aux_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(u, v, **close("float32"))
+    torch.testing.assert_close(la.loss, lb.loss, **close("float32"))
+    torch.testing.assert_close(la.aux_loss, lb.aux_loss, **close("float32"))
 
 
 def _semantics(m) -> tuple:
@@ -264,4 +265,4 @@ def test_expressible_specs_run_identically_in_transformers(spec, seed, tmp_path_
     ref = transformers.MiMoV2FlashForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
     x = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        torch.testing.assert_close(ref(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ref(x).logits, model(x).logits, **close("float32_model"))

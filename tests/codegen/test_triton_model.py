@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmspec
+from lmspec.testing.compare import close
 
 # Not importorskip: importing triton here, before the backend selects the interpreter, would break it.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -29,11 +30,11 @@ def test_triton_backend_matches_torch(tiny_spec):
     with torch.no_grad():
         out = model(x)
         loss = model(x, labels=x)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.expert_load, ref.expert_load, rtol=0, atol=0)
-    torch.testing.assert_close(loss.loss, ref_loss.loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss.mtp_losses[0], ref_loss.mtp_losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, **close("float32_model"))
+    torch.testing.assert_close(out.expert_load, ref.expert_load, **close("exact"))
+    torch.testing.assert_close(loss.loss, ref_loss.loss, **close("float32"))
+    torch.testing.assert_close(loss.mtp_losses[0], ref_loss.mtp_losses[0], **close("float32"))
     # op families can be mixed: attention from torch, the rest from the rendered kernels
     model.set_backend("triton", op_overrides={"attention": "torch"})
     with torch.no_grad():
-        torch.testing.assert_close(model(x).logits, ref.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x).logits, ref.logits, **close("float32_model"))

@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lmspec.compiler import fx_fusion  # noqa: E402
+from lmspec.testing.compare import close  # noqa: E402
 
 
 def _inputs(hidden=24, inter=40, tokens=7, dtype=torch.float64):
@@ -38,7 +39,7 @@ def test_rewrite_matches_values_and_shrinks_the_graph(layers):
     # Per layer: add, pow, mean, add eps, rsqrt, mul, mul -> one add_rmsnorm + 2 getitems (7 -> 3);
     # silu, mul -> one swiglu (2 -> 1).
     assert fx_fusion.node_count(gm) == before - 5 * layers
-    torch.testing.assert_close(gm(*args), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gm(*args), expected, **close("float64"))
 
 
 def test_patterns_match_only_the_traced_epsilon():

@@ -12,6 +12,7 @@ from lmspec.compiler.accounting import account
 from lmspec.runtime.kv_cache import HybridKVCache, cache_layout, kv_cache_bytes
 from lmspec.runtime.ops.reference import attention
 from lmspec.spec import load_spec
+from lmspec.testing.compare import close
 
 from .conftest import TINY
 
@@ -90,7 +91,7 @@ def test_every_step_sees_exactly_the_keys_of_a_full_forward(scenario, layer):
             ref_pos[b, :end] = torch.arange(end)
         ref = attention(q, ref_k, ref_v, None, scale=0.3, window_keys=W, q_pos=pos, k_pos=ref_pos)
         for b in range(batch):
-            torch.testing.assert_close(out[b, :, cols[b]], ref[b, :, cols[b]], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(out[b, :, cols[b]], ref[b, :, cols[b]], **close("float64"))
         new_lengths = []
         for b, (n, kept) in enumerate(chunk):
             lengths[b] += n if kept is None else kept
