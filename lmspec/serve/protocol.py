@@ -364,7 +364,10 @@ def completion_logprobs(tokenizer: Tokenizer, lps: list[TokenLogprob | None], of
         text = token_text(tokenizer, lp.token)
         out["tokens"].append(text)
         out["token_logprobs"].append(_finite(lp.logprob))
-        out["top_logprobs"].append({token_text(tokenizer, t): _finite(v) for t, v in lp.top})
+        top: dict[str, float] = {}
+        for t, v in lp.top:  # most likely first; tokens that print alike keep the likeliest's value
+            top.setdefault(token_text(tokenizer, t), _finite(v))
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
