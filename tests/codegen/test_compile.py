@@ -42,18 +42,15 @@ def test_key_depends_on_spec_and_passes(tiny_spec):
 
 
 def test_generated_code_is_readable_and_self_describing(tiny_spec):
-    compiled = compile_spec(tiny_spec, spec_path="examples/mimo_v2_flash_tiny.yaml")
+    path = EXAMPLES / "mimo_v2_flash_tiny.yaml"
+    compiled = compile_spec(tiny_spec, spec_path=path)
     src = compiled.source
     tree = ast.parse(src)
     imports = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imports |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imports <= {"torch", "triton", "lmspec", "__future__"}
     assert "from lmspec.runtime" in src and "lmspec.compiler" not in src and "lmspec.spec" not in src
-    assert (
-        spec_hash(tiny_spec) in src
-        and lmspec.__version__ in src
-        and "examples/mimo_v2_flash_tiny.yaml" in src
-    )
+    assert spec_hash(tiny_spec) in src and lmspec.__version__ in src and str(path) in src
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {
         "GlobalAttention",
@@ -68,11 +65,9 @@ def test_generated_code_is_readable_and_self_describing(tiny_spec):
         "MimoV2FlashTinyForCausalLM",
     } <= classes
     assert "window=32 previous_plus_self -> 33 keys; sink: learnable" in src
-    lines = (EXAMPLES / "mimo_v2_flash_tiny.yaml").read_text().splitlines()
+    lines = path.read_text().splitlines()
     line = next(i for i, text in enumerate(lines, 1) if text.strip().startswith("swa:"))
-    assert (
-        f"Spec: model.attention.swa (examples/mimo_v2_flash_tiny.yaml:{line})" in src
-    )  # where the kind is set
+    assert f"Spec: model.attention.swa ({path}:{line})" in src  # where the kind is set
     assert "for e in range" not in src  # experts run as grouped GEMMs in the backend
 
 
