@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -14,8 +15,55 @@ from lmspec.errors import SpecError, UsageError
 from lmspec.spec import Spec, dump_spec
 
 
+def _machine_memory() -> tuple[int, str]:
+    """Bytes of memory this machine gives a process: physical RAM, or a smaller cgroup limit."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < ram:
+            return int(text), "memory limit (cgroup)"
+    return ram, "RAM"
+
+
+def _size(n: float) -> str:
+    """A byte count for a person: `350 MB`, `76.1 GB`, `7.91 PB`."""
+    scale, unit = next(((s, u) for s, u in ((1e15, "PB"), (1e12, "TB"), (1e9, "GB")) if n >= s), (1e6, "MB"))
+    return f"{n / scale:.3g} {unit}"
+
+
+def check_cpu_memory(spec: Spec, shown: str) -> str:
+    """`check --target cpu`: the first stage's training-step memory against this machine's, from the
+    accounting alone (nothing is allocated). Returns the summary line; raises UsageError when it cannot fit."""
+    from lmspec.compiler.accounting import training_step_memory
+
+    if spec.training is not None:
+        stage = spec.training.stages[0]
+        batch, seq_len = stage.batch_size.size, stage.seq_len
+        what = f"stage {stage.name} (batch {batch} x seq_len {seq_len})"
+    else:
+        batch, seq_len, what = 0, 0, "no training section: parameters, gradients and AdamW state"
+    mem = training_step_memory(spec, batch, seq_len)
+    have, kind = _machine_memory()
+    total, params, grads, adamw, acts, machine = map(
+        _size, (mem.total, mem.params, mem.grads, mem.optimizer, mem.activations, have)
+    )
+    parts = f"{total} = parameters {params} + gradients {grads} + AdamW {adamw} + activations {acts}"
+    if mem.total > have:
+        one = training_step_memory(spec, min(batch, 1), seq_len).total
+        raise UsageError(
+            f"{shown}: --target cpu: one training step of {what} needs about {parts}, more than this "
+            f"machine's {machine} of {kind} (with --micro-batch-size 1: about {_size(one)}); "
+            "lower the batch size or seq_len, or train with --micro-batch-size"
+        )
+    return f"memory of one training step on cpu, {what}: about {parts}; fits in this machine's {machine} of {kind}"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load(args)
+    memory = check_cpu_memory(spec, args.spec) if args.target == "cpu" else None
     m = spec.model
     kinds: dict[str, int] = {}
     for name in m.layer_blocks:
@@ -27,6 +75,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.spec}: ok — {spec.name}: {m.num_layers} layers ({layout}), hidden {m.hidden_size}, "
         f"vocab {m.vocab_size}, {mtp} MTP blocks, {stages} training stages"
     )
+    if memory is not None:
+        print(memory)
     return 0
 
 
@@ -158,7 +208,13 @@ def test_kernels_command(
 
 
 def add_parsers(add) -> None:
-    add("check", cmd_check, "validate a spec and print a one-line summary")
+    p = add("check", cmd_check, "validate a spec and print a one-line summary")
+    p.add_argument(
+        "--target",
+        choices=["cpu"],
+        default=None,
+        help="also estimate the memory of one training step (first stage) and refuse when it cannot fit here",
+    )
     add("schema", cmd_schema, "print the JSON Schema of the spec language", spec=False)
 
     p = add("stats", cmd_stats, "parameters, active parameters, KV cache and FLOPs, from the spec alone")

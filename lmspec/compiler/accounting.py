@@ -50,7 +50,7 @@ from lmspec.spec.schema import AttentionBase, DenseFFN, GlobalAttention, MoEFFN,
 if TYPE_CHECKING:  # rich is imported when printing, so `account` stays import-light
     from rich.table import Table
 
-__all__ = ["Accounting", "account", "param_count", "print_stats"]
+__all__ = ["Accounting", "StepMemory", "account", "param_count", "print_stats", "training_step_memory"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +411,105 @@ def account(
         **kv,
         **_flop_fields(spec, context, params["active"]),
         counted=_counted(spec, params["active"], kv_b, kv["all_global_reference"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of one training step
+# ---------------------------------------------------------------------------------------------
+
+# Queries per block of the CPU's banded sliding-window path: a block of 32 queries holds its band of
+# 32 + window_keys - 1 keys (lmspec.runtime.ops.cpu.BAND_BLOCK; the compiler cannot import the runtime).
+_BAND_BLOCK = 32
+
+
+def _attention_keys(attn: AttentionBase, seq_len: int) -> int:
+    """Keys per query whose probabilities autograd keeps: every key on a global layer (the dense
+    (T, T) matrix), the band on a sliding one; plus the sink's column."""
+    keys = seq_len
+    if isinstance(attn, SlidingAttention):
+        keys = min(seq_len, attn.window_keys + _BAND_BLOCK - 1)
+    return keys + int(attn.sink)
+
+
+def _ffn_activations(ffn: DenseFFN | MoEFFN, hidden: int) -> int:
+    """Elements per token an FFN keeps for backward: its input norm, SwiGLU intermediates, output."""
+    if isinstance(ffn, DenseFFN):
+        return 3 * hidden + 4 * ffn.intermediate_size
+    copies = ffn.top_k * (2 * hidden + 4 * ffn.expert_intermediate_size)  # each routed copy
+    shared = 4 * ffn.num_shared_experts * ffn.expert_intermediate_size
+    return 3 * hidden + 2 * ffn.num_experts + copies + shared
+
+
+def _layer_activations(spec: Spec, block: str, seq_len: int) -> int:
+    """Elements per token one decoder layer of `block` keeps for backward."""
+    m = spec.model
+    b = m.blocks[block]
+    a = m.attention[b.attention]
+    h = m.hidden_size
+    # input norm in/out, q and the per-query-head k and v the attention saves, the unexpanded k and v,
+    # the attention output (o_proj's input) and o_proj's output, and the probabilities.
+    attention = (
+        3 * h
+        + a.num_heads * (2 * a.qk_head_dim + 2 * a.v_head_dim)
+        + a.num_kv_heads * (a.qk_head_dim + a.v_head_dim)
+        + a.num_heads * _attention_keys(a, seq_len)
+    )
+    return attention + _ffn_activations(m.ffn[b.ffn], h)
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes one training step holds at its peak on a CPU (fp32), by part.
+
+    - params, grads: 4 bytes per parameter each;
+    - optimizer: AdamW's two moments, 8 bytes per parameter;
+    - activations: what autograd keeps for backward, `batch * seq_len` tokens times the elements per
+      token of every layer (see `training_step_memory`), 4 bytes each.
+    """
+
+    batch: int
+    seq_len: int
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def training_step_memory(spec: Spec, batch: int, seq_len: int, dtype_bytes: int = 4) -> StepMemory:
+    """An estimate of the peak memory of one training step (forward, backward, AdamW step).
+
+    Parameters, gradients and the two AdamW moments are exact (`param_count`). Activations are the
+    tensors autograd keeps, per token: the embedding output; per decoder layer the norms' inputs and
+    outputs, q and the per-query-head k and v, the attention output, the softmax probabilities
+    (`seq_len` keys on a global layer, the 32-query band of `window_keys + 31` keys on a sliding one,
+    one more for a sink), and the SwiGLU intermediates (gate, up, silu, product) of the dense FFN, of
+    each of the `top_k` routed copies of a MoE token and of the shared experts; the final norm, and
+    vocab / 4 for the LM-head cross-entropy of the head and of every MTP block (it runs over chunks of
+    at most 1/32 of the tokens, so the full logits never exist), whose eh_proj and norms add
+    7 x hidden. It is a budget, not an allocator trace: within a factor of two of the peak RSS growth
+    measured on the CPU runtime (tests/spec/test_accounting.py).
+    """
+    m = spec.model
+    n = param_count(spec)
+    head = m.vocab_size // 4  # the chunked LM-head CE holds a chunk's logits, never all of them
+    per_token = m.hidden_size + 2 * m.hidden_size + head  # embedding, final norm, head
+    for block, count in Counter(m.layer_blocks).items():
+        per_token += count * _layer_activations(spec, block, seq_len)
+    if m.mtp is not None and m.mtp.num_blocks:
+        mtp = 7 * m.hidden_size + _layer_activations(spec, m.mtp.block, seq_len) + head
+        per_token += m.mtp.num_blocks * mtp
+    return StepMemory(
+        batch=batch,
+        seq_len=seq_len,
+        params=n * dtype_bytes,
+        grads=n * dtype_bytes,
+        optimizer=2 * n * 4,
+        activations=batch * seq_len * per_token * dtype_bytes,
     )
 
 

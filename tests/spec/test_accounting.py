@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lmspec.compiler.accounting import account, param_count
+from lmspec.compiler.accounting import account, param_count, training_step_memory
 from lmspec.spec import Spec, load_spec, spec_to_data
 
 from .conftest import EXAMPLES, MIMO, TINY
@@ -276,3 +276,90 @@ def test_sequence_mean_keys_is_the_mean_over_positions(window_keys):
     for context in (1, 7, 10, 23):
         exact = sum(min(i, window_keys) for i in range(1, context + 1)) / context
         assert mean_keys(attn, context) == pytest.approx(exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of one training step (`check --target cpu`)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_memory_parts(tiny):
+    n = param_count(tiny)
+    one = training_step_memory(tiny, 1, 128)
+    assert (one.params, one.grads, one.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert one.total == one.params + one.grads + one.optimizer + one.activations
+    assert training_step_memory(tiny, 16, 128).activations == 16 * one.activations  # linear in batch
+    # Global layers keep a (T, T) probability matrix: per token, their cost grows with T; sliding
+    # layers keep a band of window_keys + 31 keys, so an all-sliding model stays linear in T.
+    sliding = tiny.model_copy(update={"model": tiny.model.model_copy(update={"layers": "S*6"})})
+    assert (
+        training_step_memory(sliding, 1, 1024).activations
+        == 8 * training_step_memory(sliding, 1, 128).activations
+    )
+    assert training_step_memory(tiny, 1, 1024).activations > 8 * one.activations
+
+
+# One CPU training step measured in a fresh process: the growth of its peak RSS (VmHWM) over the step
+# against the estimate, less the parameters, which exist before the step.
+MEASURE = """
+import json, sys, torch, lmspec
+from lmspec.compiler.accounting import training_step_memory
+
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+path, batch, seq, sets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = lmspec.build(path, overrides=sets)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x, y = torch.randint(0, model.spec.model.vocab_size, (2, batch, seq))
+before = hwm()
+out = model(x, labels=y)
+(out.loss + sum(out.mtp_losses) + (0 if out.aux_loss is None else out.aux_loss)).backward()
+opt.step()
+est = training_step_memory(model.spec, batch, seq)
+print(json.dumps({"measured": hwm() - before, "estimated": est.total - est.params}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize(
+    ("batch", "seq", "sets"),
+    [
+        (16, 128, ()),  # the tiny spec's first stage: sliding, global and MoE layers, three MTP blocks
+        (2, 1024, ("model.layers=G*4", "model.mtp.num_blocks=0", "serving.speculative_depth=0")),
+        (8, 256, ("model.vocab_size=8192",)),
+    ],
+    ids=["tiny", "global_long", "large_vocab"],
+)
+def test_step_memory_is_within_a_factor_of_two_of_a_measured_step(batch, seq, sets):
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(TINY), str(batch), str(seq), *sets],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratio = figures["measured"] / figures["estimated"]
+    print(f"  measured {figures['measured'] / 1e6:.0f} MB, estimated {figures['estimated'] / 1e6:.0f} MB")
+    assert 0.5 < ratio < 2.0, figures
+
+
+def test_check_target_cpu_fits(run_cli):
+    code, out, err = run_cli("check", TINY, "--target", "cpu")
+    assert (code, err) == (0, "")
+    summary, memory = out.strip().splitlines()
+    assert memory.startswith(
+        "memory of one training step on cpu, stage pretrain (batch 16 x seq_len 128): about "
+    )
+    assert "fits in this machine's" in memory
+
+
+def test_check_target_cpu_refuses_what_cannot_fit(run_cli):
+    code, out, err = run_cli("check", MIMO, "--target", "cpu")  # petabytes at the first stage's batch
+    assert (code, out) == (2, "")
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"lmspec: error: {MIMO}: --target cpu: one training step of stage pretrain")
+    assert "(batch 2048 x seq_len 32768) needs about" in line and "more than this machine's" in line
