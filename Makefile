@@ -33,8 +33,7 @@ demo: install
 	lmspec check examples/mimo_v2_flash.yaml
 	lmspec stats examples/mimo_v2_flash.yaml
 	# The demo's run directory is its own: start it afresh each time.
-	rm -rf runs/demo
-	lmspec train examples/mimo_v2_flash_tiny.yaml --out runs/demo
+	lmspec train examples/mimo_v2_flash_tiny.yaml --out runs/demo --overwrite
 
 test: install
 	$(PYTHON) -m pytest -q
