@@ -18,7 +18,7 @@ from lmspec.runtime.ops import (
     get_backend,
 )
 from lmspec.runtime.ops import reference as ref
-from lmspec.runtime.ops.base import AttentionOptions
+from lmspec.runtime.ops.base import AttentionKeywords, RouteKeywords, keyword_defaults
 from lmspec.testing.compare import close
 
 hf = pytest.importorskip("transformers.models.mimo_v2_flash.modeling_mimo_v2_flash")
@@ -108,11 +108,24 @@ def test_mixed_backend_routes_each_family():
     assert get_backend("reference", overrides={"attention": "cpu"}).attention is cpu.attention
 
 
-def test_attention_options_are_the_reference_keywords():
-    # Overrides that pass the keywords on (cpu.attention) read their names from AttentionOptions.
-    params = inspect.signature(ref.attention).parameters.values()
-    keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY} - {"scale"}
-    assert AttentionOptions.__optional_keys__ == keywords
+def _keyword_only(op):
+    params = [p for p in inspect.signature(op).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return {p.name for p in params if p.default is p.empty}, {
+        p.name for p in params if p.default is not p.empty
+    }
+
+
+@pytest.mark.parametrize("op,keywords", [(ref.attention, AttentionKeywords), (ref.route, RouteKeywords)])
+def test_keyword_dicts_and_defaults_are_the_reference_signature(op, keywords):
+    # Overrides that pass **kw on (cpu.attention, the Triton backend) read names and defaults from these.
+    required, optional = _keyword_only(op)
+    assert keywords.__required_keys__ == required and keywords.__optional_keys__ == optional
+    assert set(keyword_defaults(op)) == optional
+
+
+def test_cpu_attention_refuses_unknown_and_missing_keywords():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['window'\]"):
         cpu.attention(q, q, q, None, scale=0.3, window=3)
+    with pytest.raises(TypeError, match="missing required keyword argument 'scale'"):
+        cpu.attention(q, q, q, None, window_keys=3)

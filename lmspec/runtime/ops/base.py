@@ -8,13 +8,25 @@ that signature. ``OP_FAMILIES`` groups the ops into the families that ``get_back
 
 from __future__ import annotations
 
-from typing import TypedDict
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypedDict
 
 from torch import Tensor
 
 from lmspec.runtime.ops import reference
 
-__all__ = ["OP_FAMILIES", "OPS", "AttentionOptions", "Backend", "ReferenceBackend"]
+__all__ = [
+    "OP_FAMILIES",
+    "OPS",
+    "AttentionKeywords",
+    "Backend",
+    "ReferenceBackend",
+    "RouteKeywords",
+    "keyword_defaults",
+]
 
 # Override keys name a family; each family covers these backend methods.
 OP_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -30,14 +42,42 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
 OPS: tuple[str, ...] = tuple(op for ops in OP_FAMILIES.values() for op in ops)
 
 
-class AttentionOptions(TypedDict, total=False):
-    """The keywords of ``attention`` after ``scale``, as ``reference.attention`` defines them. An override
-    that dispatches on them takes ``**kw: Unpack[AttentionOptions]`` and passes them on unchanged."""
+class _AttentionScale(TypedDict):
+    scale: float
+
+
+class AttentionKeywords(_AttentionScale, total=False):
+    """The keyword arguments of ``attention`` as ``reference.attention`` defines them (``scale`` required).
+    An override that only dispatches on them takes ``**kw: Unpack[AttentionKeywords]`` and passes them on."""
 
     value_scale: float
     window_keys: int | None
     q_pos: Tensor | None
     k_pos: Tensor | None
+
+
+class _RouteTopK(TypedDict):
+    top_k: int
+
+
+class RouteKeywords(_RouteTopK, total=False):
+    """The keyword arguments of ``route`` as ``reference.route`` defines them (``top_k`` required)."""
+
+    score_function: str
+    renormalize: bool
+    routed_scaling_factor: float
+    num_groups: int
+    top_k_groups: int
+
+
+@functools.cache
+def keyword_defaults(op: Callable[..., Any]) -> Mapping[str, Any]:
+    """The defaults of ``op``'s keyword-only parameters: what an override that takes ``**kw`` reads for a
+    keyword the call left out, so that each default is written once, in ``reference``."""
+    params = inspect.signature(op).parameters.values()
+    return MappingProxyType(
+        {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    )
 
 
 class Backend:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmspec.runtime.ops import reference
-from lmspec.runtime.ops.base import AttentionOptions, Backend
+from lmspec.runtime.ops.base import AttentionKeywords, Backend, keyword_defaults
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack for **kwargs needs Python 3.11
@@ -72,12 +72,14 @@ def attention_path(
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, **kw: Unpack[AttentionOptions]
+    q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, **kw: Unpack[AttentionKeywords]
 ) -> Tensor:
     """``reference.attention`` (same arguments and result), through the fastest path that computes it."""
-    unknown = kw.keys() - AttentionOptions.__optional_keys__
+    unknown = kw.keys() - AttentionKeywords.__optional_keys__ - AttentionKeywords.__required_keys__
     if unknown:
         raise TypeError(f"attention() got unexpected keyword arguments {sorted(unknown)}")
+    if "scale" not in kw:
+        raise TypeError("attention() missing required keyword argument 'scale'")
     window_keys = kw.get("window_keys")
     dense = kw.get("q_pos") is None and kw.get("k_pos") is None
     path = attention_path(
@@ -90,11 +92,11 @@ def attention(
     )
     PATH_CALLS[path] += 1
     if path == "reference":
-        return reference.attention(q, k, v, sinks, scale=scale, **kw)
+        return reference.attention(q, k, v, sinks, **kw)
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k.shape[1]}")
-    out = _PATHS[path](q, k, v, sinks, scale=scale, window_keys=window_keys)
-    value_scale = kw.get("value_scale", 1.0)
+    out = _PATHS[path](q, k, v, sinks, scale=kw["scale"], window_keys=window_keys)
+    value_scale = kw.get("value_scale", keyword_defaults(reference.attention)["value_scale"])
     return out * value_scale if value_scale != 1.0 else out
 
 

@@ -20,14 +20,17 @@ import json
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 import lmspec.runtime.ops.triton_support  # noqa: F401  (selects the interpreter before triton loads)
 from lmspec.runtime.ops import reference
-from lmspec.runtime.ops.base import Backend
+from lmspec.runtime.ops.base import AttentionKeywords, Backend, RouteKeywords, keyword_defaults
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack for **kwargs needs Python 3.11
 
 MANIFEST = "kernels.json"
 
@@ -116,94 +119,38 @@ class TritonBackend(Backend):
         return module.rope(q, k, cos, sin)
 
     def attention(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        sinks: Tensor | None,
-        *,
-        scale: float,
-        value_scale: float = 1.0,
-        window_keys: int | None = None,
-        q_pos: Tensor | None = None,
-        k_pos: Tensor | None = None,
+        self, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, **kw: Unpack[AttentionKeywords]
     ) -> Tensor:
+        given = {**keyword_defaults(reference.attention), **kw}
+        window_keys, q_pos, k_pos = given["window_keys"], given["q_pos"], given["k_pos"]
         facts = {
             "window_keys": window_keys,
             "sink": sinks is not None,
             "qk_head_dim": q.shape[-1],
             "v_head_dim": v.shape[-1],
-            "value_scale": float(value_scale),
-            "scale": float(scale),
+            "value_scale": float(given["value_scale"]),
+            "scale": float(given["scale"]),
             "num_heads": q.shape[1],
             "num_kv_heads": k.shape[1],
         }
         if q_pos is None and k_pos is None and q.shape[2] == k.shape[2]:
+            # The training kernel takes no positions: they are implied.
             module = self._serving("attention", **facts)
             return module.attention(
-                q, k, v, sinks, scale=scale, value_scale=value_scale, window_keys=window_keys
+                q, k, v, sinks, scale=kw["scale"], value_scale=facts["value_scale"], window_keys=window_keys
             )
         needs_grad = any(t is not None and t.requires_grad for t in (q, k, v, sinks))
         if needs_grad and torch.is_grad_enabled():
-            return reference.attention(
-                q,
-                k,
-                v,
-                sinks,
-                scale=scale,
-                value_scale=value_scale,
-                window_keys=window_keys,
-                q_pos=q_pos,
-                k_pos=k_pos,
-            )
-        module = self._serving("decode_attention", **facts)
-        return module.attention(
-            q,
-            k,
-            v,
-            sinks,
-            scale=scale,
-            value_scale=value_scale,
-            window_keys=window_keys,
-            q_pos=q_pos,
-            k_pos=k_pos,
-        )
+            return reference.attention(q, k, v, sinks, **kw)
+        return self._serving("decode_attention", **facts).attention(q, k, v, sinks, **kw)
 
     def route(
-        self,
-        x: Tensor,
-        weight: Tensor,
-        correction_bias: Tensor | None,
-        *,
-        top_k: int,
-        score_function: str = "sigmoid",
-        renormalize: bool = True,
-        routed_scaling_factor: float = 1.0,
-        num_groups: int = 1,
-        top_k_groups: int = 1,
+        self, x: Tensor, weight: Tensor, correction_bias: Tensor | None, **kw: Unpack[RouteKeywords]
     ) -> tuple[Tensor, Tensor, Tensor]:
-        module = self._serving(
-            "moe",
-            num_experts=weight.shape[0],
-            top_k=top_k,
-            score_function=score_function,
-            renormalize=renormalize,
-            routed_scaling_factor=float(routed_scaling_factor),
-            num_groups=num_groups,
-            top_k_groups=top_k_groups,
-            hidden_size=x.shape[-1],
-        )
-        return module.route(
-            x,
-            weight,
-            correction_bias,
-            top_k=top_k,
-            score_function=score_function,
-            renormalize=renormalize,
-            routed_scaling_factor=routed_scaling_factor,
-            num_groups=num_groups,
-            top_k_groups=top_k_groups,
-        )
+        facts = {**keyword_defaults(reference.route), **kw}
+        facts["routed_scaling_factor"] = float(facts["routed_scaling_factor"])
+        module = self._serving("moe", num_experts=weight.shape[0], hidden_size=x.shape[-1], **facts)
+        return module.route(x, weight, correction_bias, **kw)
 
     def moe_experts(
         self, x: Tensor, topk_weights: Tensor, topk_indices: Tensor, gate_up_proj: Tensor, down_proj: Tensor
