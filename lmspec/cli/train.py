@@ -39,11 +39,14 @@ def _number(text: str) -> int | float:
     return int(value) if value.is_integer() else value
 
 
+# How torch words an allocation failure: CUDA ("CUDA out of memory"), the CPU allocator ("can't allocate
+# memory", "not enough memory") and the OS (errno 12, "Cannot allocate memory").
+_OOM_WORDS = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
 def _out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(w in text for w in _OOM_WORDS))
 
 
 def train_command(args: argparse.Namespace) -> int:

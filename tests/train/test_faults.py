@@ -438,6 +438,28 @@ def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, capsys, mo
     assert not out.exists()
 
 
+def test_an_allocation_failure_is_one_line(tmp_path):
+    """A real allocation failure: a 100k-token stage in a process capped at 3 GB of address space."""
+    import resource
+    import sys
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    out = tmp_path / "run"
+    big = ["--set", "model.max_position_embeddings=100000", "--set", "training.stages.0.seq_len=100000"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmspec", *_train(out), *big],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        preexec_fn=cap,
+    )
+    assert_refused((proc.returncode, proc.stdout, proc.stderr), "out of memory while training", "seq_len")
+
+
 def test_optimizer_values_adamw_refuses_are_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*_train(out), "--set", "training.optimizer.betas=[2.0,-1.0]"]
