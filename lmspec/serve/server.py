@@ -221,6 +221,7 @@ class Run:
     def __init__(self, state: ServerState, prompt: list[int], params: list[SamplingParams]) -> None:
         self.scheduler = state.scheduler
         self.n = self.left = len(params)
+        self._checked = time.monotonic()
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self._handles: list[Pending] = [
@@ -240,12 +241,17 @@ class Run:
         if self.left == 0:
             return None
         while True:
+            # Events may come every few milliseconds for as long as the request runs: check the client
+            # on a clock, not only when the queue stays empty.
+            if request is not None and time.monotonic() - self._checked >= DISCONNECT_POLL_S:
+                self._checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise ClientGone
             try:
                 index, ev = await asyncio.wait_for(self._queue.get(), DISCONNECT_POLL_S)
                 break
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    raise ClientGone from None
+                continue
         if ev.error is not None:
             raise APIError(
                 500, f"generation failed: {ev.error}", type="server_error", code="generation_failed"
