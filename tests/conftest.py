@@ -41,9 +41,12 @@ def examples_dir(repo_root: Path) -> Path:
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Generated modules go to a per-run cache, never the user's ~/.cache/lmspec."""
+    """Generated modules go to a per-run cache, never the user's ~/.cache/lmspec; and a debug level
+    left set in the shell prints nothing into outputs the tests compare (tests/compiler/test_debug.py
+    sets its own)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("LMSPEC_CACHE", str(tmp_path_factory.mktemp("lmspec-cache")))
+    mp.delenv("LMSPEC_DEBUG", raising=False)
     yield
     mp.undo()
 
