@@ -276,6 +276,8 @@ def test_generate_and_from_pretrained_refuse_a_truncated_checkpoint(run, capsys)
         lmspec.from_pretrained(run)
     argv = ["generate", SPEC, "--checkpoint", str(run), "--prompt", "def", "--max-tokens", "2"]
     assert_refused(lmspec_cli(argv, capsys), "model.safetensors: truncated")
+    (run / "checkpoints" / "LATEST").write_text("/etc\n")  # never followed outside the run
+    assert_refused(lmspec_cli(argv, capsys), "LATEST: names '/etc'", f"e.g. {run / 'checkpoints' / STEP[2]}")
 
 
 def test_pruning_never_removes_checkpoints_newer_than_the_one_written(tmp_path):
@@ -389,6 +391,7 @@ BAD_FLAGS = [
     (["--data", "/dev/zero"], "character device"),
     (["--tokenizer", "/dev/zero"], "character device"),
     (["--resume-from", "../elsewhere"], "--resume-from"),
+    (["--set", "training.stages.0.seq_len=1000000"], "seq_len"),
 ]
 
 
