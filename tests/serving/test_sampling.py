@@ -36,11 +36,63 @@ def test_temperature_top_k_and_top_p():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("max_tokens", -1)],
+    [
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", float("nan")),
+        ("top_k", -1),
+        ("max_tokens", -1),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("logprobs", 21),
+        ("prompt_logprobs", -1),
+    ],
 )
 def test_invalid_params_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_p=1e-300),
+        SamplingParams(top_p=5e-324),
+        SamplingParams(temperature=1e-300),
+        SamplingParams(temperature=5e-324, top_p=1e-300, top_k=3),
+        SamplingParams(temperature=2.0, top_p=1e-40),
+    ],
+    ids=["top_p", "top_p-subnormal", "temperature", "all", "hot-top_p"],
+)
+def test_settings_at_the_edge_of_the_range_keep_the_top_token(params, dtype):
+    """What used to be 0/0 (NaN) or an empty top-p set: every row keeps its most likely token."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(64, 50, generator=g) * 30).to(dtype)
+    logits[3] = 1e4  # a flat row: all tied
+    logits[5, :10] = -torch.inf  # some tokens impossible
+    p = probs(logits, params)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(64, dtype=dtype))
+    top = logits.argmax(-1)
+    assert (p.masked_fill(logits < logits.amax(-1, keepdim=True), 0).sum(-1) > 0).all()  # a top token kept
+    tokens = [sample(p[i], g) for i in range(64)]
+    assert tokens[:3] + tokens[4:] == top.tolist()[:3] + top.tolist()[4:]  # the tied row may pick any
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_for_that_row(bad):
+    logits = torch.zeros(2, 8)
+    logits[1, 3] = bad
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        probs(logits, SamplingParams())
+    with pytest.raises(FloatingPointError):
+        probs(logits, SamplingParams(temperature=0))  # greedy would pick NaN's index silently
+    assert torch.isfinite(probs(logits[:1], SamplingParams())).all()
+    with pytest.raises(FloatingPointError):
+        probs(torch.full((4,), -torch.inf), SamplingParams())
 
 
 def test_accept_rule_emits_the_target_distribution():
