@@ -5,7 +5,7 @@
 | 0     | nothing (the default)                                                     |                                  |
 | 1     | each pass: its name, time and node count                                  | `lmspec.compiler.passes`, INFO   |
 | 2     | also the IR before the passes and after each: op counts and the listing of `lmspec graph` (one layer per block kind, the others collapsed; printed again only when a pass changed it) | `lmspec.compiler.passes`, DEBUG |
-| 3     | also the plan summary and the paths of the generated files                | `lmspec.compiler.plan`, `lmspec.codegen`, INFO |
+| 3     | also the plan summary, and the paths of the files a compile wrote (or of the cache entry it reused) | `lmspec.compiler.plan`, `lmspec.codegen`, INFO |
 
 The records are there whatever the level: an application that configures `logging` itself sees them
 at the record levels above. The level only sets up a stderr handler on the `lmspec` logger and the
@@ -33,6 +33,7 @@ __all__ = [
     "apply_debug_level",
     "debug_level",
     "describe_plan",
+    "log_generated",
     "set_debug_level",
 ]
 
