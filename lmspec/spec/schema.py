@@ -225,6 +225,12 @@ class MoEFFN(StrictModel):
                 f"top_k_groups: expected at most num_groups ({self.num_groups}), got {self.top_k_groups}"
             )
         per_group = self.num_experts // self.num_groups
+        if self.num_groups > 1 and per_group < 2:
+            # A group scores as the sum of its top-2 experts (DeepSeek-V3, transformers).
+            raise ValueError(
+                f"num_groups: expected groups of at least 2 experts (num_experts {self.num_experts} / "
+                f"num_groups), got {self.num_groups} groups of {per_group}"
+            )
         if self.num_groups > 1 and self.top_k > self.top_k_groups * per_group:
             raise ValueError(
                 f"top_k: expected at most the experts in the kept groups ({self.top_k_groups} x {per_group}), "

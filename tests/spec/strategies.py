@@ -115,7 +115,7 @@ def ffn_kinds(draw) -> dict:
     if draw(st.booleans()):
         return {"kind": "dense", "intermediate_size": draw(st.integers(1, 128)), "activation": "silu"}
     groups = draw(st.sampled_from([1, 2, 4]))
-    experts = groups * draw(st.integers(1, 6))
+    experts = groups * draw(st.integers(1 if groups == 1 else 2, 6))  # a group holds at least 2 experts
     kept = draw(st.integers(1, groups))
     top_k = draw(st.integers(1, kept * (experts // groups) if groups > 1 else experts))
     return {
@@ -231,3 +231,22 @@ def spec_data(draw) -> dict:
 
 def specs() -> st.SearchStrategy[Spec]:
     return spec_data().map(Spec.model_validate)
+
+
+@st.composite
+def tiny_spec_data(draw) -> dict:
+    """A valid spec as `spec_data` draws it, shrunk to dimensions a CPU builds and steps in a second:
+    at most 4 decoder layers and 2 MTP blocks, hidden size at most 32, vocabulary at most 64."""
+    data = draw(spec_data())
+    m = data["model"]
+    blocks = sorted(m["blocks"])
+    m["layers"] = " ".join(draw(st.lists(st.sampled_from(blocks), min_size=1, max_size=4)))
+    m["hidden_size"] = draw(st.integers(1, 32))
+    m["vocab_size"] = draw(st.integers(1, 64))
+    if "mtp" in m:
+        m["mtp"]["num_blocks"] = min(m["mtp"]["num_blocks"], 2)
+        if "serving" in data:
+            data["serving"]["speculative_depth"] = min(
+                data["serving"]["speculative_depth"], m["mtp"]["num_blocks"]
+            )
+    return data

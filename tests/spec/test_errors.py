@@ -122,6 +122,17 @@ CASES = [
         "expected at most num_experts (8), got 9",
     ),
     (
+        "groups_of_one_expert",
+        """
+        extends: TINY
+        model:
+          ffn:
+            moe: {num_groups: 8, top_k_groups: 2}
+        """,
+        "4:11: model.ffn.moe.num_groups:",
+        "expected groups of at least 2 experts (num_experts 8 / num_groups), got 8 groups of 1",
+    ),
+    (
         "non_positive_window",
         """
         extends: TINY
