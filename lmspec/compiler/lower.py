@@ -133,6 +133,7 @@ class _Builder:
         )
         rope = {
             "rope_dim": a.rope_dim,
+            "rope_freq_dim": a.rope_freq_dim,  # the d of theta ** (-2i / d); odd d rounds rope_dim up
             "qk_head_dim": a.qk_head_dim,
             "theta": a.rope.theta,
             "kind": kind,

@@ -92,6 +92,7 @@ class AttentionPlan:
     qk_head_dim: int
     v_head_dim: int
     rope_dim: int
+    rope_freq_dim: int  # the d of the frequencies theta ** (-2i / d); an odd d rotates rope_dim = d + 1 dims
     theta: float
     value_scale: float
     sink: bool
@@ -309,6 +310,7 @@ def _attention_facts(graph: Graph, layer: LayerInfo, nodes: list[str]) -> dict[s
         "qk_head_dim": attrs["qk_head_dim"],
         "v_head_dim": attrs["v_head_dim"],
         "rope_dim": rope["rope_dim"],
+        "rope_freq_dim": rope["rope_freq_dim"],
         "theta": float(rope["theta"]),
         "value_scale": float(attrs["value_scale"]),
         "sink": bool(attrs["sink"]),

@@ -76,9 +76,17 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
-def rope_inv_freq(theta: float, rope_dim: int, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies (rope_dim / 2,) in float32, computed exactly as transformers does."""
-    return 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float, device=device) / rope_dim))
+def rope_inv_freq(
+    theta: float, rope_dim: int, device: torch.device | None = None, freq_dim: int | None = None
+) -> Tensor:
+    """Inverse frequencies (rope_dim / 2,) in float32, computed exactly as transformers does.
+
+    ``theta ** (-2i / freq_dim)`` for i < rope_dim / 2; ``freq_dim`` defaults to ``rope_dim``. transformers
+    takes an odd d = int(head_dim * partial_rotary_factor) as the exponent's denominator and rotates d + 1
+    dims: ``arange(0, d, 2) / d`` is ``arange(0, d + 1, 2) / d``, i.e. rope_dim = d + 1, freq_dim = d.
+    """
+    steps = torch.arange(0, rope_dim, 2, dtype=torch.float, device=device)
+    return 1.0 / (theta ** (steps / (rope_dim if freq_dim is None else freq_dim)))
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,22 +96,24 @@ class RotaryEmbedding(nn.Module):
     buffer, so a dtype cast of the model can never round them and ``set_theta`` needs no bookkeeping.
     """
 
-    def __init__(self, theta: float, rope_dim: int) -> None:
+    def __init__(self, theta: float, rope_dim: int, freq_dim: int | None = None) -> None:
         super().__init__()
         self.theta = float(theta)
         self.rope_dim = rope_dim
+        self.freq_dim = rope_dim if freq_dim is None else freq_dim  # see rope_inv_freq
 
     def set_theta(self, theta: float) -> None:
         self.theta = float(theta)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        inv_freq = rope_inv_freq(self.theta, self.rope_dim, position_ids.device)
+        inv_freq = rope_inv_freq(self.theta, self.rope_dim, position_ids.device, self.freq_dim)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, rope_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rope_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def extra_repr(self) -> str:
-        return f"theta={self.theta:g}, rope_dim={self.rope_dim}"
+        odd = f", freq_dim={self.freq_dim}" if self.freq_dim != self.rope_dim else ""
+        return f"theta={self.theta:g}, rope_dim={self.rope_dim}{odd}"
 
 
 def seq_aux_loss(scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -> Tensor:

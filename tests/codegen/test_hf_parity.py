@@ -79,6 +79,24 @@ CONFIGS = {
             S: {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         },
     ),
+    # odd rotary products, which transformers rounds up: head_dim 16 with the default factor 0.334
+    # gives int(5.344) = 5 -> 3 frequencies over 6 dims; 16 x 0.45 gives 7 -> 4 frequencies over 8 dims
+    "odd_rotary": dict(
+        num_hidden_layers=3,
+        layer_types=[G, S, G],
+        mlp_layer_types=["dense", "sparse", "sparse"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        v_head_dim=8,
+        sliding_window=6,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={
+            G: {"rope_type": "default", "rope_theta": 10000.0},
+            S: {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.45},
+        },
+    ),
 }
 
 
@@ -122,6 +140,29 @@ def test_logits_match_transformers(name, tmp_path):
     with torch.no_grad():
         diff = (ref(x).logits - ours(x).logits).abs().max().item()
     assert diff < 1e-4
+
+
+def test_odd_rotary_products_round_as_transformers(tmp_path):
+    """int(16 * 0.334) = 5: 3 frequencies theta ** (-2i / 5) over 6 rotated dims, bit for bit; and back."""
+    from lmspec.runtime.model_base import RotaryEmbedding
+
+    ref = hf_model("odd_rotary")
+    ref.save_pretrained(tmp_path / "hf")
+    ours = lmspec.from_pretrained(tmp_path / "hf")
+    attention = ours.spec.model.attention
+    assert (attention["global"].rope_freq_dim, attention["global"].rope_dim) == (5, 6)
+    assert (attention["swa"].rope_freq_dim, attention["swa"].rope_dim) == (7, 8)
+    positions = torch.arange(40)[None]
+    for kind, layer_type in (("global", G), ("swa", S)):
+        theirs = ref.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions, layer_type)
+        mine = ours.model.rotary[kind](positions, torch.float32)
+        assert isinstance(ours.model.rotary[kind], RotaryEmbedding)
+        assert torch.equal(theirs[0], mine[0]) and torch.equal(theirs[1], mine[1]), kind
+    ours.save_pretrained(tmp_path / "ours")  # exported with the same partial_rotary_factor
+    back = MiMoV2FlashForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    x = ids(40, seed=5)
+    with torch.no_grad():
+        assert (back(x).logits - ours(x).logits).abs().max().item() < 1e-4
 
 
 def test_round_trip_through_transformers(tmp_path):
