@@ -17,7 +17,11 @@ class Parser(argparse.ArgumentParser):
 
 
 # Optional extras (pyproject.toml) and the modules each brings; a command that needs one checks first.
-EXTRAS: dict[str, tuple[str, ...]] = {"kernels": ("hypothesis", "triton"), "triton": ("triton",)}
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "kernels": ("hypothesis", "triton"),
+    "triton": ("triton",),
+    "sweep": ("submitit",),
+}
 
 
 def require_extra(extra: str, command: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lmspec.cli.common import positive_int
+from lmspec.cli.common import positive_int, require_extra
 from lmspec.errors import UsageError
 
 
@@ -60,6 +60,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from lmspec.train.results import collect, format_table, write_results
     from lmspec.train.sweep import plan_jobs, run_sweep
 
+    if args.launcher == "submitit":
+        require_extra("sweep", "sweep --launcher submitit")
     sweep = _load_sweep(args)
     out = Path(args.out) if args.out else Path("sweeps") / sweep.spec.name
     if args.dry_run:
