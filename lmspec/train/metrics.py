@@ -37,13 +37,22 @@ class MetricsWriter:
 
             raise UsageError(f"{self.path}: already holds logged steps; refusing to write over them")
         self._f = self.path.open("a", encoding="utf-8")
+        self._failed = False
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+        except OSError as e:  # a full disk: say which file, as the buffered writer does not
+            self._failed = True
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not self._failed:  # after a failed write, closing retries the same write: that error is out
+                raise
 
 
 def _cut_offset(data: bytes, after_step: int) -> int:

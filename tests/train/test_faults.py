@@ -345,6 +345,16 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_is_bitwise(
     assert_same_run(reference, out)
 
 
+def test_disk_full_while_logging_metrics_names_the_file(tmp_path, capsys):
+    """/dev/full fails every write with ENOSPC: a real full-disk error, on the metrics file."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    assert_refused(lmspec_cli(_train(out), capsys), "metrics.jsonl: No space left on device")
+
+
 def test_a_real_full_tmpfs(reference, tmp_path, capsys):
     """On a 90 MB tmpfs the third 37 MB checkpoint does not fit; after growing it, --resume finishes."""
     mount = tmp_path / "small"
