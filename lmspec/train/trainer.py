@@ -1,5 +1,9 @@
 """The trainer: a spec's declared schedule, run end to end.
 
+`Trainer(TrainConfig(spec=...)).run()`: `setup()` resolves the spec, decides what the run directory allows
+(rundir.py), loads the data and builds or restores the model; then `step()` until the schedule's tokens are
+seen, with `evaluate()` and `checkpoint()` at their intervals. `train(spec, **fields)` is the one-call form.
+
 One step:
  1. `schedule_at(spec, tokens)` gives the stage, LR, batch size, sequence length, RoPE theta, MTP weight and
     balancing factors of the step (a stage switch re-sets RoPE theta through `model.set_rope_theta`);
