@@ -1,10 +1,14 @@
 """Decoding: a batched engine with MTP speculative decoding over the hybrid KV cache, and `lmspec generate`.
 
 ``DecodeEngine`` holds up to ``max_batch`` sequences, each in one row of a ``HybridKVCache``. Every
-``step()`` runs one batched forward of the main model (prefill chunks and decode rows side by side,
-ragged rows padded with position -1), preceded, when speculating, by one batched forward per MTP
-block that drafts the next tokens. ``Generator`` wraps it for one or a few requests; the server's
-scheduler drives the same engine with continuous batching.
+``step()`` advances the decoding rows by one verify forward of the main model (preceded, when
+speculating, by one batched forward per MTP block that drafts the next tokens), then reads the next
+chunk of the prompts still being read (one main forward, plus one catch-up forward per MTP block).
+Each forward covers only the rows it concerns; ragged rows are padded with position -1. While rows
+decode, prompts are read ``interleaved_prefill_chunk`` tokens per step, so a long prompt delays the
+others' tokens by one small forward per step, not by its whole prefill. A row that fails (NaN logits,
+a raising forward) ends alone. ``Generator`` wraps the engine for one or a few requests; the
+server's scheduler drives the same engine with continuous batching.
 
 Speculative decoding, exactly (positions 0-based; N = tokens the main model has processed; the
 sequence holds x_0..x_N, x_N sampled but not yet fed; h^0_p is the main model's last hidden state at

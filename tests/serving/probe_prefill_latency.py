@@ -51,12 +51,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--long", type=int, default=4000, help="tokens in the long prompt")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--interleaved-chunk", type=int, default=None, help="the engine's interleaved_prefill_chunk"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = lmspec.build(TINY, dtype=torch.float32).eval()
     name = model.spec.name
-    app = create_app(model, ByteTokenizer(), speculative_depth=model.spec.serving.speculative_depth, max_batch=8)
+    options = {} if args.interleaved_chunk is None else {"interleaved_prefill_chunk": args.interleaved_chunk}
+    depth = model.spec.serving.speculative_depth
+    app = create_app(model, ByteTokenizer(), speculative_depth=depth, max_batch=8, **options)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -68,14 +73,16 @@ def main() -> None:
     beside, long_s = [], []
     for _ in range(args.repeats):
         out: list[float] = []
-        t = threading.Thread(target=lambda: out.append(_post(base, name, "x" * args.long, 1)))
+        t = threading.Thread(target=lambda out=out: out.append(_post(base, name, "x" * args.long, 1)))
         t.start()
         time.sleep(0.3)  # let the long request be admitted and start its prefill
         beside.append(_post(base, name, "hello there", 16))
         t.join()
         long_s.append(out[0])
     print(f"short request alone:               median {statistics.median(alone):.3f} s  {alone}")
-    print(f"short request during {args.long}-token prefill: median {statistics.median(beside):.3f} s  {beside}")
+    print(
+        f"short request during {args.long}-token prefill: median {statistics.median(beside):.3f} s  {beside}"
+    )
     print(f"the long request itself:           median {statistics.median(long_s):.3f} s")
     server.should_exit = True
 
