@@ -254,7 +254,11 @@ def _spec_for(
         try:
             apply_override(data, f"{o.path}={json.dumps(o.value)}", positions, index)
         except SpecError as e:
-            raise _at(sweep_file, o.key_pos, e.field, e.message, value=False) from None
+            # e.col is the column of the offending name inside the path (a plain key): point at it.
+            at = _at(sweep_file, o.key_pos, e.field, e.message, value=False)
+            raise SpecError(
+                at.file, at.line, at.col + max(e.col - 1, 0) if at.line else 0, at.field, at.message
+            ) from None
     try:
         return validate(data, positions, str(spec_file))
     except SpecError as e:

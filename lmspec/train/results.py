@@ -173,7 +173,7 @@ def _diff(v: Variant, base: Spec | None) -> str:
     settings = v.runs[0].settings
     if settings is not None:
         return "; ".join(f"{k}={_text(val)}" for k, val in settings if k != "training.seed") or "(base)"
-    return spec_diff(base or v.runs[0].spec, v.runs[0].spec)
+    return spec_diff(base, v.runs[0].spec) if base is not None else "(base)"
 
 
 def accounting_columns(spec: Spec) -> dict[str, Any]:
@@ -244,6 +244,7 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 def summarize(variants: list[Variant], base: Spec | None = None) -> list[dict[str, Any]]:
     """One row per variant: label, seeds, diff, accounting columns, then measured mean and _std columns."""
     table = []
+    base = base or (variants[0].runs[0].spec if variants else None)
     for v in variants:
         row: dict[str, Any] = {"variant": v.label, "seeds": len(v.runs), "diff": _diff(v, base)}
         row.update(accounting_columns(v.runs[0].spec))
