@@ -7,15 +7,17 @@ or large, so a hostile or mistyped input is refused in well under a second and a
 
 Loader limits (what is read and parsed):
 
-| constant              | bound          | what it stops                                              |
-|-----------------------|----------------|------------------------------------------------------------|
-| `MAX_FILE_BYTES`      | 1 MiB          | `/dev/zero`-sized or runaway files; also each `--set` value |
-| `MAX_YAML_VALUES`     | 20,000         | alias bombs (values are counted with aliases expanded)     |
-| `MAX_NESTING`         | 64 levels      | `[[[[...]]]]` and self-referencing aliases                 |
-| `MAX_EXTENDS_DEPTH`   | 32 files       | runaway `extends` chains                                   |
-| `MAX_PATTERN_CHARS`   | 100,000 chars  | huge layer patterns (checked before tokenizing)            |
-| `MAX_LAYERS`          | 1024 layers    | `S*10000000` and 50,000-layer specs (checked while expanding) |
-| `MAX_QUOTE_CHARS`     | 200 chars      | error messages that echo megabytes of input                |
+| constant            | bound         | what it stops                                                   |
+|---------------------|---------------|-----------------------------------------------------------------|
+| `MAX_FILE_BYTES`    | 128 KiB       | runaway files; also a spec's files together (extends included)  |
+|                     |               | and each `--set` value                                          |
+| `MAX_YAML_VALUES`   | 20,000        | long lists and alias bombs: nodes are counted while composing,  |
+|                     |               | so scanning stops there, then again with aliases expanded       |
+| `MAX_NESTING`       | 64 levels     | `[[[[...]]]]` and self-referencing aliases                      |
+| `MAX_EXTENDS_DEPTH` | 32 files      | runaway `extends` chains                                        |
+| `MAX_PATTERN_CHARS` | 65,536 chars  | huge layer patterns (checked before tokenizing)                 |
+| `MAX_LAYERS`        | 1024 layers   | `S*10000000` and 50,000-layer specs (checked while expanding)   |
+| `MAX_QUOTE_CHARS`   | 200 chars     | error messages that echo megabytes of input                     |
 
 Names: kind, block, stage and spec names match `NAME_PATTERN`, `[A-Za-z_][A-Za-z0-9_]{0,63}` — an
 ASCII identifier of at most 64 characters. Names reach generated code, file names, logs and metric
@@ -44,11 +46,11 @@ Bounds tied to other fields live in the schema's validators: a stage's `seq_len`
 
 from __future__ import annotations
 
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = 1 << 17
 MAX_YAML_VALUES = 20_000
 MAX_NESTING = 64
 MAX_EXTENDS_DEPTH = 32
-MAX_PATTERN_CHARS = 100_000
+MAX_PATTERN_CHARS = 65_536  # 1024 layers of 63-character names, written out
 MAX_LAYERS = 1024
 MAX_QUOTE_CHARS = 200
 

@@ -5,11 +5,12 @@ Every failure — YAML syntax, duplicate keys, schema violations, a bad pattern,
 line and column of the offending text.
 
 Input is bounded before it costs anything (see `lmspec.spec.limits`): a path is `stat`ed before it
-is opened and anything but a regular file of at most `MAX_FILE_BYTES` is refused (so `/dev/zero`
-and FIFOs are never read); YAML is composed once and built with every value counted, aliases
-expanded (`MAX_YAML_VALUES`) and nesting bounded (`MAX_NESTING`); `extends` chains are at most
-`MAX_EXTENDS_DEPTH` files; `--set` values go through the same builder as files. What an error
-quotes from the input is cut to `MAX_QUOTE_CHARS`.
+is opened and anything but a regular file is refused (so `/dev/zero` and FIFOs are never read); a
+spec's files hold at most `MAX_FILE_BYTES` together; YAML is composed with its nodes counted and
+its nesting bounded (`MAX_YAML_VALUES`, `MAX_NESTING`), so scanning stops at the limit, then built
+with every value counted again, aliases expanded; `extends` chains are at most `MAX_EXTENDS_DEPTH`
+files; `--set` values go through the same loader as files. What an error quotes from the input is
+cut to `MAX_QUOTE_CHARS`.
 """
 
 from __future__ import annotations
@@ -163,13 +164,60 @@ class _Builder:
         return out
 
 
+class _TooMany(Exception):
+    def __init__(self, mark: yaml.Mark, message: str) -> None:
+        self.mark = mark
+        self.message = message
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader whose composer stops at `MAX_YAML_VALUES` nodes or `MAX_NESTING` levels.
+
+    PyYAML composes the whole document before anything is built, and scans lazily: stopping here
+    means a 1 MiB list of numbers is refused after its first few kilobytes, not after 20 s and
+    hundreds of MB of nodes. (Aliases are counted again, expanded, by `_Builder`.)
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.nodes = 0
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.nodes += 1
+        if self.nodes > MAX_YAML_VALUES:
+            mark = self.peek_event().start_mark
+            raise _TooMany(
+                mark, f"expected at most {MAX_YAML_VALUES} YAML values (aliases expanded), got more"
+            )
+        if self.depth > MAX_NESTING:
+            raise _TooMany(
+                self.peek_event().start_mark, f"expected at most {MAX_NESTING} levels of nesting, got more"
+            )
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _compose(text: str) -> yaml.Node | None:
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
 def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
     if len(text) > MAX_FILE_BYTES:
         raise SpecError(
             file, 0, 0, "", f"expected at most {MAX_FILE_BYTES} characters of YAML, got {len(text)}"
         )
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
+    except _TooMany as e:
+        raise SpecError(file, e.mark.line + 1, e.mark.column + 1, "", e.message) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
@@ -177,11 +225,6 @@ def _parse_yaml(text: str, file: str) -> tuple[Any, dict[Path_, Pos]]:
         raise SpecError(file, line, col, "", f"YAML syntax: {problem}") from None
     except yaml.YAMLError as e:
         raise SpecError(file, 0, 0, "", f"YAML syntax: {clip(str(e))}") from None
-    except RecursionError:
-        # PyYAML's composer recurses once per nesting level: `[[[[...]]]]` thousands deep.
-        raise SpecError(
-            file, 0, 0, "", f"YAML syntax: expected at most {MAX_NESTING} levels of nesting, got far more"
-        ) from None
     positions: dict[Path_, Pos] = {}
     if node is None:
         return {}, positions
@@ -224,12 +267,12 @@ def _not_regular(mode: int) -> str | None:
     return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
     """The UTF-8 text of a spec file, refusing before reading anything that is not a small regular file.
 
     The path is `stat`ed first, so `/dev/zero`, a FIFO or a directory is never opened; the file is
     then opened non-blocking (a FIFO swapped in after the `stat` cannot hang the read), checked
-    again on its descriptor, and read to at most `MAX_FILE_BYTES` + 1 bytes.
+    again on its descriptor, and read to at most `limit` + 1 bytes (`MAX_FILE_BYTES` by default).
     """
     shown = clip(str(path))
     data = b""
@@ -239,11 +282,11 @@ def read_text(path: Path) -> str:
 
     try:
         info = os.stat(path)
-        if _not_regular(info.st_mode) is None and info.st_size <= MAX_FILE_BYTES:
+        if _not_regular(info.st_mode) is None and info.st_size <= limit:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
             with os.fdopen(fd, "rb") as f:
                 info = os.fstat(fd)
-                data = f.read(MAX_FILE_BYTES + 1) if _not_regular(info.st_mode) is None else b""
+                data = f.read(limit + 1) if _not_regular(info.st_mode) is None else b""
     except FileNotFoundError:
         raise refuse("expected a spec file, got a path that does not exist") from None
     except OSError as e:
@@ -256,7 +299,11 @@ def read_text(path: Path) -> str:
     kind = _not_regular(info.st_mode)
     if kind is not None:
         raise refuse(f"expected a regular file, got {kind}")
-    if info.st_size > MAX_FILE_BYTES or len(data) > MAX_FILE_BYTES:
+    if info.st_size > limit or len(data) > limit:
+        if limit < MAX_FILE_BYTES:  # the files before it in an extends chain used the rest
+            raise refuse(
+                f"expected the files of one spec to hold at most {MAX_FILE_BYTES} bytes together, got more"
+            )
         raise refuse(
             f"expected a spec file of at most {MAX_FILE_BYTES} bytes, got {max(info.st_size, len(data))}"
         )
@@ -278,10 +325,17 @@ def _resolved(path: Path) -> Path:
         return path
 
 
-def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, Pos]]:
-    """Read one file and, first, the files it extends (`stack`: the files extending this one)."""
+def _load_file(
+    path: Path, stack: tuple[Path, ...], budget: int = MAX_FILE_BYTES
+) -> tuple[dict, dict[Path_, Pos]]:
+    """Read one file and, first, the files it extends (`stack`: the files extending this one).
+
+    `budget` is what is left of `MAX_FILE_BYTES` for this file and its parents: a spec's files hold
+    at most that much together, so a chain of extends costs no more than one file.
+    """
     shown = clip(str(path))
-    data, positions = _parse_yaml(read_text(path), shown)
+    text = read_text(path, budget)
+    data, positions = _parse_yaml(text, shown)
     if not isinstance(data, dict):
         raise SpecError(shown, 1, 1, "", f"expected a mapping at the top level, got {type(data).__name__}")
     parent = data.pop("extends", None)
@@ -311,7 +365,7 @@ def _load_file(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, P
             clip(f"expected an acyclic chain of extends, got a cycle: {names}"),
         )
     try:
-        base, base_positions = _load_file(parent_path, chain)
+        base, base_positions = _load_file(parent_path, chain, budget - len(text.encode("utf-8")))
     except SpecError as e:
         if e.line == 0 and e.file == clip(str(parent_path)):
             # The parent could not be read: say so at the `extends` that names it.

@@ -513,6 +513,4 @@ def test_alias_bomb(tmp_path, run_cli):
 
 def test_deep_nesting(tmp_path, run_cli):
     path = _write(tmp_path, "name: " + "[" * 5000 + "]" * 5000 + "\n")
-    assert (
-        _error(run_cli, path) == f"{path}: YAML syntax: expected at most 64 levels of nesting, got far more"
-    )
+    assert _error(run_cli, path) == f"{path}:1:71: expected at most 64 levels of nesting, got more"

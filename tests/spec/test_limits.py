@@ -160,6 +160,36 @@ def test_a_binary_file_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: [" + ",".join(["1"] * 60_000) + "]\n",  # refused after its first 20,000 values are scanned
+        "".join(f"k{i}: 1\n" for i in range(11_000)),  # a key and a value each
+        "a: &a 1\nb: [" + ",".join(["*a"] * 25_000) + "]\n",  # aliases count where they are used
+    ],
+    ids=["long_list", "many_keys", "many_aliases"],
+)
+def test_a_file_of_many_values_is_refused_while_composing(tmp_path, text):
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    assert len(text) < MAX_FILE_BYTES
+    assert check(path).endswith(
+        f"expected at most {MAX_YAML_VALUES} YAML values (aliases expanded), got more"
+    )
+
+
+def test_the_files_of_one_spec_share_the_size_limit(tmp_path):
+    filler = "# " + "x" * 77 + "\n"
+    (tmp_path / "base.yaml").write_text(filler * (MAX_FILE_BYTES // 160 + 10))  # half, and a bit
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\n" + filler * (MAX_FILE_BYTES // 320))
+    path = tmp_path / "spec.yaml"
+    path.write_text("extends: mid.yaml\n" + filler * (MAX_FILE_BYTES // 320))
+    line = check(path)
+    assert line.startswith(
+        f"{tmp_path / 'mid.yaml'}:1:10: extends: expected the files of one spec to hold at most"
+    )
+
+
 def test_an_extends_chain_1100_deep_reports_the_depth_limit(tmp_path):
     for i in range(1100):
         (tmp_path / f"s{i}.yaml").write_text(f"extends: s{i + 1}.yaml\n")
@@ -219,7 +249,7 @@ def test_a_pattern_longer_than_the_limit_is_refused_before_tokenizing():
 
 
 def test_a_pattern_of_many_layers_stops_at_the_layer_limit():
-    line = check(TINY, "--set", "model.layers=" + "G " * 45_000)  # 90,000 characters, linear to read
+    line = check(TINY, "--set", "model.layers=" + "G " * 30_000)  # 60,000 characters, linear to read
     assert line.endswith(f"model.layers: expected at most {MAX_LAYERS} layers, got more")
 
 
