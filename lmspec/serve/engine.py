@@ -351,10 +351,17 @@ class DecodeEngine:
                 self.rows[i] = None
 
     def abort(self, error: BaseException) -> list[Event]:
-        """End every running request with ``error`` (the engine itself failed) and empty the cache."""
+        """End every running request with ``error`` (the engine itself failed) and empty their rows."""
         for s in self.active:
             self._fail(s, error)
-        return self._report_failures()
+        try:
+            return self._report_failures()
+        except Exception:  # noqa: BLE001 - even zeroing the cache failed: free the rows regardless
+            events = [Event(s.rid, [], "", True, "error", s.stats, error=s.error) for s in self._failed]
+            self.rows = [None] * len(self.rows)
+            self._failed = []
+            self.cache.reset()
+            return events
 
     def _empty_hidden(self) -> Tensor:
         return torch.empty(0, self.spec.model.hidden_size, device=self.device, dtype=self.dtype)

@@ -158,4 +158,7 @@ class Scheduler:
             if ev.error is not None:
                 m.requests_failed += 1
         if not req.cancelled:
-            req.deliver(ev)
+            try:
+                req.deliver(ev)
+            except RuntimeError:  # the handler's event loop has closed (shutdown): nobody is listening
+                req.cancelled = True
