@@ -9,7 +9,9 @@ sliding layers. A spec outside that still exports a config: the keys the Hub che
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from lmspec.spec import (
@@ -22,11 +24,11 @@ from lmspec.spec import (
     SpecError,
     spec_to_data,
 )
-from lmspec.spec.limits import MAX_LAYERS, clip, identifier_from, quote
-from lmspec.spec.loader import validate
+from lmspec.spec.limits import MAX_CONFIG_BYTES, MAX_LAYERS, clip, identifier_from, quote
+from lmspec.spec.loader import read_text, validate
 from lmspec.spec.pattern import compress_layers
 
-__all__ = ["config_to_spec", "export_issues", "spec_to_config"]
+__all__ = ["config_to_spec", "export_issues", "read_config", "spec_to_config"]
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
@@ -446,6 +448,27 @@ def _model(config: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config.json file as a dict; a one-line SpecError for anything else.
+
+    The file must be a regular file of at most `MAX_CONFIG_BYTES` (stat first, as for spec files),
+    hold JSON, and have an object at the top level.
+    """
+    shown = clip(str(path))
+    text = read_text(Path(path), MAX_CONFIG_BYTES, "config.json file")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(shown, e.lineno, e.colno, "", f"expected JSON, got a syntax error: {e.msg}") from None
+    except RecursionError:
+        raise SpecError(shown, 0, 0, "", "expected JSON nested a few levels deep, got far deeper") from None
+    if not isinstance(config, dict):
+        raise SpecError(
+            shown, 1, 1, "", f"expected a JSON object at the top level, got {type(config).__name__}"
+        )
+    return config
+
+
 def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
     """A Spec (no training section) from a transformers ``mimo_v2_flash`` config.json dict.
 
@@ -455,6 +478,8 @@ def config_to_spec(config: dict[str, Any], name: str = "imported") -> Spec:
     (``MiMo-V2-Flash`` becomes ``MiMo_V2_Flash``); names *inside* the config (an embedded
     ``lmspec_spec``) must already be identifiers, as in any spec.
     """
+    if not isinstance(config, dict):
+        raise _error("", f"expected a JSON object at the top level, got {type(config).__name__}")
     if "lmspec_spec" in config:
         embedded = config["lmspec_spec"]
         if not isinstance(embedded, dict):

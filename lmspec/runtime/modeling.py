@@ -154,9 +154,9 @@ def _spec_from_dir(directory: Path) -> Spec:
         return load_spec(spec_file)
     config_file = directory / CONFIG_FILE
     if config_file.exists():
-        from lmspec.codegen.hf import config_to_spec
+        from lmspec.codegen.hf import config_to_spec, read_config
 
-        return config_to_spec(json.loads(config_file.read_text()), name=directory.name or "imported")
+        return config_to_spec(read_config(config_file), name=directory.name or "imported")
     raise SpecError(
         str(directory), 1, 1, "", f"expected {SPEC_FILE} or {CONFIG_FILE} in the folder, found neither"
     )

@@ -18,6 +18,7 @@ Loader limits (what is read and parsed):
 | `MAX_PATTERN_CHARS` | 65,536 chars  | huge layer patterns (checked before tokenizing)                 |
 | `MAX_LAYERS`        | 1024 layers   | `S*10000000` and 50,000-layer specs (checked while expanding)   |
 | `MAX_QUOTE_CHARS`   | 200 chars     | error messages that echo megabytes of input                     |
+| `MAX_CONFIG_BYTES`  | 1 MiB         | a transformers `config.json` read by import or `from_pretrained` |
 
 Names: kind, block, stage and spec names match `NAME_PATTERN`, `[A-Za-z_][A-Za-z0-9_]{0,63}` — an
 ASCII identifier of at most 64 characters. Names reach generated code, file names, logs and metric
@@ -53,6 +54,7 @@ MAX_EXTENDS_DEPTH = 32
 MAX_PATTERN_CHARS = 65_536  # 1024 layers of 63-character names, written out
 MAX_LAYERS = 1024
 MAX_QUOTE_CHARS = 200
+MAX_CONFIG_BYTES = 1 << 20  # a transformers config.json (JSON, parsed in C)
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 MAX_NAME_CHARS = 64

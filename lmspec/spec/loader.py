@@ -267,7 +267,7 @@ def _not_regular(mode: int) -> str | None:
     return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
 
 
-def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
+def read_text(path: Path, limit: int = MAX_FILE_BYTES, what: str = "spec file") -> str:
     """The UTF-8 text of a spec file, refusing before reading anything that is not a small regular file.
 
     The path is `stat`ed first, so `/dev/zero`, a FIFO or a directory is never opened; the file is
@@ -288,12 +288,12 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
                 info = os.fstat(fd)
                 data = f.read(limit + 1) if _not_regular(info.st_mode) is None else b""
     except FileNotFoundError:
-        raise refuse("expected a spec file, got a path that does not exist") from None
+        raise refuse(f"expected a {what}, got a path that does not exist") from None
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else type(e).__name__
         if e.errno == errno.ENOENT:
             reason = "a path that does not exist"
-        raise refuse(f"expected a readable spec file, got {reason.lower()}") from None
+        raise refuse(f"expected a readable {what}, got {reason.lower()}") from None
     except ValueError:  # a NUL character in the path
         raise refuse("expected a file path, got one with a NUL character") from None
     kind = _not_regular(info.st_mode)
@@ -304,9 +304,7 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES) -> str:
             raise refuse(
                 f"expected the files of one spec to hold at most {MAX_FILE_BYTES} bytes together, got more"
             )
-        raise refuse(
-            f"expected a spec file of at most {MAX_FILE_BYTES} bytes, got {max(info.st_size, len(data))}"
-        )
+        raise refuse(f"expected a {what} of at most {limit} bytes, got {max(info.st_size, len(data))}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -290,3 +290,29 @@ def test_generate_and_serve_refuse_a_hostile_checkpoint(checkpoint, tmp_path, pl
     assert "expected a name matching" in lines[0]
     assert "serving on" not in proc.stdout
     assert not canary.exists()
+
+
+GARBLED = {
+    "truncated": b'{"num_hidden_layers": ',
+    "not_an_object": b"[1, 2]",
+    "deep": b"[" * 100_000,
+    "binary": bytes(range(256)) * 4,
+}
+
+
+@pytest.mark.parametrize("content", list(GARBLED.values()), ids=list(GARBLED))
+def test_a_garbled_config_json_is_one_line(checkpoint, tmp_path, content):
+    import lmspec
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in checkpoint[0].iterdir():
+        if f.name != "spec.yaml":  # config.json is what is read then
+            (ckpt / f.name).write_bytes(f.read_bytes())
+    (ckpt / "config.json").write_bytes(content)
+    with pytest.raises(SpecError) as info:
+        lmspec.from_pretrained(ckpt)
+    assert str(info.value).startswith(f"{ckpt / 'config.json'}") and "\n" not in str(info.value)
+    proc = _lmspec("generate", checkpoint[1], "--checkpoint", ckpt, "--prompt", "hi")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
