@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmspec.cli.common import load, positive_int, require_extra
-from lmspec.errors import SpecError, UsageError
+from lmspec.errors import UsageError
 from lmspec.spec import Spec, dump_spec
 
 
@@ -156,17 +156,10 @@ def draw_command(
 
 def import_hf_command(config_path: str | Path, output: str | Path) -> int:
     """`lmspec import-hf CONFIG.json -o spec.yaml`: write the spec (no training section) as YAML."""
-    from lmspec.codegen.hf import config_to_spec, export_issues
+    from lmspec.codegen.hf import config_to_spec, export_issues, read_config
 
     path = Path(config_path)
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(path), 1, 1, "", "expected a config.json file, got no such file") from None
-    except json.JSONDecodeError as e:
-        raise SpecError(str(path), e.lineno, e.colno, "", f"expected JSON, got {e.msg}") from None
-    if not isinstance(config, dict):
-        raise SpecError(str(path), 1, 1, "", "expected a JSON object at the top level")
+    config = read_config(path)  # a regular file (stat first: /dev/zero, FIFOs refused), JSON, an object
     # A model folder's config.json is named for its folder; any other JSON file for itself.
     folder = path.resolve().parent.name
     name = folder if path.stem == "config" and folder else path.stem

@@ -326,6 +326,14 @@ def test_examples_stay_valid(run_cli):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_import_hf_refuses_devices_and_fifos(tmp_path):
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)
+    for source, kind in (("/dev/zero", "a character device"), (fifo, "a FIFO")):
+        line = assert_refused(run("import-hf", source, "-o", tmp_path / "spec.yaml"))
+        assert line.endswith(f"expected a regular file, got {kind}")
+
+
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
@@ -333,7 +341,7 @@ def test_examples_stay_valid(run_cli):
         ("num_hidden_layers", 10**9, f"num_hidden_layers: expected 1 to {MAX_LAYERS} layers, got 1000000000"),
         ("hidden_size", 10**30, "hidden_size: expected a value <= 65536"),
         ("n_routed_experts", 10**12, "n_routed_experts: expected a value <= 4096"),
-        ("layer_types", ["full_attention"] * 10**5, "layer_types: expected a list of 48 entries"),
+        ("layer_types", ["full_attention"] * 40_000, "layer_types: expected a list of 48 entries"),
     ],
 )
 def test_import_hf_refuses_huge_configs(tmp_path, key, value, fragment):
