@@ -54,6 +54,7 @@ class AttentionKeywords(_AttentionScale, total=False):
     window_keys: int | None
     q_pos: Tensor | None
     k_pos: Tensor | None
+    segment_ids: Tensor | None
 
 
 class _RouteTopK(TypedDict):

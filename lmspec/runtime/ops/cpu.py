@@ -8,6 +8,7 @@ queries that are the last Tq of Tk positions) runs through ``F.scaled_dot_produc
 | ``banded``      | sliding, Tq == Tk, a multiple of ``BAND_BLOCK``, >= ``min_banded_seq(W)``   | O(T * W)   |
 | ``sdpa_causal`` | global, no sink, Tq == Tk                                                   | O(T^2)     |
 | ``sdpa_masked`` | any other dense case; a sink is folded in as an extra key                   | O(Tq * Tk) |
+| ``sdpa_segments`` | ``segment_ids`` given (packed documents), float32, Tq == Tk; per-sequence mask | O(T^2)   |
 | ``reference``   | explicit positions (decode), not float32, Tq > Tk, window < 1               | reference  |
 
 Every path computes ``lmspec.runtime.ops.reference.attention`` up to float32 rounding
@@ -54,9 +55,19 @@ def min_banded_seq(window_keys: int) -> int:
 
 
 def attention_path(
-    Tq: int, Tk: int, *, window_keys: int | None, sink: bool, dtype: torch.dtype, dense_positions: bool
+    Tq: int,
+    Tk: int,
+    *,
+    window_keys: int | None,
+    sink: bool,
+    dtype: torch.dtype,
+    dense_positions: bool,
+    segments: bool = False,
 ) -> str:
     """The path (see the module's table) that ``attention`` takes for these arguments."""
+    if segments:
+        usable = dtype == torch.float32 and Tq == Tk and (window_keys is None or window_keys >= 1)
+        return "sdpa_segments" if usable else "reference"
     if (
         not dense_positions
         or dtype != torch.float32
@@ -89,13 +100,17 @@ def attention(
         sink=sinks is not None,
         dtype=q.dtype,
         dense_positions=dense,
+        segments=kw.get("segment_ids") is not None,
     )
     PATH_CALLS[path] += 1
     if path == "reference":
         return reference.attention(q, k, v, sinks, **kw)
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"num_heads {q.shape[1]} is not a multiple of num_kv_heads {k.shape[1]}")
-    out = _PATHS[path](q, k, v, sinks, scale=kw["scale"], window_keys=window_keys)
+    if path == "sdpa_segments":
+        out = _sdpa_segments(q, k, v, sinks, scale=kw["scale"], window_keys=window_keys, **_positions(kw))
+    else:
+        out = _PATHS[path](q, k, v, sinks, scale=kw["scale"], window_keys=window_keys)
     value_scale = kw.get("value_scale", keyword_defaults(reference.attention)["value_scale"])
     return out * value_scale if value_scale != 1.0 else out
 
@@ -138,6 +153,40 @@ def _banded(
     mask = _banded_mask(T, window_keys, sinks is not None, q.device)  # (nblk, block, [1 +] L)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (B, Hq, nblk, block, Dv)
     return out.reshape(B, Hq, T, -1)  # (B, Hq, T, Dv)
+
+
+def _positions(kw: AttentionKeywords) -> dict[str, Tensor | None]:
+    return {"q_pos": kw.get("q_pos"), "k_pos": kw.get("k_pos"), "segment_ids": kw.get("segment_ids")}
+
+
+def _sdpa_segments(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sinks: Tensor | None,
+    *,
+    scale: float,
+    window_keys: int | None,
+    q_pos: Tensor | None,
+    k_pos: Tensor | None,
+    segment_ids: Tensor,
+) -> Tensor:
+    """Packed documents (Tq == Tk): one (B, 1, T, [1 +] T) mask per batch, keys of the query's own document
+    only, causal by position, within the window; the sink, if any, is key 0."""
+    B, Hq, T, _ = q.shape
+    dense = torch.arange(T, device=q.device).expand(B, T)
+    qp = (dense if q_pos is None else q_pos)[:, :, None]  # (B, T, 1)
+    kp = (dense if k_pos is None else k_pos)[:, None, :]  # (B, 1, T)
+    mask = (kp >= 0) & (kp <= qp) & (segment_ids[:, :, None] == segment_ids[:, None, :])  # (B, T, T)
+    if window_keys is not None:
+        mask &= (qp - kp) < window_keys
+    mask = mask[:, None]  # (B, 1, T, T): the same for every head
+    if sinks is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    q, k, v = _fold_sink(q, *_per_query_head(k, v, Hq), sinks, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_with_sink_column(mask), scale=scale)
 
 
 _PATHS: dict[str, Callable[..., Tensor]] = {

@@ -75,12 +75,16 @@ def attention(
     window_keys: int | None = None,
     q_pos: Tensor | None = None,
     k_pos: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Masked softmax attention with GQA, a per-head sink logit and sliding window; chunked over queries.
 
     q (B, Hq, Tq, Dqk), k (B, Hkv, Tk, Dqk), v (B, Hkv, Tk, Dv) -> (B, Hq, Tq, Dv).
     Key j is visible to query i iff ``0 <= k_pos[j] <= q_pos[i]`` and ``q_pos[i] - k_pos[j] < window_keys``.
     ``q_pos``/``k_pos`` None means ``arange`` (queries are the last Tq positions when Tq < Tk).
+    ``segment_ids`` (B, Tk), the document of each key (queries are the last Tq of them), additionally hides
+    every key of another document: packed documents do not attend to each other (with positions that
+    restart at each document, each one computes exactly as if it were alone).
     The sink is an extra logit in the denominator only. A query with nothing visible and no sink gives 0.
     """
     B, Hq, Tq, Dqk = q.shape
@@ -117,6 +121,9 @@ def attention(
         visible = (kp >= 0) & (kp <= qp)
         if window_keys is not None:
             visible &= (qp - kp) < window_keys
+        if segment_ids is not None:
+            q_seg = segment_ids[:, Tk - Tq + qs : Tk - Tq + qe, None]  # (B, Tqc, 1)
+            visible &= q_seg == segment_ids[:, None, ks:ke]  # (B, Tqc, Tkc)
         visible = visible[:, None, None]  # (B, 1, 1, Tqc, Tkc)
 
         scores = torch.einsum("bhgqd,bhkd->bhgqk", qg[:, :, :, qs:qe], kc) * scale  # (B, Hkv, G, Tqc, Tkc)
