@@ -394,6 +394,11 @@ class Stage(StrictModel):
     batch_size: BatchSchedule
     lr: LRSchedule
     overrides: StageOverrides = StageOverrides()
+    mixture: dict[Name, PositiveFloat] | None = Field(
+        None,
+        description="Weights over training.sources (`all`: every document) of the stage's sequences; "
+        "default: every document, in one stream.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Stage:
@@ -416,13 +421,49 @@ class Optimizer(StrictModel):
     weight_decay: NonNegativeFloat = 0.1
 
 
+# The source every mixture may name without declaring it: all of the run's training documents.
+ALL_SOURCE = "all"
+ByteCount = _count(limits.MAX_FILE_BYTES * 1024, minimum=0)
+
+
+class DataSource(StrictModel):
+    """A named share of the run's training documents (`--data`, or the embedded corpus), for mixtures.
+
+    A document belongs to the source when its name matches `match` (fnmatch; a file's path, or
+    `path:line` for a JSONL record) and its UTF-8 size is within [min_bytes, max_bytes].
+    """
+
+    match: Annotated[str, Strict(), StringConstraints(min_length=1, max_length=1024)] | None = None
+    min_bytes: ByteCount = 0
+    max_bytes: ByteCount | None = None
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = Optimizer()
     grad_clip: PositiveFloat | None = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     balancing: Balancing = Balancing()
     seed: Seed = 0
+    document_masking: Bool = Field(
+        False,
+        description="Packed sequences: attention stays inside each document and positions restart at each "
+        "document, so a document trains as if it were alone in its sequence.",
+    )
+    sources: dict[Name, DataSource] = Field(default_factory=dict, max_length=limits.MAX_KINDS)
     stages: list[Stage] = Field(min_length=1, max_length=limits.MAX_STAGES)
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> TrainingSpec:
+        if ALL_SOURCE in self.sources:
+            raise ValueError(
+                f"sources.{ALL_SOURCE}: expected another name ({ALL_SOURCE!r} is every document)"
+            )
+        known = sorted({ALL_SOURCE, *self.sources})
+        for i, stage in enumerate(self.stages):
+            for name in stage.mixture or {}:
+                if name not in known:
+                    raise ValueError(f"stages.{i}.mixture.{name}: expected one of {known}, got {name!r}")
+        return self
 
     @property
     def total_tokens(self) -> float:

@@ -113,23 +113,30 @@ def position_bpb(
     eval_tokens: int,
     device: torch.device,
     beyond_from: int | None = None,
+    masking: bool = False,
 ) -> dict[str, Any]:
     """Held-out bits per byte of each position bucket [edges[i], edges[i+1]) at seq_len edges[-1], and
-    of every position from `beyond_from` on."""
+    of every position from `beyond_from` on. With `masking` (the run's document masking) the documents
+    of each sequence are masked as in training and a token's position is its position in its document."""
     seq_len = edges[-1]
-    inputs, labels = corpus.val_set(seq_len, max(eval_tokens, seq_len))
+    batch = corpus.val_batch(seq_len, max(eval_tokens, seq_len), masking=masking)
+    inputs, labels = batch.inputs, batch.labels
     T = inputs.shape[1]  # shorter than seq_len only when the held-out text is
-    nats = torch.zeros(T, dtype=torch.float64)
+    where = batch.position_ids if batch.position_ids is not None else torch.arange(T).expand_as(inputs)
+    nats = torch.zeros(T, dtype=torch.float64)  # by position
+    byte_counts = torch.zeros(T, dtype=torch.float64)
+    token_bytes = torch.from_numpy(corpus.tokenizer.token_bytes[labels.numpy()]).double()  # (N, T)
     for s in range(0, inputs.shape[0], EVAL_BATCH):
-        x, y = inputs[s : s + EVAL_BATCH].to(device), labels[s : s + EVAL_BATCH].to(device)
-        logits = _forward_logits(model, x)  # (b, T, V)
+        rows = slice(s, s + EVAL_BATCH)
+        x, y = inputs[rows].to(device), labels[rows].to(device)
+        logits = model(x, **batch.model_inputs(rows, device)).logits.float()  # (b, T, V)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        nats += ce.view(y.shape).sum(0).double().cpu()
-    byte_counts = torch.from_numpy(corpus.tokenizer.token_bytes[labels.numpy()]).sum(0)  # (T,)
+        nats.index_add_(0, where[rows].reshape(-1), ce.double().cpu())
+        byte_counts.index_add_(0, where[rows].reshape(-1), token_bytes[rows].reshape(-1))
 
     def bucket(lo: int, hi: int) -> float | None:
-        lo, hi = min(lo, T), min(hi, T)
-        return bits_per_byte(float(nats[lo:hi].sum()), int(byte_counts[lo:hi].sum())) if hi > lo else None
+        n_bytes = int(byte_counts[min(lo, T) : min(hi, T)].sum())
+        return bits_per_byte(float(nats[min(lo, T) : min(hi, T)].sum()), n_bytes) if n_bytes else None
 
     return {
         "seq_len": T,
@@ -311,7 +318,13 @@ def evaluate_model(
             )
         return {
             "position_bpb": position_bpb(
-                model, corpus, position_edges(spec), options.eval_tokens, device, pre_extension_len(spec)
+                model,
+                corpus,
+                position_edges(spec),
+                options.eval_tokens,
+                device,
+                pre_extension_len(spec),
+                masking=spec.training.document_masking,
             ),
             "passkey": passkey(
                 model, corpus, lengths, list(options.passkey_depths), options.passkey_trials, device

@@ -46,7 +46,7 @@ from lmspec.spec import Spec, dump_spec, load_spec, spec_hash
 from lmspec.train import distributed
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
-from lmspec.train.data import Corpus, TokenStream, bits_per_byte, read_documents
+from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
 from lmspec.train.losses import training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
 from lmspec.train.rundir import apply_plan, plan_run
@@ -169,8 +169,7 @@ def _autocast(spec: Spec, device: torch.device):
 @torch.no_grad()
 def held_out_loss(
     model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
+    batch: Batch,
     *,
     d: distributed.Dist,
     spec: Spec,
@@ -179,10 +178,10 @@ def held_out_loss(
 ) -> tuple[float, float]:
     """(mean next-token CE in nats, bits per byte) on held-out sequences, split over ranks."""
     totals = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
-    for sl in _micro_slices(d, inputs.shape[0], micro or 16):
-        x, y = inputs[sl].to(d.device), labels[sl]
+    for sl in _micro_slices(d, batch.inputs.shape[0], micro or 16):
+        x, y = batch.inputs[sl].to(d.device), batch.labels[sl]
         with _autocast(spec, d.device):
-            out = model(x, labels=y.to(d.device))
+            out = model(x, labels=y.to(d.device), **batch.model_inputs(sl, d.device))
         totals += torch.tensor(
             [float(out.loss) * y.numel(), y.numel(), corpus.token_bytes(y)], dtype=torch.float64
         )
@@ -324,7 +323,7 @@ class Trainer:
             raise UsageError(
                 f"{self.run_dir}: the data or tokenizer differ from the ones the run started with"
             )
-        self.stream = TokenStream(self.corpus.train_tokens, position=int(state.get("data_position", 0)))
+        self.stream = make_stream(self.corpus, self.spec, state.get("data_position", 0))
 
     def _prepare_run_dir(self) -> None:
         """Apply the run-directory plan and write RUN/spec.yaml: the first writes of the run."""
@@ -383,7 +382,7 @@ class Trainer:
             f"{self.total_tokens:,.0f} tokens in {total_steps} steps on {self.d.device} x{self.d.world_size} "
             f"({self.backend} backend)"
         )
-        self.val_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.val_cache: dict[int, Batch] = {}
         self.theta: dict[str, float] | None = None
         self.last: dict[str, Any] = {}
         self.last_val: tuple[float, float] | None = state.get("last_val")
@@ -404,10 +403,8 @@ class Trainer:
             self.reporter.stage(sched)
         for g in optimizer.param_groups:
             g["lr"] = sched.lr
-        inputs, labels = self.stream.take(sched.batch_size, sched.seq_len)
-        parts = _train_step(
-            model, inputs, labels, sched, d=self.d, spec=spec, micro=self.config.micro_batch_size
-        )
+        batch = self.stream.take_batch(sched.batch_size, sched.seq_len, sched.stage_name)
+        parts = _train_step(model, batch, sched, d=self.d, spec=spec, micro=self.config.micro_batch_size)
         grad_clip = spec.training.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -419,19 +416,20 @@ class Trainer:
         self.tokens += sched.batch_size * sched.seq_len
         dt = time.perf_counter() - t0
         self.elapsed += dt
-        return _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
+        row = _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
+        if batch.source_tokens:  # a stage mixture: the tokens each source gave this step
+            row["source_tokens"] = batch.source_tokens
+        return row
 
     def evaluate(self, seq_len: int) -> tuple[float, float]:
         """Held-out (loss in nats/token, bits per byte) at `seq_len`; the model is left in the mode it was in."""
         if seq_len not in self.val_cache:
-            self.val_cache[seq_len] = self.corpus.val_set(seq_len, self.config.eval_tokens)
-        vx, vy = self.val_cache[seq_len]
+            self.val_cache[seq_len] = self._val_batch(seq_len)
         was_training = self.model.training
         self.model.eval()
         self.last_val = held_out_loss(
             self.model,
-            vx,
-            vy,
+            self.val_cache[seq_len],
             d=self.d,
             spec=self.spec,
             micro=self.config.micro_batch_size,
@@ -439,6 +437,11 @@ class Trainer:
         )
         self.model.train(was_training)
         return self.last_val
+
+    def _val_batch(self, seq_len: int) -> Batch:
+        assert self.spec.training is not None
+        masking = self.spec.training.document_masking
+        return self.corpus.val_batch(seq_len, self.config.eval_tokens, masking=masking)
 
     def checkpoint(self) -> Path | None:
         """Save the run's whole state at the current step (rank 0 writes); returns the checkpoint on rank 0.
@@ -517,8 +520,8 @@ class Trainer:
         unigram = None
         if self.last_val is not None:
             seq = schedule_at(self.spec, max(self.tokens - 1, 0)).seq_len
-            vx, vy = self.val_cache.get(seq) or self.corpus.val_set(seq, self.config.eval_tokens)
-            unigram = self.corpus.unigram_bpb(vy)
+            val = self.val_cache.get(seq) or self._val_batch(seq)
+            unigram = self.corpus.unigram_bpb(val.labels)
         plot_path = None
         if self.config.plot and self.d.is_main and (self.run_dir / METRICS_FILE).is_file():
             from lmspec.train.plot import plot_run
@@ -554,8 +557,7 @@ def _reason(e: OSError) -> str:
 
 def _train_step(
     model: nn.Module,
-    inputs: torch.Tensor,
-    labels: torch.Tensor,
+    data: Batch,
     sched: StepSchedule,
     *,
     d: distributed.Dist,
@@ -563,6 +565,7 @@ def _train_step(
     micro: int | None,
 ) -> dict[str, Any]:
     """Forward and backward over this rank's micro-batches; returns the global batch's loss parts."""
+    inputs, labels = data.inputs, data.labels
     batch = inputs.shape[0]
     n_mtp = spec.model.mtp.num_blocks if spec.model.mtp else 0
     # [total, ce, aux, mtp_1..mtp_K], summed over micro-batches weighted by their share of the global batch.
@@ -572,7 +575,7 @@ def _train_step(
         share = (sl.stop - sl.start) / batch
         x, y = inputs[sl].to(d.device), labels[sl].to(d.device)
         with _autocast(spec, d.device):
-            out = model(x, labels=y)
+            out = model(x, labels=y, **data.model_inputs(sl, d.device))
             parts = training_loss(out, mtp_loss_weight=sched.mtp_loss_weight, seq_aux_coef=sched.seq_aux_coef)
         # FSDP averages gradients over ranks; scaling by world size makes the result the global-batch mean.
         (parts.total * (share * d.world_size)).backward()
