@@ -2,7 +2,8 @@
 `spec ← compiler ← codegen ← runtime ← train / serve / testing ← cli`.
 
 Every import counts, module-level or inside a function, `import x` or `from x import y` (relative
-imports resolved). `lmspec.errors` imports nothing from lmspec and anyone may import it.
+imports resolved). `lmspec.errors` and `lmspec.files` import nothing from lmspec and anyone may import
+them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmspec"
 # rank are siblings and never import each other.
 RANK = {
     "errors": 0,
+    "files": 0,
     "spec": 1,
     "compiler": 2,
     "codegen": 3,

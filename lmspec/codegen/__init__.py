@@ -15,7 +15,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +25,7 @@ from lmspec.codegen.render import render_model, spec_locations, template_sources
 from lmspec.compiler import Graph, lower, run_passes
 from lmspec.compiler.debug import log_generated
 from lmspec.compiler.plan import Plan, planned
+from lmspec.files import write_atomic
 from lmspec.spec import Spec
 
 if TYPE_CHECKING:
@@ -36,19 +36,6 @@ __all__ = ["CompiledModel", "cache_key", "cache_root", "compile_graph", "compile
 
 def cache_root() -> Path:
     return Path(os.environ.get("LMSPEC_CACHE") or Path.home() / ".cache" / "lmspec")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _kernels_module() -> ModuleType | None:
@@ -164,7 +151,7 @@ def compile_plan(
     key = cache_key(plan, spec_path, locations)
     if out_dir is not None:
         directory = Path(out_dir)
-        _write_text_atomic(directory / "model.py", render_model(plan, spec_path, locations))
+        write_atomic(directory / "model.py", render_model(plan, spec_path, locations))
         files = _render_kernels(plan, directory)
         return CompiledModel(plan, key, directory, cache_hit=False, kernel_files=files)
     directory = cache_root() / key[:2] / key
@@ -174,7 +161,7 @@ def compile_plan(
         return CompiledModel(plan, key, directory, cache_hit=True)
     files = _render_kernels(plan, directory)
     # model.py is written last: its presence marks a complete entry.
-    _write_text_atomic(model_path, render_model(plan, spec_path, locations))
+    write_atomic(model_path, render_model(plan, spec_path, locations))
     return CompiledModel(plan, key, directory, cache_hit=False, kernel_files=files)
 
 

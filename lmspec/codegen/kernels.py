@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from lmspec.compiler.variants import (
     MoEVariant,
     RoPEVariant,
 )
+from lmspec.files import write_atomic
 
 __all__ = ["MANIFEST", "TEMPLATE_DIR", "render_kernels", "render_module", "template_hash"]
 
@@ -121,13 +120,6 @@ def render_module(variant: KernelVariant, spec_name: str = "<unnamed spec>") -> 
     return format_source(text)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _manifest_entry(v: KernelVariant) -> dict[str, Any]:
     return {
         "family": v.family,
@@ -158,10 +150,10 @@ def render_kernels(
     paths = []
     for v in variants:
         path = out / f"{v.name}.py"
-        _write_atomic(path, render_module(v, spec_name))
+        write_atomic(path, render_module(v, spec_name))
         paths.append(path)
     manifest = {"spec": spec_name, "modules": [_manifest_entry(v) for v in variants]}
     manifest_path = out / MANIFEST
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     paths.append(manifest_path)
     return paths

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from lmspec.errors import CheckpointError
+from lmspec.files import TEMP_PREFIX, fsync_dir, write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -43,7 +44,6 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "lmspec-checkpoint/1"
 # Keys every trainer_state.json carries (what a resumed step depends on besides weights and moments).
 STATE_KEYS = ("step", "tokens", "data_position", "rng", "corpus", "spec_hash")
-_TMP_PREFIX = ".tmp_"
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _HASH_CHUNK = 1 << 20
 
@@ -65,41 +65,18 @@ def checkpoint_step(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename itself must reach the disk, not just the files inside it.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for p in path.iterdir():
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see either the old or the new content."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """`write_atomic(path, text, durable=True)`, under the name the sweep, results and evaluation modules
+    of `lmspec.train` import."""
+    write_atomic(path, text, durable=True)
 
 
 def _sha256(path: Path) -> str:
@@ -165,7 +142,7 @@ def remove_partial_saves(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    stale = sorted(root.glob(f"{_TMP_PREFIX}*"))
+    stale = sorted(root.glob(f"{TEMP_PREFIX}*"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
             missing_ok=True
@@ -204,7 +181,7 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     if final.exists():
         raise CheckpointError(f"{final}: already exists; a checkpoint is never replaced")
-    tmp = root / f"{_TMP_PREFIX}{final.name}.{os.getpid()}"
+    tmp = root / f"{TEMP_PREFIX}{final.name}.{os.getpid()}"
     tmp.mkdir()
     try:
         save_model(tmp)
@@ -219,8 +196,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.rename(tmp, final)
-    _fsync_dir(root)
-    write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_dir(root)
+    write_atomic(root / LATEST, final.name + "\n", durable=True)
     if keep is not None:
         _prune(root, final, keep)
     return final

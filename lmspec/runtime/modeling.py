@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from lmspec.codegen import compile_spec
 from lmspec.errors import CheckpointError
-from lmspec.runtime.model_base import CausalLMBase, write_atomic
+from lmspec.files import write_atomic
+from lmspec.runtime.model_base import CausalLMBase
 from lmspec.spec import Spec, SpecError, dump_spec, load_spec, spec_to_data
 from lmspec.spec.loader import apply_override, validate
 

@@ -21,7 +21,6 @@ import hashlib
 import itertools
 import json
 import os
-import stat
 import types
 import typing
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lmspec.errors import SpecError
+from lmspec.files import not_regular
 from lmspec.spec.limits import (
     MAX_EXTENDS_DEPTH,
     MAX_FILE_BYTES,
@@ -251,22 +251,6 @@ def _deep_merge(base: Any, over: Any, path: Path_ = (), replaced: list[Path_] | 
     return over
 
 
-_FILE_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def _not_regular(mode: int) -> str | None:
-    """What a non-regular file is, in words; None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    return next((what for test, what in _FILE_KINDS if test(mode)), "not a regular file")
-
-
 def read_text(path: Path, limit: int = MAX_FILE_BYTES, what: str = "spec file") -> str:
     """The UTF-8 text of a spec file, refusing before reading anything that is not a small regular file.
 
@@ -282,11 +266,11 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES, what: str = "spec file") 
 
     try:
         info = os.stat(path)
-        if _not_regular(info.st_mode) is None and info.st_size <= limit:
+        if not_regular(info.st_mode) is None and info.st_size <= limit:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
             with os.fdopen(fd, "rb") as f:
                 info = os.fstat(fd)
-                data = f.read(limit + 1) if _not_regular(info.st_mode) is None else b""
+                data = f.read(limit + 1) if not_regular(info.st_mode) is None else b""
     except FileNotFoundError:
         raise refuse(f"expected a {what}, got a path that does not exist") from None
     except OSError as e:
@@ -296,7 +280,7 @@ def read_text(path: Path, limit: int = MAX_FILE_BYTES, what: str = "spec file") 
         raise refuse(f"expected a readable {what}, got {reason.lower()}") from None
     except ValueError:  # a NUL character in the path
         raise refuse("expected a file path, got one with a NUL character") from None
-    kind = _not_regular(info.st_mode)
+    kind = not_regular(info.st_mode)
     if kind is not None:
         raise refuse(f"expected a regular file, got {kind}")
     if info.st_size > limit or len(data) > limit:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lmspec.errors import CheckpointError, UsageError
+from lmspec.files import write_atomic
 from lmspec.runtime.checkpoint import (
     CHECKPOINTS,
     LATEST,
@@ -38,7 +39,6 @@ from lmspec.runtime.checkpoint import (
     remove_partial_saves,
     step_dir_name,
     step_dirs,
-    write_text_atomic,
 )
 from lmspec.train.metrics import METRICS_FILE
 
@@ -162,4 +162,4 @@ def apply_plan(plan: RunPlan) -> None:
         if not latest.is_file() or latest.is_symlink() or latest.read_bytes() != want.encode():
             if latest.is_dir() and not latest.is_symlink():
                 latest.rmdir()  # only an empty one: anything inside it is not the run's to delete
-            write_text_atomic(latest, want)
+            write_atomic(latest, want, durable=True)
