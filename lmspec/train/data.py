@@ -9,24 +9,36 @@
 - `TokenStream` cuts that stream into sequences of any length: a sequence of length L reads L + 1 tokens
   (inputs and their next-token labels) and advances the position by L. The position is one integer, so it
   is the whole data state of a checkpoint; the stream wraps around when it runs out.
+- With `training.document_masking`, a `Batch` also carries each token's document (`segment_ids`) and its
+  position inside that document's part of the sequence (`position_ids`, restarting at 0 where a document
+  starts), so attention stays inside documents and a document computes exactly as if alone.
+- With stage `mixture`s over `training.sources` (named shares of the documents), `MixtureStream` draws
+  each sequence from one source, in the stage's proportions: sequence n of a stage goes to the source
+  furthest behind its share (largest `weight * (n + 1) - drawn`, ties to the first), so after any number
+  of sequences every source is within one sequence of its weight. Each source is its own `TokenStream`;
+  the positions and the per-stage counts are the stream's state (`position`, JSON) in a checkpoint.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
 import math
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmspec.files import not_regular
 from lmspec.runtime.tokenizer import Tokenizer
+from lmspec.spec import Spec
+from lmspec.spec.schema import ALL_SOURCE, DataSource
 
 DEFAULT_CORPUS_BYTES = 4_000_000
 HOLDOUT_EVERY = 25
@@ -138,23 +150,89 @@ def read_documents(paths: list[str] | tuple[str, ...] | None) -> list[Document]:
     return docs
 
 
-def _encode(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
+def _encode(tokenizer: Tokenizer, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of every document, end-of-text after each when the tokenizer has one; each one's start)."""
     parts = []
     for d in docs:
         parts.append(np.asarray(tokenizer.encode(d.text), dtype=np.int64))
         if tokenizer.eos_id is not None:
-            parts.append(np.asarray([tokenizer.eos_id], dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+            parts[-1] = np.append(parts[-1], np.int64(tokenizer.eos_id))
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) if parts else np.zeros(0, dtype=np.int64)
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), starts
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Packed sequences: inputs and labels (B, L); with document masking, each token's document and its
+    position in that document's run of the row (both (B, L) int64)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
+    source_tokens: dict[str, int] = field(default_factory=dict)
+
+    def model_inputs(self, rows: slice, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The forward's keyword arguments besides input_ids and labels, for `rows` on `device`."""
+        if self.segment_ids is None or self.position_ids is None:
+            return {}
+        return {
+            "position_ids": self.position_ids[rows].to(device),
+            "segment_ids": self.segment_ids[rows].to(device),
+        }
+
+
+def document_positions(segments: np.ndarray) -> np.ndarray:
+    """Position of each token in its document's run of the row: 0 where a row or a document starts."""
+    B, L = segments.shape
+    t = np.arange(L)[None, :].repeat(B, 0)
+    new = np.ones_like(segments, dtype=bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    run_start = np.maximum.accumulate(np.where(new, t, 0), axis=1)
+    return t - run_start
 
 
 class TokenStream:
-    """An endless stream of packed sequences over one token array; `position` is its whole state."""
+    """An endless stream of packed sequences over one token array; `position` is its whole state.
 
-    def __init__(self, tokens: np.ndarray, position: int = 0) -> None:
+    `starts` (each document's first token) lets `take_batch` mark documents when `masking` is on.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        position: int = 0,
+        *,
+        starts: np.ndarray | None = None,
+        masking: bool = False,
+    ) -> None:
         if len(tokens) < 2:
             raise _usage("the data has fewer than 2 tokens")
+        if masking and starts is None:
+            raise ValueError("document masking needs the documents' starts")
         self.tokens = tokens
         self.position = position
+        self.starts = starts
+        self.masking = masking
+
+    def take_batch(self, batch_size: int, seq_len: int, stage: str | None = None) -> Batch:
+        """The next `batch_size` sequences of `seq_len` as a `Batch` (`stage` matters to mixtures only)."""
+        first = self.position
+        inputs, labels = self.take(batch_size, seq_len)
+        if not self.masking:
+            return Batch(inputs, labels)
+        assert self.starts is not None
+        idx = first + seq_len * np.arange(batch_size)[:, None] + np.arange(seq_len)[None, :]  # (B, L)
+        n = len(self.tokens)
+        doc = np.searchsorted(self.starts, idx % n, side="right") - 1
+        segments = (idx // n) * len(self.starts) + doc  # a wrapped-around document is another one
+        return Batch(
+            inputs,
+            labels,
+            position_ids=torch.from_numpy(document_positions(segments)),
+            segment_ids=torch.from_numpy(segments),
+        )
 
     def take(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels), each (batch_size, seq_len) int64; labels[:, t] = inputs[:, t + 1]."""
@@ -182,8 +260,8 @@ class Corpus:
         self.train_docs = [train[i] for i in order]
         self.val_docs = held
         self.tokenizer = tokenizer
-        self.train_tokens = _encode(tokenizer, self.train_docs)
-        self.val_tokens = _encode(tokenizer, self.val_docs)
+        self.train_tokens, self.train_starts = _encode(tokenizer, self.train_docs)
+        self.val_tokens, self.val_starts = _encode(tokenizer, self.val_docs)
         h = hashlib.sha256()
         for d in docs:
             h.update(d.name.encode())
@@ -206,6 +284,29 @@ class Corpus:
         stream = TokenStream(self.val_tokens)
         return stream.take(n, seq_len)
 
+    def val_batch(self, seq_len: int, max_tokens: int, *, masking: bool = False) -> Batch:
+        """`val_set` as a `Batch`, with the held-out documents marked when `masking`."""
+        usable = len(self.val_tokens) - 1
+        seq_len = min(seq_len, usable)
+        n = max(1, min(max_tokens, usable) // seq_len)
+        return TokenStream(self.val_tokens, starts=self.val_starts, masking=masking).take_batch(n, seq_len)
+
+    def source(self, name: str, source: DataSource) -> TokenStream:
+        """The training documents of one source, in the corpus's order, as their own stream."""
+        pick = [
+            i
+            for i, d in enumerate(self.train_docs)
+            if (source.match is None or fnmatch.fnmatchcase(d.name, source.match))
+            and source.min_bytes <= len(d.text.encode("utf-8")) <= (source.max_bytes or math.inf)
+        ]
+        ends = np.append(self.train_starts[1:], len(self.train_tokens))
+        pieces = [self.train_tokens[self.train_starts[i] : ends[i]] for i in pick]
+        if not pieces or sum(len(p) for p in pieces) < 2:
+            raise _usage(f"training.sources.{name}: no training document matches it")
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        return TokenStream(np.concatenate(pieces), starts=starts)
+
     def unigram_bpb(self, labels: torch.Tensor) -> float:
         """Bits per byte of an add-one unigram model fitted on the train stream, scored on `labels`."""
         vocab = self.tokenizer.vocab_size
@@ -221,3 +322,76 @@ class Corpus:
 
 def bits_per_byte(total_nats: float, n_bytes: int) -> float:
     return total_nats / math.log(2) / max(n_bytes, 1)
+
+
+class MixtureStream:
+    """Sequences from named sources in each stage's proportions (see the module doc); `position` is JSON."""
+
+    def __init__(
+        self, streams: dict[str, TokenStream], mixtures: dict[str, dict[str, float]], position: Any = None
+    ):
+        self.streams = streams
+        self.mixtures = mixtures  # stage name -> weights over sources; a stage absent here reads `all`
+        state = position if isinstance(position, dict) else {}
+        for name, pos in state.get("positions", {}).items():
+            self.streams[name].position = int(pos)
+        self.drawn: dict[str, dict[str, int]] = {k: dict(v) for k, v in state.get("drawn", {}).items()}
+
+    @property
+    def position(self) -> dict[str, Any]:
+        return {"positions": {n: s.position for n, s in self.streams.items()}, "drawn": self.drawn}
+
+    def _choose(self, stage: str, count: int) -> list[str]:
+        weights = self.mixtures.get(stage, {ALL_SOURCE: 1.0})
+        total = math.fsum(weights.values())
+        drawn = self.drawn.setdefault(stage, {})
+        picks = []
+        for _ in range(count):
+            n = sum(drawn.values())
+            name = max(weights, key=lambda s: weights[s] / total * (n + 1) - drawn.get(s, 0))
+            drawn[name] = drawn.get(name, 0) + 1
+            picks.append(name)
+        return picks
+
+    def take_batch(self, batch_size: int, seq_len: int, stage: str | None = None) -> Batch:
+        picks = self._choose(stage or "", batch_size)
+        parts = {
+            name: self.streams[name].take_batch(picks.count(name), seq_len) for name in dict.fromkeys(picks)
+        }
+        order = {name: iter(range(picks.count(name))) for name in parts}
+        rows = [(parts[name], next(order[name])) for name in picks]  # each row from its source, in turn
+
+        def stack(attr: str) -> torch.Tensor | None:
+            got = [getattr(b, attr) for b, _ in rows]
+            return (
+                None if got[0] is None else torch.stack([g[i] for g, (_, i) in zip(got, rows, strict=True)])
+            )
+
+        source_tokens = {name: picks.count(name) * seq_len for name in parts}
+        return Batch(
+            stack("inputs"), stack("labels"), stack("position_ids"), stack("segment_ids"), source_tokens
+        )
+
+
+def make_stream(corpus: Corpus, spec: Spec, position: Any = 0) -> TokenStream | MixtureStream:
+    """The training stream a spec asks for: one stream over every document, or a mixture of sources.
+
+    `position` is a checkpoint's data position (an int for one stream, the mixture's JSON state otherwise).
+    """
+    training = spec.training
+    assert training is not None
+    masking = training.document_masking
+    mixtures = {s.name: dict(s.mixture) for s in training.stages if s.mixture}
+    if not mixtures:
+        pos = int(position) if isinstance(position, (int, float)) else 0
+        return TokenStream(corpus.train_tokens, position=pos, starts=corpus.train_starts, masking=masking)
+    used = {name for m in mixtures.values() for name in m} | {ALL_SOURCE}
+    streams = {}
+    for name in sorted(used):
+        if name == ALL_SOURCE:
+            streams[name] = TokenStream(corpus.train_tokens, starts=corpus.train_starts, masking=masking)
+        else:
+            stream = corpus.source(name, training.sources[name])
+            stream.masking = masking
+            streams[name] = stream
+    return MixtureStream(streams, mixtures, position)
