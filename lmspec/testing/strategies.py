@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from hypothesis import strategies as st
@@ -24,22 +24,35 @@ from lmspec.compiler.variants import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+T = TypeVar("T", bound="_Case")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+class _Random:
+    """A case's tensors: drawn one after another from one generator seeded by the case, in its dtype."""
+
+    def __init__(self, seed: int, dtype: str) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = DTYPES[dtype]
+
+    def __call__(self, *shape: int, scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+        x = torch.randn(*shape, generator=self.generator, dtype=torch.float64) * scale
+        return x.to(self.dtype if dtype is None else dtype)
 
 
-def _randn(g: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+@dataclass(frozen=True, kw_only=True)
+class _Case:
+    """What every case has: the dtype of its tensors and the seed they are drawn from."""
+
+    dtype: str
+    seed: int
+
+    def random(self) -> _Random:
+        return _Random(self.seed, self.dtype)
 
 
-def _seeds() -> st.SearchStrategy[int]:
-    return st.integers(0, 2**31 - 1)
-
-
-def _dtypes(names: tuple[str, ...]) -> st.SearchStrategy[str]:
-    return st.sampled_from(names)
+def _cases(case: type[T], dtypes: tuple[str, ...], **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[T]:
+    """Cases of type ``case``: each field from its strategy (drawn in order), then a dtype and a seed."""
+    return st.builds(case, **fields, dtype=st.sampled_from(dtypes), seed=st.integers(0, 2**31 - 1))
 
 
 def seq_lengths(
@@ -53,29 +66,30 @@ def seq_lengths(
     return st.one_of(st.integers(1, max_small), st.sampled_from(edges))
 
 
+def _attention_inputs(case: AttentionCase | DecodeCase, *, queries: int, keys: int) -> dict[str, Any]:
+    """q (B, Hq, queries, Dqk), k (B, Hkv, keys, Dqk), v (B, Hkv, keys, Dv); sinks (Hq,) if the variant has them."""
+    r = case.random()
+    v = case.variant
+    hq = case.kv_heads * case.group
+    return {
+        "q": r(case.batch, hq, queries, v.qk_head_dim),
+        "k": r(case.batch, case.kv_heads, keys, v.qk_head_dim),
+        "v": r(case.batch, case.kv_heads, keys, v.v_head_dim),
+        "sinks": r(hq) + case.sink_mean if v.sink else None,
+    }
+
+
 @dataclass(frozen=True)
-class AttentionCase:
+class AttentionCase(_Case):
     variant: AttentionVariant
     batch: int
     kv_heads: int
     group: int
     seq: int
     sink_mean: float
-    dtype: str
-    seed: int
 
     def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        v = self.variant
-        hq = self.kv_heads * self.group
-        out: dict[str, Any] = {
-            "q": _randn(g, self.batch, hq, self.seq, v.qk_head_dim, dtype=dt),
-            "k": _randn(g, self.batch, self.kv_heads, self.seq, v.qk_head_dim, dtype=dt),
-            "v": _randn(g, self.batch, self.kv_heads, self.seq, v.v_head_dim, dtype=dt),
-            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.sink else None,
-        }
-        return out
+        return _attention_inputs(self, queries=self.seq, keys=self.seq)
 
 
 def attention_cases(
@@ -90,26 +104,24 @@ def attention_cases(
 ) -> st.SearchStrategy[AttentionCase]:
     """Training-attention cases over the spec's attention variants; sinks from neutral to dominant."""
 
-    @st.composite
-    def draw(d: st.DrawFn) -> AttentionCase:
-        variant = d(st.sampled_from(variants))
-        return AttentionCase(
-            variant=variant,
-            batch=d(st.integers(1, max_batch)),
-            kv_heads=d(st.integers(1, max_kv_heads)),
-            group=d(st.integers(1, max_group)),
-            seq=d(seq_lengths(variant.window_keys, max_small=max_small, max_seq=max_seq)),
+    def of(variant: AttentionVariant) -> st.SearchStrategy[AttentionCase]:
+        return _cases(
+            AttentionCase,
+            dtypes,
+            variant=st.just(variant),
+            batch=st.integers(1, max_batch),
+            kv_heads=st.integers(1, max_kv_heads),
+            group=st.integers(1, max_group),
+            seq=seq_lengths(variant.window_keys, max_small=max_small, max_seq=max_seq),
             # Up to 8: with unit-scale logits the sink then holds most of the softmax mass.
-            sink_mean=d(st.sampled_from([0.0, 2.0, 5.0, 8.0])),
-            dtype=d(_dtypes(dtypes)),
-            seed=d(_seeds()),
+            sink_mean=st.sampled_from([0.0, 2.0, 5.0, 8.0]),
         )
 
-    return draw()
+    return st.sampled_from(variants).flatmap(of)
 
 
 @dataclass(frozen=True)
-class DecodeCase:
+class DecodeCase(_Case):
     variant: DecodeAttentionVariant
     batch: int
     kv_heads: int
@@ -120,15 +132,9 @@ class DecodeCase:
     empty_every: int
     num_splits: int
     sink_mean: float
-    dtype: str
-    seed: int
 
     def inputs(self) -> dict[str, Any]:
         """A ring-buffer cache: slot s holds position p with p % slots == s, for the last ``slots`` positions."""
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        v = self.variant
-        hq = self.kv_heads * self.group
         s = self.cache_slots
         pos = torch.arange(self.newest - s + 1, self.newest + 1)  # the positions held, oldest first
         k_pos = torch.full((s,), -1, dtype=torch.int64)
@@ -138,10 +144,7 @@ class DecodeCase:
             k_pos[:: self.empty_every] = -1
         q_pos = torch.arange(self.newest - self.queries + 1, self.newest + 1)
         return {
-            "q": _randn(g, self.batch, hq, self.queries, v.qk_head_dim, dtype=dt),
-            "k": _randn(g, self.batch, self.kv_heads, s, v.qk_head_dim, dtype=dt),
-            "v": _randn(g, self.batch, self.kv_heads, s, v.v_head_dim, dtype=dt),
-            "sinks": _randn(g, hq, dtype=dt) + self.sink_mean if v.sink else None,
+            **_attention_inputs(self, queries=self.queries, keys=s),
             "q_pos": q_pos.expand(self.batch, -1).clone(),
             "k_pos": k_pos.expand(self.batch, -1).clone(),
         }
@@ -155,187 +158,159 @@ def decode_cases(
 ) -> st.SearchStrategy[DecodeCase]:
     """Decode / chunked-prefill cases over a ring-buffer cache with empty slots and split-K."""
 
-    @st.composite
-    def draw(d: st.DrawFn) -> DecodeCase:
-        variant = d(st.sampled_from(variants))
-        window = variant.window_keys
-        slot_choices = st.integers(1, 40)
-        if window:
-            slot_choices = st.one_of(
-                slot_choices, st.sampled_from([w for w in (window, window + 1) if w <= max_slots])
-            )
-        slots = d(slot_choices)
-        return DecodeCase(
-            variant=variant,
-            batch=d(st.integers(1, 2)),
-            kv_heads=d(st.integers(1, 2)),
-            group=d(st.sampled_from([1, 2, 3, 8])),
-            queries=d(st.integers(1, 4)),
-            cache_slots=slots,
-            newest=d(st.integers(0, 3 * slots)),
-            empty_every=d(st.sampled_from([0, 0, 3, 7])),
-            num_splits=d(st.integers(1, 3)),
-            sink_mean=d(st.sampled_from([0.0, 5.0])),
-            dtype=d(_dtypes(dtypes)),
-            seed=d(_seeds()),
+    def slot_counts(window: int | None) -> st.SearchStrategy[int]:
+        small = st.integers(1, 40)
+        if not window:
+            return small
+        return st.one_of(small, st.sampled_from([w for w in (window, window + 1) if w <= max_slots]))
+
+    def of(variant: DecodeAttentionVariant, slots: int) -> st.SearchStrategy[DecodeCase]:
+        return _cases(
+            DecodeCase,
+            dtypes,
+            variant=st.just(variant),
+            batch=st.integers(1, 2),
+            kv_heads=st.integers(1, 2),
+            group=st.sampled_from([1, 2, 3, 8]),
+            queries=st.integers(1, 4),
+            cache_slots=st.just(slots),
+            newest=st.integers(0, 3 * slots),
+            empty_every=st.sampled_from([0, 0, 3, 7]),
+            num_splits=st.integers(1, 3),
+            sink_mean=st.sampled_from([0.0, 5.0]),
         )
 
-    return draw()
-
-
-@dataclass(frozen=True)
-class RMSNormCase:
-    rows: int
-    hidden: int
-    residual: bool
-    dtype: str
-    seed: int
-
-    def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        return {
-            "x": _randn(g, self.rows, self.hidden, dtype=dt),
-            "residual": _randn(g, self.rows, self.hidden, dtype=dt) if self.residual else None,
-            "weight": _randn(g, self.hidden, dtype=dt),
-        }
-
-
-def rmsnorm_cases(*, dtypes: tuple[str, ...] = ("float32",)) -> st.SearchStrategy[RMSNormCase]:
-    return st.builds(
-        RMSNormCase,
-        rows=st.integers(1, 37),
-        hidden=st.one_of(st.integers(1, 130), st.sampled_from([4096])),
-        residual=st.booleans(),
-        dtype=_dtypes(dtypes),
-        seed=_seeds(),
+    return st.sampled_from(variants).flatmap(
+        lambda v: slot_counts(v.window_keys).flatmap(lambda slots: of(v, slots))
     )
 
 
 @dataclass(frozen=True)
-class SwiGLUCase:
-    shape: tuple[int, ...]
-    dtype: str
-    seed: int
+class RMSNormCase(_Case):
+    rows: int
+    hidden: int
+    residual: bool
 
     def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        return {"gate": _randn(g, *self.shape, dtype=dt, scale=3.0), "up": _randn(g, *self.shape, dtype=dt)}
+        r = self.random()
+        return {
+            "x": r(self.rows, self.hidden),
+            "residual": r(self.rows, self.hidden) if self.residual else None,
+            "weight": r(self.hidden),
+        }
+
+
+def rmsnorm_cases(*, dtypes: tuple[str, ...] = ("float32",)) -> st.SearchStrategy[RMSNormCase]:
+    return _cases(
+        RMSNormCase,
+        dtypes,
+        rows=st.integers(1, 37),
+        hidden=st.one_of(st.integers(1, 130), st.sampled_from([4096])),
+        residual=st.booleans(),
+    )
+
+
+@dataclass(frozen=True)
+class SwiGLUCase(_Case):
+    shape: tuple[int, ...]
+
+    def inputs(self) -> dict[str, Any]:
+        r = self.random()
+        return {"gate": r(*self.shape, scale=3.0), "up": r(*self.shape)}
 
 
 def swiglu_cases(*, dtypes: tuple[str, ...] = ("float32",)) -> st.SearchStrategy[SwiGLUCase]:
     shapes = st.lists(st.integers(1, 70), min_size=1, max_size=3).map(tuple)
-    return st.builds(SwiGLUCase, shape=shapes, dtype=_dtypes(dtypes), seed=_seeds())
+    return _cases(SwiGLUCase, dtypes, shape=shapes)
 
 
 @dataclass(frozen=True)
-class RopeCase:
-    rope_dim: int
-    qk_head_dim: int
+class RopeCase(_Case):
+    variant: RoPEVariant
     batch: int
     heads: int
     kv_heads: int
     seq: int
     batched_cos: bool
-    dtype: str
-    seed: int
 
     def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        cos_shape = (self.batch, self.seq, self.rope_dim) if self.batched_cos else (self.seq, self.rope_dim)
-        angle = _randn(g, *cos_shape, dtype=torch.float64, scale=3.0)
+        r = self.random()
+        v = self.variant
+        cos_shape = (self.batch, self.seq, v.rope_dim) if self.batched_cos else (self.seq, v.rope_dim)
+        angle = r(*cos_shape, dtype=torch.float64, scale=3.0)
         return {
-            "q": _randn(g, self.batch, self.heads, self.seq, self.qk_head_dim, dtype=dt),
-            "k": _randn(g, self.batch, self.kv_heads, self.seq, self.qk_head_dim, dtype=dt),
-            "cos": angle.cos().to(dt),
-            "sin": angle.sin().to(dt),
+            "q": r(self.batch, self.heads, self.seq, v.qk_head_dim),
+            "k": r(self.batch, self.kv_heads, self.seq, v.qk_head_dim),
+            "cos": angle.cos().to(r.dtype),
+            "sin": angle.sin().to(r.dtype),
         }
 
 
 def rope_cases(
     variants: Sequence[RoPEVariant], *, dtypes: tuple[str, ...] = ("float32",)
 ) -> st.SearchStrategy[RopeCase]:
-    @st.composite
-    def draw(d: st.DrawFn) -> RopeCase:
-        v = d(st.sampled_from(variants))
-        return RopeCase(
-            rope_dim=v.rope_dim,
-            qk_head_dim=v.qk_head_dim,
-            batch=d(st.integers(1, 2)),
-            heads=d(st.integers(1, 4)),
-            kv_heads=d(st.integers(1, 2)),
-            seq=d(st.integers(1, 33)),
-            batched_cos=d(st.booleans()),
-            dtype=d(_dtypes(dtypes)),
-            seed=d(_seeds()),
-        )
-
-    return draw()
+    return _cases(
+        RopeCase,
+        dtypes,
+        variant=st.sampled_from(variants),
+        batch=st.integers(1, 2),
+        heads=st.integers(1, 4),
+        kv_heads=st.integers(1, 2),
+        seq=st.integers(1, 33),
+        batched_cos=st.booleans(),
+    )
 
 
 @dataclass(frozen=True)
-class MoECase:
+class MoECase(_Case):
     moe: MoEVariant
     tokens: int
     hidden: int
     intermediate: int
     bias: bool
-    dtype: str
-    seed: int
 
     def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
+        r = self.random()
         e = self.moe.num_experts
         return {
-            "x": _randn(g, self.tokens, self.hidden, dtype=dt),
-            "router_weight": _randn(g, e, self.hidden, dtype=torch.float32, scale=self.hidden**-0.5),
-            "correction_bias": _randn(g, e, dtype=torch.float32, scale=0.1) if self.bias else None,
-            "gate_up_proj": _randn(
-                g, e, 2 * self.intermediate, self.hidden, dtype=dt, scale=self.hidden**-0.5
-            ),
-            "down_proj": _randn(
-                g, e, self.hidden, self.intermediate, dtype=dt, scale=self.intermediate**-0.5
-            ),
+            "x": r(self.tokens, self.hidden),
+            "router_weight": r(e, self.hidden, dtype=torch.float32, scale=self.hidden**-0.5),
+            "correction_bias": r(e, dtype=torch.float32, scale=0.1) if self.bias else None,
+            "gate_up_proj": r(e, 2 * self.intermediate, self.hidden, scale=self.hidden**-0.5),
+            "down_proj": r(e, self.hidden, self.intermediate, scale=self.intermediate**-0.5),
         }
 
 
 def moe_cases(
     moe: MoEVariant, *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 24
 ) -> st.SearchStrategy[MoECase]:
-    return st.builds(
+    return _cases(
         MoECase,
+        dtypes,
         moe=st.just(moe),
         tokens=st.integers(1, max_tokens),
         hidden=st.integers(1, 70),
         intermediate=st.integers(1, 40),
         bias=st.booleans(),
-        dtype=_dtypes(dtypes),
-        seed=_seeds(),
     )
 
 
 @dataclass(frozen=True)
-class CECase:
+class CECase(_Case):
     vocab_size: int
     tokens: int
     hidden: int
     ignore_every: int
     chunk_size: int
-    dtype: str
-    seed: int
 
     def inputs(self) -> dict[str, Any]:
-        g = _gen(self.seed)
-        dt = DTYPES[self.dtype]
-        labels = torch.randint(0, self.vocab_size, (self.tokens,), generator=g)
+        r = self.random()
+        labels = torch.randint(0, self.vocab_size, (self.tokens,), generator=r.generator)
         if self.ignore_every:
             labels[:: self.ignore_every] = -100
         return {
-            "hidden": _randn(g, self.tokens, self.hidden, dtype=dt),
-            "weight": _randn(g, self.vocab_size, self.hidden, dtype=dt, scale=self.hidden**-0.5),
+            "hidden": r(self.tokens, self.hidden),
+            "weight": r(self.vocab_size, self.hidden, scale=self.hidden**-0.5),
             "labels": labels,
         }
 
@@ -343,13 +318,12 @@ class CECase:
 def ce_cases(
     variant: LMHeadCEVariant, *, dtypes: tuple[str, ...] = ("float32",), max_tokens: int = 40
 ) -> st.SearchStrategy[CECase]:
-    return st.builds(
+    return _cases(
         CECase,
+        dtypes,
         vocab_size=st.just(variant.vocab_size),
         tokens=st.integers(1, max_tokens),
         hidden=st.integers(1, 48),
         ignore_every=st.sampled_from([0, 1, 2, 5]),
         chunk_size=st.sampled_from([1, 3, 4096]),
-        dtype=_dtypes(dtypes),
-        seed=_seeds(),
     )
