@@ -8,9 +8,11 @@ variant implements (for the generated file's header) and takes no part in equali
 
 Every variant has:
 
-- ``family``: the kernel family, and ``template``: ``codegen/templates/<template>.py.jinja``;
+- ``family``: the kernel family, and ``template``: ``codegen/templates/<template>.py.jinja`` (the family's
+  own unless the class says otherwise: ``class X(KernelVariant, family=..., template=..., prefix=...)``);
 - ``name``: the module stem, also the kernel-name prefix after ``lmspec_``, unique across families and
-  saying what the kernel is (``attn_sliding_sink_w129_qk192_v128_vs0p707``, ``moe_sigmoid_e8_k2``);
+  saying what the kernel is (``attn_sliding_sink_w129_qk192_v128_vs0p707``, ``moe_sigmoid_e8_k2``): the
+  family's ``prefix`` (its family name unless the class says otherwise), then ``tags()``, joined by ``_``;
 - ``key``: ``(family, *constants in field order)``, what the Triton backend computes from a call's
   arguments to find the module in O(1). ``kernels.json`` stores it as a list.
 
@@ -57,11 +59,24 @@ class KernelVariant:
 
     family: ClassVar[str]
     template: ClassVar[str]
+    prefix: ClassVar[str]
     nodes: tuple[str, ...] = field(default=(), compare=False)
+
+    def __init_subclass__(
+        cls, *, family: str | None = None, template: str | None = None, prefix: str | None = None
+    ) -> None:
+        # A subclass that names no family keeps its parent's (a variant with one more constant).
+        super().__init_subclass__()
+        if family is not None:
+            cls.family, cls.template, cls.prefix = family, template or family, prefix or family
+
+    def tags(self) -> list[str]:
+        """The parts of ``name`` after the prefix: each constant that tells this kernel from its siblings."""
+        return []
 
     @property
     def name(self) -> str:
-        raise NotImplementedError
+        return "_".join([self.prefix, *self.tags()])
 
     def constants(self) -> dict[str, Any]:
         """The baked constants, field name -> value, in field order (``nodes`` excluded)."""
@@ -73,15 +88,13 @@ class KernelVariant:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AttentionVariant(KernelVariant):
+class AttentionVariant(KernelVariant, family="attention", prefix="attn"):
     """Causal flash attention for training (dense positions, forward and backward).
 
     ``window_keys``: keys a query sees including itself (None: global); ``sink``: a learnable per-head
     logit in the softmax denominator; ``value_scale``: multiplies V (1.0: no multiply is emitted).
     """
 
-    family: ClassVar[str] = "attention"
-    template: ClassVar[str] = "attention"
     window_keys: int | None
     sink: bool
     qk_head_dim: int
@@ -100,9 +113,9 @@ class AttentionVariant(KernelVariant):
         """``sliding`` or ``global``, as the schema says."""
         return "global" if self.window_keys is None else "sliding"
 
-    @property
-    def stem(self) -> str:
-        """``sliding_sink_w129_qk192_v128_vs0p707``: the part every attention family's name shares."""
+    def tags(self) -> list[str]:
+        """What every attention family's name says after its prefix: ``sliding``, ``sink``, ``w129``,
+        ``qk192``, ``v128``, ``vs0p707``."""
         parts = [self.kind]
         if self.sink:
             parts.append("sink")
@@ -111,48 +124,30 @@ class AttentionVariant(KernelVariant):
         parts += [f"qk{self.qk_head_dim}", f"v{self.v_head_dim}"]
         if self.value_scale != 1.0:
             parts.append(f"vs{number_tag(self.value_scale)}")
-        return "_".join(parts)
-
-    @property
-    def name(self) -> str:
-        return f"attn_{self.stem}"
+        return parts
 
 
 @dataclass(frozen=True, kw_only=True)
-class DecodeAttentionVariant(AttentionVariant):
+class DecodeAttentionVariant(AttentionVariant, family="decode_attention", prefix="decode"):
     """Forward-only attention at explicit positions (decode, prefill into a KV cache)."""
 
-    family: ClassVar[str] = "decode_attention"
-    template: ClassVar[str] = "decode_attention"
-
-    @property
-    def name(self) -> str:
-        return f"decode_{self.stem}"
-
 
 @dataclass(frozen=True, kw_only=True)
-class BlockCountAttentionVariant(AttentionVariant):
+class BlockCountAttentionVariant(
+    AttentionVariant, family="attention_block_count", template="attention", prefix="attn_count_blocks"
+):
     """The training attention kernel plus ``count_key_blocks``, which counts the key blocks each query
     block visits. A debug instrument for tests of the sliding-window schedule: ``kernel_variants`` never
     produces it, so production kernels carry no counting path."""
 
-    family: ClassVar[str] = "attention_block_count"
-    template: ClassVar[str] = "attention"
-
-    @property
-    def name(self) -> str:
-        return f"attn_count_blocks_{self.stem}"
-
 
 @dataclass(frozen=True, kw_only=True)
-class MoEVariant(KernelVariant):
+class MoEVariant(KernelVariant, family="moe"):
     """Fused router (scores, correction bias, top-k, renormalisation, scaling) and grouped SwiGLU experts.
 
     ``num_groups`` > 1 (group-limited selection) routes through the reference; the experts kernel is the same.
     """
 
-    family: ClassVar[str] = "moe"
-    template: ClassVar[str] = "moe"
     num_experts: int
     top_k: int
     score_function: str = "sigmoid"
@@ -168,40 +163,34 @@ class MoEVariant(KernelVariant):
             raise ValueError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         object.__setattr__(self, "routed_scaling_factor", float(self.routed_scaling_factor))
 
-    @property
-    def name(self) -> str:
-        parts = [f"moe_{self.score_function}_e{self.num_experts}_k{self.top_k}"]
+    def tags(self) -> list[str]:
+        parts = [self.score_function, f"e{self.num_experts}", f"k{self.top_k}"]
         if self.num_groups > 1:
             parts.append(f"g{self.num_groups}k{self.top_k_groups}")
         if not self.renormalize:
             parts.append("raw")
         if self.routed_scaling_factor != 1.0:
             parts.append(f"rs{number_tag(self.routed_scaling_factor)}")
-        return "_".join(parts)
+        return parts
 
 
 @dataclass(frozen=True, kw_only=True)
-class RMSNormVariant(KernelVariant):
+class RMSNormVariant(KernelVariant, family="rmsnorm"):
     """RMSNorm and the fused residual add + RMSNorm."""
 
-    family: ClassVar[str] = "rmsnorm"
-    template: ClassVar[str] = "rmsnorm"
     eps: float
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", float(self.eps))
 
-    @property
-    def name(self) -> str:
-        return f"rmsnorm_eps{number_tag(self.eps)}"
+    def tags(self) -> list[str]:
+        return [f"eps{number_tag(self.eps)}"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoPEVariant(KernelVariant):
+class RoPEVariant(KernelVariant, family="rope"):
     """Rotary embedding of the first ``rope_dim`` of ``qk_head_dim`` dims of q and k (rotate-half pairs)."""
 
-    family: ClassVar[str] = "rope"
-    template: ClassVar[str] = "rope"
     rope_dim: int
     qk_head_dim: int
 
@@ -209,34 +198,23 @@ class RoPEVariant(KernelVariant):
         if self.rope_dim < 2 or self.rope_dim % 2 or self.rope_dim > self.qk_head_dim:
             raise ValueError(f"rope_dim must be even and in 2..{self.qk_head_dim}, got {self.rope_dim}")
 
-    @property
-    def name(self) -> str:
-        return f"rope_r{self.rope_dim}_qk{self.qk_head_dim}"
+    def tags(self) -> list[str]:
+        return [f"r{self.rope_dim}", f"qk{self.qk_head_dim}"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class SwiGLUVariant(KernelVariant):
+class SwiGLUVariant(KernelVariant, family="swiglu"):
     """``silu(gate) * up``; nothing is baked in."""
 
-    family: ClassVar[str] = "swiglu"
-    template: ClassVar[str] = "swiglu"
-
-    @property
-    def name(self) -> str:
-        return "swiglu"
-
 
 @dataclass(frozen=True, kw_only=True)
-class LMHeadCEVariant(KernelVariant):
+class LMHeadCEVariant(KernelVariant, family="lm_head_ce"):
     """Chunked LM head + cross-entropy: the (tokens, vocab) logits are never stored."""
 
-    family: ClassVar[str] = "lm_head_ce"
-    template: ClassVar[str] = "lm_head_ce"
     vocab_size: int
 
-    @property
-    def name(self) -> str:
-        return f"lm_head_ce_v{self.vocab_size}"
+    def tags(self) -> list[str]:
+        return [f"v{self.vocab_size}"]
 
 
 # The order kernel_variants returns families in (and kernels.json lists them in).

@@ -67,7 +67,7 @@ def seq_lengths(
 
 
 def _attention_inputs(case: AttentionCase | DecodeCase, *, queries: int, keys: int) -> dict[str, Any]:
-    """q (B, Hq, queries, Dqk), k (B, Hkv, keys, Dqk), v (B, Hkv, keys, Dv); sinks (Hq,) if the variant has them."""
+    """q (B, Hq, queries, Dqk), k and v (B, Hkv, keys, Dqk or Dv), and sinks (Hq,) if the variant has them."""
     r = case.random()
     v = case.variant
     hq = case.kv_heads * case.group
