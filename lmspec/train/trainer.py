@@ -398,7 +398,8 @@ class Trainer:
         t0 = time.perf_counter()
         sched = schedule_at(spec, self.tokens)
         if sched.rope_theta != self.theta:
-            model.set_rope_theta(sched.rope_theta)
+            # Only the kinds the layers use have a RoPE table: a declared kind no layer uses has none.
+            model.set_rope_theta({k: t for k, t in sched.rope_theta.items() if k in model.rope_thetas()})
             self.theta = dict(sched.rope_theta)
             self.reporter.stage(sched)
         for g in optimizer.param_groups:
