@@ -5,6 +5,7 @@ rules, so every mistake is one `file:line:col: field: expected X, got Y` line:
 
     name: window_sink                      # the sweep's name (an identifier)
     base: ../mimo_v2_flash_tiny.yaml       # the spec every variant starts from, relative to this file
+    set: {training.document_masking: true} # overrides of that base for every run (not in any diff)
     seeds: 2                               # training.seed 0 and 1; or a list, e.g. [0, 7]
     max_tokens: 3.0e5                      # or scale: 0.25; every run's schedule shrunk alike
     combine: product                       # every combination of the axes' values; zip: the i-th of each
@@ -17,8 +18,8 @@ rules, so every mistake is one `file:line:col: field: expected X, got Y` line:
     eval: {passkey_depths: [0.1, 0.5, 0.9]}       # options of `lmspec eval` on every finished run
 
 The runs are: each variant (the base itself when there are none, labelled `base`) crossed with each
-point of the axes, crossed with each seed. A variant's `set` and an axis are both `--set PATH=VALUE`
-overrides of the variant's spec file, applied in that order, then `training.seed`.
+point of the axes, crossed with each seed. The sweep's `set`, a variant's `set` and an axis are all
+`--set PATH=VALUE` overrides of the variant's spec file, applied in that order, then `training.seed`.
 
 `load_sweep` validates the sweep file and then every run's spec, before anything trains: an unknown
 field path is located at the axis or `set` key that names it, a value the spec refuses at that value
@@ -99,6 +100,10 @@ class SweepSpec(StrictModel):
 
     name: Name
     base: Text = Field(description="The spec file every variant starts from, relative to the sweep file.")
+    set: dict[Text, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the base for every run (part of the base, not a diff).",
+    )
     seeds: Annotated[int, Strict(), Field(ge=1, le=MAX_SWEEP_RUNS)] | SeedList = 1
     max_tokens: Annotated[Number, Field(gt=0.0)] | None = None
     scale: Annotated[Number, Field(gt=0.0)] | None = None
@@ -310,6 +315,10 @@ def _seed_override(s: SweepSpec, seed: int, index: int, positions: dict[Path_, P
     return _Override("training.seed", seed, pos, pos)
 
 
+def _base_sets(s: SweepSpec, positions: dict[Path_, Pos]) -> list[_Override]:
+    return [_Override(p, v, positions.get(("set", p)), positions.get(("set", p))) for p, v in s.set.items()]
+
+
 def _expand(
     s: SweepSpec, file: str, root: Path, positions: dict[Path_, Pos], base_file: Path
 ) -> list[SweepPoint]:
@@ -335,7 +344,7 @@ def _expand(
         for point in _axis_points(s, positions):
             label = _label(name, point, names)
             for i, seed in enumerate(s.seed_list):
-                overrides = [*sets, *point, _seed_override(s, seed, i, positions)]
+                overrides = [*_base_sets(s, positions), *sets, *point, _seed_override(s, seed, i, positions)]
                 spec = _spec_for(file, overrides, spec_file, cache, label)
                 settings = tuple((o.path, o.value) for o in (*sets, *point))
                 out.append(SweepPoint(label, name or BASE_LABEL, settings, seed, spec, str(spec_file)))
@@ -369,7 +378,7 @@ def _build(data: Any, positions: dict[Path_, Pos], file: str, root: Path) -> Swe
     base_file = root / s.base
     _check_readable(base_file, file, positions.get(("base",)), "base")
     cache: dict[Path, tuple[dict, dict]] = {}
-    base = _spec_for(file, [], base_file, cache, BASE_LABEL)
+    base = _spec_for(file, _base_sets(s, positions), base_file, cache, BASE_LABEL)
     points = _expand(s, file, root, positions, base_file)
     _check_training(points, file, positions)
     return Sweep(spec=s, file=file, root=root, base=base, points=points)
