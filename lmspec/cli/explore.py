@@ -31,8 +31,10 @@ def _key_value(text: str) -> tuple[str, object]:
 
 
 def _load_sweep(args: argparse.Namespace):
+    from lmspec.spec.loader import read_text
     from lmspec.spec.sweep import is_sweep_file, load_sweep, sweep_from_args
 
+    read_text(Path(args.file))  # a missing or unreadable file: said of the file itself
     if is_sweep_file(args.file):
         given = [
             f

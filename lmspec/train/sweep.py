@@ -511,20 +511,25 @@ def submitit_entry(run_dir: str) -> dict[str, Any]:
 
 
 def last_metrics_row(run_dir: str | Path) -> dict[str, Any] | None:
-    """The last complete line of RUN/metrics.jsonl (read from the end: the file grows all run long)."""
+    """The last complete line of RUN/metrics.jsonl, with the latest held-out `val_bpb` of the lines read
+    (read from the end: the file grows all run long)."""
     path = Path(run_dir) / "metrics.jsonl"
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
             tail = f.read()
     except OSError:
         return None
-    for line in reversed(tail.split(b"\n")[:-1]):  # the piece after the last newline may be torn
+    rows = []
+    for line in tail.split(b"\n")[:-1]:  # the piece after the last newline may be torn
         with contextlib.suppress(ValueError):
             row = json.loads(line)
             if isinstance(row, dict):
-                return row
-    return None
+                rows.append(row)
+    if not rows:
+        return None
+    val = [r["val_bpb"] for r in rows if "val_bpb" in r]
+    return {**rows[-1], **({"val_bpb": val[-1]} if val else {})}
 
 
 class Board:
