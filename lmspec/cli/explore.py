@@ -190,7 +190,7 @@ def add_parsers(add) -> None:
 
     p = add("compare", cmd_compare, "tabulate and plot runs and sweeps side by side", spec=False)
     p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP")
-    p.add_argument("-o", "--output", default="comparison", help="folder for results.* and plots")
+    p.add_argument("-o", "--output", default="sweeps/compare", help="folder for results.* and plots")
     p.add_argument("--base", default=None, help="spec the diff column is taken against (default: the first)")
     p.add_argument("--no-plots", action="store_true")
 
