@@ -138,24 +138,18 @@ class _Builder:
             "theta": a.rope.theta,
             "kind": kind,
         }
-        rfield = f"{afield}.rope"
-        q = self.op(
-            f"{sa}.rope_q",
-            "rope",
-            q,
-            path=sa,
-            field=rfield,
-            attrs={**rope, "num_heads": a.num_heads},
-            **common,
-        )
-        k = self.op(
-            f"{sa}.rope_k",
-            "rope",
-            k,
-            path=sa,
-            field=rfield,
-            attrs={**rope, "num_heads": a.num_kv_heads},
-            **common,
+        # q and k rotate alike; only their head counts differ.
+        q, k = (
+            self.op(
+                f"{sa}.rope_{which}",
+                "rope",
+                x,
+                path=sa,
+                field=f"{afield}.rope",
+                attrs={**rope, "num_heads": heads},
+                **common,
+            )
+            for which, x, heads in (("q", q, a.num_heads), ("k", k, a.num_kv_heads))
         )
         if a.value_scale != 1.0:
             v = self.op(
