@@ -15,6 +15,8 @@ units applied (`ctx.units`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmspec.compiler.graph import Graph
@@ -25,31 +27,36 @@ if TYPE_CHECKING:
 _SUMMED = ("n_params", "flops", "flops_per_key", "flops_at_context")
 
 
-def _fuse(
-    graph: Graph,
-    members: list[str],
-    *,
-    new_id: str,
-    op: str,
-    principal: str,
-    inputs: list[tuple[str, int]],
-    ports: dict[str, int],
-    attrs: dict[str, Any] | None = None,
-) -> str:
-    """Replace `members` with one `op` node fed by `inputs` ((producer, port) in argument order).
+@dataclass(frozen=True)
+class _Unit:
+    """One group of ops to fuse into a single node fed by `inputs` ((producer, port) in argument order).
 
-    `ports` maps each member whose value leaves the group to the fused node's output port; the
-    fused node takes `principal`'s path, field, scope, dtype and shape.
+    `ports` maps each member whose value leaves the group to the fused node's output port; the fused
+    node takes `principal`'s path, field, scope, dtype and shape, and its id unless `new_id` is given.
+    `attrs` adds to the union of the members' attributes.
     """
+
+    members: list[str]
+    principal: str
+    inputs: list[tuple[str, int]]
+    ports: dict[str, int]
+    new_id: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def _fuse(graph: Graph, op: str, unit: _Unit) -> None:
+    """Replace the unit's members with one `op` node, rewiring the group's inputs and outputs."""
     g = graph.nx
+    members = unit.members
     group = set(members)
     outgoing = [
-        (ports[m], user, data["arg"])
+        (unit.ports[m], user, data["arg"])
         for m in members
         for _, user, data in g.out_edges(m, data=True)
         if user not in group
     ]
-    p = g.nodes[principal]
+    new_id = unit.new_id or unit.principal
+    p = g.nodes[unit.principal]
     node = {
         "op": op,
         "shape": p["shape"],
@@ -70,14 +77,13 @@ def _fuse(
         for key in _SUMMED:
             if key in d:
                 node[key] = node.get(key, 0) + d[key]
-    node["attrs"].update(attrs or {})
+    node["attrs"].update(unit.attrs)
     g.remove_nodes_from(members)
     g.add_node(new_id, **node)
-    for arg, (src, port) in enumerate(inputs):
+    for arg, (src, port) in enumerate(unit.inputs):
         g.add_edge(src, new_id, arg=arg, port=port)
     for port, user, arg in outgoing:
         g.add_edge(new_id, user, arg=arg, port=port)
-    return new_id
 
 
 def _in(graph: Graph, node_id: str, arg: int) -> tuple[str, int]:
@@ -99,109 +105,90 @@ def _norm_preference(graph: Graph, add: str, norm: str) -> tuple[int, int]:
     return (scope != graph.nx.nodes[add]["scope"], scope.startswith("model.mtp."))
 
 
-def fuse_add_rmsnorm(graph: Graph) -> int:
-    count = 0
-    for add in graph.nodes_of("add"):
-        norms = [u for u in graph.users(add) if _op(graph, u) == "rmsnorm" and _in(graph, u, 0)[0] == add]
-        if not norms:
-            continue
-        norm = min(norms, key=lambda n: _norm_preference(graph, add, n))
-        _fuse(
-            graph,
-            [add, norm],
-            new_id=norm,
-            op="add_rmsnorm",
-            principal=norm,
-            inputs=[_in(graph, add, 0), _in(graph, add, 1)],
-            ports={norm: 0, add: 1},
-        )
-        count += 1
-    return count
+def _add_rmsnorm(graph: Graph, add: str) -> _Unit | None:
+    norms = [u for u in graph.users(add) if _op(graph, u) == "rmsnorm" and _in(graph, u, 0)[0] == add]
+    if not norms:
+        return None
+    norm = min(norms, key=lambda n: _norm_preference(graph, add, n))
+    return _Unit(
+        [add, norm], principal=norm, inputs=[_in(graph, add, 0), _in(graph, add, 1)], ports={norm: 0, add: 1}
+    )
 
 
-def fuse_swiglu(graph: Graph) -> int:
-    count = 0
-    for act in graph.nodes_of("silu_mul"):
-        gate, up = _in(graph, act, 0)[0], _in(graph, act, 1)[0]
-        if not all(_op(graph, n) == "linear" and graph.users(n) == [act] for n in (gate, up)):
-            continue
-        src = _in(graph, gate, 0)
-        if _in(graph, up, 0) != src:
-            continue
-        new_id = graph.nx.nodes[act]["path"] + ".swiglu"
-        _fuse(graph, [gate, up, act], new_id=new_id, op="swiglu", principal=act, inputs=[src], ports={act: 0})
-        count += 1
-    return count
+def _swiglu(graph: Graph, act: str) -> _Unit | None:
+    gate, up = _in(graph, act, 0)[0], _in(graph, act, 1)[0]
+    if not all(_op(graph, n) == "linear" and graph.users(n) == [act] for n in (gate, up)):
+        return None
+    src = _in(graph, gate, 0)
+    if _in(graph, up, 0) != src:
+        return None
+    new_id = graph.nx.nodes[act]["path"] + ".swiglu"
+    return _Unit([gate, up, act], principal=act, inputs=[src], ports={act: 0}, new_id=new_id)
 
 
-def fuse_router(graph: Graph) -> int:
-    count = 0
-    for topk in graph.nodes_of("topk"):
-        scores, _ = _in(graph, topk, len(graph.inputs(topk)) - 1)
-        logits, _ = _in(graph, scores, 0)
-        if _op(graph, logits) != "linear":
-            continue
-        members = [logits, scores]
-        selection, _ = _in(graph, topk, 0)
-        if selection != scores:
-            if _op(graph, selection) != "correction_bias" or _in(graph, selection, 0)[0] != scores:
-                continue
-            members.append(selection)
-        members.append(topk)
-        last = topk
-        while True:  # renormalize / routed_scale follow one by one
-            users = graph.users(last)
-            if len(users) != 1 or _op(graph, users[0]) not in ("renormalize", "routed_scale"):
-                break
-            last = users[0]
-            members.append(last)
-        _fuse(
-            graph,
-            members,
-            new_id=logits,
-            op="router",
-            principal=last,
-            inputs=[_in(graph, logits, 0)],
-            ports={last: 0},
-            attrs={
-                "score_function": _op(graph, scores),
-                "renormalize": any(_op(graph, m) == "renormalize" for m in members),
-            },
-        )
-        count += 1
-    return count
+def _router(graph: Graph, topk: str) -> _Unit | None:
+    scores, _ = _in(graph, topk, len(graph.inputs(topk)) - 1)
+    logits, _ = _in(graph, scores, 0)
+    if _op(graph, logits) != "linear":
+        return None
+    members = [logits, scores]
+    selection, _ = _in(graph, topk, 0)
+    if selection != scores:
+        if _op(graph, selection) != "correction_bias" or _in(graph, selection, 0)[0] != scores:
+            return None
+        members.append(selection)
+    members.append(topk)
+    last = topk
+    while True:  # renormalize / routed_scale follow one by one
+        users = graph.users(last)
+        if len(users) != 1 or _op(graph, users[0]) not in ("renormalize", "routed_scale"):
+            break
+        last = users[0]
+        members.append(last)
+    return _Unit(
+        members,
+        principal=last,
+        inputs=[_in(graph, logits, 0)],
+        ports={last: 0},
+        new_id=logits,
+        attrs={
+            "score_function": _op(graph, scores),
+            "renormalize": any(_op(graph, m) == "renormalize" for m in members),
+        },
+    )
 
 
-def fuse_lm_head_ce(graph: Graph) -> int:
-    count = 0
-    for ce in graph.nodes_of("cross_entropy"):
-        head, _ = _in(graph, ce, 0)
-        if _op(graph, head) != "linear" or graph.users(head) != [ce]:
-            continue
-        _fuse(
-            graph,
-            [head, ce],
-            new_id=ce,
-            op="lm_head_ce",
-            principal=ce,
-            inputs=[_in(graph, head, 0), _in(graph, ce, 1)],
-            ports={ce: 0},
-        )
-        count += 1
-    return count
+def _lm_head_ce(graph: Graph, ce: str) -> _Unit | None:
+    head, _ = _in(graph, ce, 0)
+    if _op(graph, head) != "linear" or graph.users(head) != [ce]:
+        return None
+    return _Unit([head, ce], principal=ce, inputs=[_in(graph, head, 0), _in(graph, ce, 1)], ports={ce: 0})
 
 
-_UNITS = {
-    "add_rmsnorm": fuse_add_rmsnorm,
-    "swiglu": fuse_swiglu,
-    "router": fuse_router,
-    "lm_head_ce": fuse_lm_head_ce,
+# unit (also the fused node's op) -> (the op each candidate group is found from, the rule that finds it)
+_UNITS: dict[str, tuple[str, Callable[[Graph, str], _Unit | None]]] = {
+    "add_rmsnorm": ("add", _add_rmsnorm),
+    "swiglu": ("silu_mul", _swiglu),
+    "router": ("topk", _router),
+    "lm_head_ce": ("cross_entropy", _lm_head_ce),
 }
+
+
+def _apply(graph: Graph, unit: str) -> int:
+    """Fuse every group of `unit` in `graph`; returns how many."""
+    anchor_op, find = _UNITS[unit]
+    count = 0
+    for anchor in graph.nodes_of(anchor_op):
+        found = find(graph, anchor)
+        if found is not None:
+            _fuse(graph, unit, found)
+            count += 1
+    return count
 
 
 def fusion(graph: Graph, ctx: PassContext) -> Graph:
     for unit in ctx.units:
-        n = _UNITS[unit](graph)
+        n = _apply(graph, unit)
         graph.nx.graph.setdefault("fused_counts", {})[unit] = n
     graph.fused_units = set(ctx.units)
     return graph
