@@ -263,6 +263,21 @@ def _mtp_blocks(spec: Spec) -> int:
     return spec.model.mtp.num_blocks if spec.model.mtp is not None else 0
 
 
+def _mtp_attention(spec: Spec) -> AttentionBase:
+    m = spec.model
+    assert m.mtp is not None
+    return m.attention[m.blocks[m.mtp.block].attention]
+
+
+def _with_totals(**figures: dict[str, Any]) -> dict[str, Any]:
+    """Each per-part figure `name`, followed by `name_total`: the sum of its parts."""
+    out: dict[str, Any] = {}
+    for name, parts in figures.items():
+        out[name] = parts
+        out[f"{name}_total"] = sum(parts.values())
+    return out
+
+
 def _param_fields(spec: Spec, dtype_bytes: int) -> dict[str, Any]:
     """The parameter, buffer and active-parameter fields of `Accounting`."""
     m = spec.model
@@ -324,21 +339,17 @@ def _kv_fields(spec: Spec, context: int, kv_b: int) -> dict[str, Any]:
         all_global = kv_bytes_per_slot(m.attention[ref], kv_b) * m.num_layers * context
     else:
         all_global = sum(kv_bytes_per_slot(m.attention[k], kv_b) * n for k, n in by_kind.items()) * context
-    kv_total = sum(at_context.values())
     mtp_kv = 0
     if _mtp_blocks(spec):
-        mtp_attn = m.attention[m.blocks[m.mtp.block].attention]
+        mtp_attn = _mtp_attention(spec)
         mtp_kv = _mtp_blocks(spec) * kv_bytes_per_slot(mtp_attn, kv_b) * kv_slots(mtp_attn, context)
     return {
-        "kv_bytes_per_token": per_token,
-        "kv_bytes_per_token_total": sum(per_token.values()),
-        "kv_fixed_bytes_per_sequence": fixed,
-        "kv_fixed_bytes_per_sequence_total": sum(fixed.values()),
-        "kv_bytes_at_context": at_context,
-        "kv_bytes_at_context_total": kv_total,
+        **_with_totals(
+            kv_bytes_per_token=per_token, kv_fixed_bytes_per_sequence=fixed, kv_bytes_at_context=at_context
+        ),
         "all_global_reference": ref,
         "all_global_kv_bytes_at_context": all_global,
-        "kv_ratio_all_global": all_global / kv_total,
+        "kv_ratio_all_global": all_global / sum(at_context.values()),
         "mtp_kv_bytes_at_context": mtp_kv,
     }
 
@@ -356,17 +367,14 @@ def _flop_fields(spec: Spec, context: int, active: dict[str, int]) -> dict[str, 
         flops_mean[f"attention_scores.{kind}"] = count * attention_score_flops(attn, mean_keys(attn, context))
     mtp_flops = 0.0
     if _mtp_blocks(spec):
-        mtp_attn = m.attention[m.blocks[m.mtp.block].attention]
+        mtp_attn = _mtp_attention(spec)
         mtp_flops = (
             sum(_matmul_flops(_mtp_block_components(spec, active=True)).values())
             + 2.0 * _head_active(spec, active)
             + attention_score_flops(mtp_attn, kv_slots(mtp_attn, context))
         )
     return {
-        "flops_per_token": flops,
-        "flops_per_token_total": sum(flops.values()),
-        "flops_per_token_seq_mean": flops_mean,
-        "flops_per_token_seq_mean_total": sum(flops_mean.values()),
+        **_with_totals(flops_per_token=flops, flops_per_token_seq_mean=flops_mean),
         "mtp_flops_per_token_per_block": mtp_flops,
     }
 
