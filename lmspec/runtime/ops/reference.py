@@ -82,9 +82,8 @@ def attention(
     q (B, Hq, Tq, Dqk), k (B, Hkv, Tk, Dqk), v (B, Hkv, Tk, Dv) -> (B, Hq, Tq, Dv).
     Key j is visible to query i iff ``0 <= k_pos[j] <= q_pos[i]`` and ``q_pos[i] - k_pos[j] < window_keys``.
     ``q_pos``/``k_pos`` None means ``arange`` (queries are the last Tq positions when Tq < Tk).
-    ``segment_ids`` (B, Tk), the document of each key (queries are the last Tq of them), additionally hides
-    every key of another document: packed documents do not attend to each other (with positions that
-    restart at each document, each one computes exactly as if it were alone).
+    ``segment_ids`` (B, Tk), each key's document (queries are the last Tq), hides keys of other documents:
+    with positions restarting at each document, a packed document computes exactly as if alone.
     The sink is an extra logit in the denominator only. A query with nothing visible and no sink gives 0.
     """
     B, Hq, Tq, Dqk = q.shape
