@@ -1,6 +1,6 @@
-"""The default CPU backend: the reference, with fast paths for training attention.
+"""The default CPU backend: the reference, with fast paths for training attention and MoE experts.
 
-``CPUBackend`` overrides only ``attention``. Dense-position float32 attention (training, and prefill of
+``CPUBackend`` overrides ``attention`` and ``moe_experts``. Dense-position float32 attention (training, and prefill of
 queries that are the last Tq of Tk positions) runs through ``F.scaled_dot_product_attention``:
 
 | path            | when                                                                        | cost       |
@@ -14,6 +14,18 @@ queries that are the last Tq of Tk positions) runs through ``F.scaled_dot_produc
 Every path computes ``lmspec.runtime.ops.reference.attention`` up to float32 rounding
 (tests/kernels/test_cpu_fast_path.py compares them at the boundaries of this table). ``PATH_CALLS``
 counts the calls that took each path, so a test or a benchmark can tell which one ran.
+
+``moe_experts`` follows the plan of the Triton grouped-GEMM kernel: sort the N*k assignments by expert
+(``expert_offsets``: no host sync), one grouped GEMM per projection, the un-permute fused with the weighted
+sum over the k slots, and a hand-written backward (``_GroupedExperts``). ``moe_path`` picks the GEMM:
+
+| path            | when                                                                   |
+|-----------------|------------------------------------------------------------------------|
+| ``grouped_mm``  | ``torch._grouped_mm`` takes it: float32/bf16/fp16, H and I rows 16-byte aligned |
+| ``expert_loop`` | otherwise (float64, odd sizes): one matmul per expert that has tokens  |
+
+tests/kernels/test_cpu_moe.py compares both against the reference at the routing boundaries (idle experts,
+one expert with every token, top_k = num_experts); ``MOE_PATH_CALLS`` counts the calls of each path.
 """
 
 from __future__ import annotations
@@ -32,7 +44,18 @@ from lmspec.runtime.ops.base import AttentionKeywords, Backend, keyword_defaults
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack for **kwargs needs Python 3.11
 
-__all__ = ["BAND_BLOCK", "PATH_CALLS", "CPUBackend", "attention", "attention_path", "min_banded_seq"]
+__all__ = [
+    "BAND_BLOCK",
+    "MOE_PATH_CALLS",
+    "PATH_CALLS",
+    "CPUBackend",
+    "attention",
+    "attention_path",
+    "expert_offsets",
+    "min_banded_seq",
+    "moe_experts",
+    "moe_path",
+]
 
 # Query block of the banded path. Each block of 32 queries attends to its band of 32 + W - 1 keys in one
 # batched SDPA call: large enough to amortise the per-block key overlap (W - 1 keys read twice) and the
@@ -44,6 +67,7 @@ _MASK_CACHE: dict[tuple, Tensor] = {}
 _MASK_CACHE_SIZE = 64
 
 PATH_CALLS: Counter[str] = Counter()
+MOE_PATH_CALLS: Counter[str] = Counter()
 
 
 def min_banded_seq(window_keys: int) -> int:
@@ -265,8 +289,171 @@ def _banded_mask(T: int, window_keys: int, sink: bool, device: torch.device) -> 
     return _cached_mask(("banded", T, window_keys, sink, device), build)
 
 
+# --- MoE experts ---------------------------------------------------------------------------------------
+# The plan of the Triton grouped-GEMM kernel (codegen/templates/moe.py.jinja), with torch ops: sort the N*k
+# assignments by expert, one grouped GEMM per projection over the offsets table, the un-permute fused with
+# the weighted sum over k. No Python loop over experts and no host sync: every shape is (N*k, ...) or
+# (E, ...), known before the routing is.
+
+# torch._grouped_mm's CPU kernel takes these dtypes, and row strides that are multiples of 16 bytes.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GROUPED_MM_ALIGN = 16
+
+
+def moe_path(dtype: torch.dtype, hidden: int, intermediate: int) -> str:
+    """``grouped_mm`` (one ``torch._grouped_mm`` per projection) when its CPU kernel takes the dtype and the
+    row strides of H, I and 2I; else ``expert_loop`` (the same plan, one matmul per expert with tokens)."""
+    usable = (
+        hasattr(torch, "_grouped_mm")
+        and dtype in _GROUPED_MM_DTYPES
+        and all(n * dtype.itemsize % _GROUPED_MM_ALIGN == 0 for n in (hidden, intermediate))
+    )
+    return "grouped_mm" if usable else "expert_loop"
+
+
+def expert_offsets(topk_indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sort the (token, slot) assignments by expert, without a host sync.
+
+    topk_indices (N, k) -> order (N*k,) flat assignment at each sorted position, token_of (N*k,) its token,
+    inverse (N*k,) sorted position of each flat assignment, offsets (E,) int32 end row of each expert.
+    Stable, so tokens stay in order inside an expert (as ``reference.sort_by_expert``).
+    """
+    n, k = topk_indices.shape
+    experts, order = torch.sort(topk_indices.reshape(-1), stable=True)  # (N*k,) each
+    token_of = order // k
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=order.device))
+    bounds = torch.arange(num_experts, device=order.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts, bounds, right=True).to(torch.int32)  # (E,) cumulative counts
+    return order, token_of, inverse, offsets
+
+
+def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
+    """Rows of ``a`` (M, K) in expert blocks ending at ``offsets``, times ``b[e]`` (E, K, N) -> (M, N)."""
+    if path == "grouped_mm":
+        return torch._grouped_mm(a, b, offs=offsets)
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = a[start:end] @ b[e]
+        start = end
+    return out
+
+
+def _grouped_wgrad(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
+    """Per expert ``a_e^T b_e`` over its block of rows: a (M, K), b (M, N) -> (E, K, N); zero without rows."""
+    if path == "grouped_mm":
+        return torch._grouped_mm(a.t(), b, offs=offsets)
+    out = a.new_zeros(offsets.shape[0], a.shape[1], b.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[e] = a[start:end].t() @ b[start:end]
+        start = end
+    return out
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """(x (N, H), topk_weights (N, k), gate_up_proj (E, 2I, H), down_proj (E, H, I), routing) -> (N, H).
+
+    Forward: x_s = x[token_of]; gu = x_s @ gate_up[e]^T; h = silu(gate) * up; y_s = h @ down[e]^T;
+    out_t = sum_j w_tj y_(t,j) (a (1, k) x (k, H) product per token over y_s[inverse]).
+    Backward: dw_tj = dout_t . y_(t,j); dy_s = w_s dout[token_of]; dh = dy_s @ down[e];
+    d(gate, up) by the SwiGLU backward; dx_s = d(gate, up) @ gate_up[e]; dx_t = sum_j dx_s[inverse];
+    dgate_up[e] = d(gate, up)_e^T x_s,e; ddown[e] = dy_s,e^T h_e. Saves gu and the (N, k, H) expert outputs;
+    x_s and h are recomputed (a gather and an elementwise op) rather than held.
+    """
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, gate_up_proj, down_proj, order, token_of, inverse, offsets, path):  # type: ignore[override]
+        N, H = x.shape
+        k = topk_weights.shape[1]
+        inter = gate_up_proj.shape[1] // 2
+        cdt = reference._compute_dtype(x.dtype)
+        x_sorted = x.index_select(0, token_of)  # (N*k, H): tokens in expert order
+        gu = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, path)  # (N*k, 2I)
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]  # (N*k, I)
+        y_sorted = _grouped_mm(h, down_proj.transpose(1, 2), offsets, path)  # (N*k, H)
+        y = y_sorted.index_select(0, inverse).view(N, k, H)  # (N, k, H): back in (token, slot) order
+        # The routing weights are fp32 (HF multiplies in fp32): the weighted sum runs in fp32, rounded once.
+        out = _sum_slots(y.to(cdt), topk_weights.to(cdt))  # (N, H)
+        ctx.save_for_backward(
+            x, topk_weights, gate_up_proj, down_proj, order, token_of, inverse, offsets, gu, y
+        )
+        ctx.path = path
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):  # type: ignore[override]
+        x, topk_weights, gate_up_proj, down_proj, order, token_of, inverse, offsets, gu, y = ctx.saved_tensors
+        N, H = x.shape
+        k = topk_weights.shape[1]
+        inter = gu.shape[1] // 2
+        cdt = reference._compute_dtype(x.dtype)
+        dout = dout.contiguous()  # a broadcast cotangent (from .sum()) has zero strides
+        dweights = None
+        if ctx.needs_input_grad[1]:
+            dweights = torch.bmm(y.to(cdt), dout.to(cdt)[:, :, None]).view(N, k).to(topk_weights.dtype)
+        w_sorted = topk_weights.reshape(-1).to(cdt).index_select(0, order)  # (N*k,)
+        dy = (dout.index_select(0, token_of).to(cdt) * w_sorted[:, None]).to(x.dtype)  # (N*k, H)
+        gate, up = gu[:, :inter], gu[:, inter:]
+        silu = F.silu(gate)
+        dgate_up = ddown = dx = None
+        if ctx.needs_input_grad[3]:
+            ddown = _grouped_wgrad(dy, silu * up, offsets, ctx.path)  # (E, H, I)
+        dh = _grouped_mm(dy, down_proj, offsets, ctx.path)  # (N*k, I)
+        # d(gate, up) written in place into one (N*k, 2I) buffer: the SwiGLU backward without a cat.
+        dgu = torch.empty_like(gu)
+        dgu[:, :inter] = torch.ops.aten.silu_backward(dh * up, gate)
+        torch.mul(dh, silu, out=dgu[:, inter:])
+        if ctx.needs_input_grad[2]:
+            dgate_up = _grouped_wgrad(dgu, x.index_select(0, token_of), offsets, ctx.path)  # (E, 2I, H)
+        if ctx.needs_input_grad[0]:
+            dx_sorted = _grouped_mm(dgu, gate_up_proj, offsets, ctx.path)  # (N*k, H)
+            dx = _sum_slots(dx_sorted.index_select(0, inverse).view(N, k, H).to(cdt)).to(x.dtype)  # (N, H)
+        return dx, dweights, dgate_up, ddown, None, None, None, None, None
+
+
+def _sum_slots(y: Tensor, weights: Tensor | None = None) -> Tensor:
+    """``sum_j weights[:, j] * y[:, j]`` (or the plain sum) over the k slots: y (N, k, H) -> (N, H).
+
+    k is top_k (small and fixed): one fused multiply-add per slot is several times faster on CPU than
+    a reduction over the middle dim or a batched (1, k) x (k, H) matmul per token.
+    """
+    k = y.shape[1]
+    out = y[:, 0] * weights[:, :1] if weights is not None else y[:, 0].clone()
+    for j in range(1, k):
+        if weights is None:
+            out.add_(y[:, j])
+        else:
+            out.addcmul_(y[:, j], weights[:, j : j + 1])
+    return out
+
+
+def moe_experts(
+    x: Tensor, topk_weights: Tensor, topk_indices: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """``reference.moe_experts`` (same arguments and result) as sorted grouped GEMMs (``_GroupedExperts``)."""
+    E, two_i, H = gate_up_proj.shape
+    path = moe_path(x.dtype, H, two_i // 2)
+    MOE_PATH_CALLS[path] += 1
+    order, token_of, inverse, offsets = expert_offsets(topk_indices, E)
+    return _GroupedExperts.apply(
+        x.contiguous(),
+        topk_weights,
+        gate_up_proj.contiguous(),
+        down_proj.contiguous(),
+        order,
+        token_of,
+        inverse,
+        offsets,
+        path,
+    )
+
+
 class CPUBackend(Backend):
-    """The reference, with the fast attention paths above; the default backend on CPU."""
+    """The reference, with the fast attention paths and the grouped-GEMM experts above; the CPU default."""
 
     name = "cpu"
     attention = staticmethod(attention)
+    moe_experts = staticmethod(moe_experts)
