@@ -260,35 +260,51 @@ def _replay(hits: np.ndarray, start: int, end: int, depth: int) -> tuple[int, in
     return tokens, steps
 
 
-@torch.no_grad()
-def mtp_acceptance(
-    model: nn.Module, corpus: Corpus, prompts: int, new_tokens: int, device: torch.device
-) -> dict[str, Any] | None:
-    """Acceptance length of greedy MTP self-speculation at depths 1..K (None without MTP blocks)."""
-    depth = getattr(model, "num_mtp_blocks", 0)
-    if depth == 0:
-        return None
-    prompt_len = MTP_PROMPT_TOKENS
-    val = corpus.val_tokens
-    starts = np.linspace(0, max(len(val) - prompt_len - 1, 0), prompts).astype(np.int64)
-    ids = torch.tensor(np.stack([np.take(val, np.arange(s, s + prompt_len), mode="wrap") for s in starts]))
-    seq = _greedy(model, ids.to(device), new_tokens)
+def _acceptance(model: nn.Module, seq: torch.Tensor, start: int, depth: int) -> list[float]:
+    """Acceptance length at depths 1..`depth` of speculative decoding that writes `seq` from `start` on:
+    a draft is accepted while it equals the next token of `seq` (one forward with every MTP block)."""
     out = model(seq, return_mtp=True)
-    T = seq.shape[1]
-    hits = np.zeros((prompts, depth, T), dtype=bool)
+    P, T = seq.shape
+    hits = np.zeros((P, depth, T), dtype=bool)
     for k, logits in enumerate(out.mtp_logits, start=1):
         pred = logits.argmax(-1)  # (P, T): block k at t predicts the token at t + k + 1
         hits[:, k - 1, : T - k - 1] = (pred[:, : T - k - 1] == seq[:, k + 1 :]).cpu().numpy()
     lengths = []
     for d in range(1, depth + 1):
         tokens = steps = 0
-        for p in range(prompts):
-            n, s = _replay(hits[p], prompt_len - 1, T, d)
+        for p in range(P):
+            n, s = _replay(hits[p], start, T, d)
             tokens, steps = tokens + n, steps + s
         lengths.append(tokens / max(steps, 1))
+    return lengths
+
+
+@torch.no_grad()
+def mtp_acceptance(
+    model: nn.Module, corpus: Corpus, prompts: int, new_tokens: int, device: torch.device
+) -> dict[str, Any] | None:
+    """MTP acceptance length at depths 1..K (None without MTP blocks), two ways:
+
+    - `acceptance_length`: greedy self-speculation, the main model's own greedy continuation of held-out
+      prompts (what `lmspec serve` reaches at temperature 0; a small model's greedy text repeats itself,
+      which makes drafting easy);
+    - `acceptance_length_text`: the held-out text's own continuation taken as what is being written,
+      drafts accepted while they equal it (how far ahead the MTP blocks predict real text).
+    """
+    depth = getattr(model, "num_mtp_blocks", 0)
+    if depth == 0:
+        return None
+    prompt_len = MTP_PROMPT_TOKENS
+    val = corpus.val_tokens
+    starts = np.linspace(0, max(len(val) - prompt_len - new_tokens - 1, 0), prompts).astype(np.int64)
+    text = torch.tensor(
+        np.stack([np.take(val, np.arange(s, s + prompt_len + new_tokens), mode="wrap") for s in starts])
+    ).to(device)
+    greedy = _greedy(model, text[:, :prompt_len], new_tokens)
     return {
         "depths": list(range(1, depth + 1)),
-        "acceptance_length": lengths,
+        "acceptance_length": _acceptance(model, greedy, prompt_len - 1, depth),
+        "acceptance_length_text": _acceptance(model, text, prompt_len - 1, depth),
         "prompts": prompts,
         "new_tokens": new_tokens,
     }
@@ -417,9 +433,12 @@ def format_report(report: dict[str, Any]) -> str:
     console.print(t)
     if report.get("mtp"):
         m = report["mtp"]
-        t = Table(title=f"MTP acceptance length (greedy, {m['prompts']} prompts x {m['new_tokens']} tokens)")
+        t = Table(title=f"MTP acceptance length ({m['prompts']} prompts x {m['new_tokens']} tokens)")
         for d in m["depths"]:
             t.add_column(f"depth {d}", justify="right")
-        t.add_row(*[_fmt(v, 2) for v in m["acceptance_length"]])
+        t.add_column("")
+        t.add_row(*[_fmt(v, 2) for v in m["acceptance_length"]], "greedy continuation")
+        if "acceptance_length_text" in m:
+            t.add_row(*[_fmt(v, 2) for v in m["acceptance_length_text"]], "held-out text")
         console.print(t)
     return console.export_text()

@@ -12,7 +12,8 @@ One row per variant (runs that differ only in `training.seed` are one variant; i
   `bpb_<stage>` held-out bits/byte at the end of each stage, `bpb_pos_<lo>_<hi>` by position bucket
   and `bpb_beyond_<n>` past the pre-extension length (final weights, and `..._before` for the
   weights before the last stage), `passkey_exact` / `passkey_token_acc` (and `_before`),
-  `mtp_accept_d<k>`, `max_expert_load` (busiest expert / uniform share, last step);
+  `mtp_accept_d<k>` (greedy self-speculation) and `mtp_accept_text_d<k>` (drafting held-out text),
+  `max_expert_load` (busiest expert / uniform share, last step);
 - timing (`TIMING_COLUMNS`): `tokens_per_s`, `train_s`, `eval_s`, `wall_s`. They measure the machine;
   every other column is a function of the specs, the data and the seeds.
 
@@ -211,6 +212,10 @@ def _eval_columns(report: dict[str, Any] | None, suffix: str) -> dict[str, float
     if report.get("mtp") and not suffix:
         for d, v in zip(report["mtp"]["depths"], report["mtp"]["acceptance_length"], strict=True):
             out[f"mtp_accept_d{d}"] = v
+        for d, v in zip(
+            report["mtp"]["depths"], report["mtp"].get("acceptance_length_text", []), strict=False
+        ):
+            out[f"mtp_accept_text_d{d}"] = v
     return out
 
 
