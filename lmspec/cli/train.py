@@ -72,6 +72,7 @@ def train_command(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         micro_batch_size=args.micro_batch_size,
+        compile=True if args.compile else None,
     )
     try:
         result = Trainer(config).run()
@@ -203,6 +204,9 @@ def add_parsers(add) -> None:
     )
     p.add_argument(
         "--micro-batch-size", type=_number, default=None, help="sequences per forward (accumulate the rest)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (as training.compile: true)"
     )
 
     p = add("plot", cmd_plot, "plot a run's losses, LR, batch size and expert load", spec=False)

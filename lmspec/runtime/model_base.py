@@ -8,6 +8,7 @@ state-dict helpers shared with ``lmspec.runtime.modeling``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,11 +24,13 @@ DEFAULT_OPS: Backend = get_backend("cpu")
 __all__ = [
     "DEFAULT_OPS",
     "CausalLMBase",
+    "CompiledStep",
     "KVCache",
     "ModelOutput",
     "MoEStats",
     "RMSNorm",
     "RotaryEmbedding",
+    "expert_counts",
     "seq_aux_loss",
 ]
 
@@ -132,6 +135,17 @@ def seq_aux_loss(scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -
     return (f * p).sum(-1).mean()
 
 
+def expert_counts(topk_indices: Tensor, num_experts: int) -> Tensor:
+    """(num_experts,) float32 count of the assignments each expert received, without a gradient.
+
+    A scatter-add into a (num_experts,) buffer rather than ``bincount``, whose output length depends on the
+    data: torch.compile would stop its graph there to read it on the host.
+    """
+    flat = topk_indices.reshape(-1)
+    ones = torch.ones(flat.shape, dtype=torch.float32, device=flat.device)
+    return torch.zeros(num_experts, dtype=torch.float32, device=flat.device).scatter_add_(0, flat, ones)
+
+
 class MoEStats:
     """Collects each MoE layer's aux loss and expert load during one forward, in layer order."""
 
@@ -141,8 +155,7 @@ class MoEStats:
 
     def record(self, scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -> None:
         self.aux.append(seq_aux_loss(scores, topk_indices, batch, top_k))
-        num_experts = scores.shape[-1]
-        self.load.append(torch.bincount(topk_indices.reshape(-1), minlength=num_experts).float().detach())
+        self.load.append(expert_counts(topk_indices, scores.shape[-1]))
 
     def aux_loss(self, like: Tensor) -> Tensor:
         """Sum over MoE layers; a zero scalar (on ``like``'s device) for a model without MoE layers."""
@@ -156,6 +169,54 @@ class MoEStats:
             return like.new_zeros((0, 0), dtype=torch.float32)
         width = max(t.numel() for t in self.load)
         return torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in self.load])
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+
+
+def enable_compile_caches() -> None:
+    """Inductor's FX graph cache and AOT autograd's cache: a second run of the same graphs (same shapes,
+    code and torch) loads the compiled kernels from disk instead of compiling them again."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+def _compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process: dynamo, AOT autograd and inductor (this torch
+    compiles the backward graph together with the forward, inside the first call)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+
+
+class CompiledStep:
+    """``fn`` under ``torch.compile(fullgraph=True)``: a graph break is an error, not a silent slow path.
+
+    Before each call, dim 0 (the batch) of every tensor argument is marked dynamic, so batch sizes that
+    change within a stage (a batch-size warmup, a short last micro-batch) reuse one graph; a new sequence
+    length or new Python constants (a stage's loss weights, a RoPE theta) compile a new one. ``compile_s``
+    is the compile time spent so far (forward and backward), ``graphs`` the graphs compiled.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        enable_compile_caches()
+        self.fn = torch.compile(fn, fullgraph=True)
+        self._base_s = _compile_seconds()
+
+    @property
+    def compile_s(self) -> float:
+        return _compile_seconds() - self._base_s
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            tensors = value.values() if isinstance(value, dict) else (value,)
+            for t in tensors:
+                if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] > 1:
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+        return self.fn(*args, **kwargs)
 
 
 class CausalLMBase(nn.Module):

@@ -450,6 +450,11 @@ class TrainingSpec(StrictModel):
         "document, so a document trains as if it were alone in its sequence.",
     )
     sources: dict[Name, DataSource] = Field(default_factory=dict, max_length=limits.MAX_KINDS)
+    compile: Bool = Field(
+        False,
+        description="torch.compile each micro-batch's forward and loss as one graph (fullgraph); the batch "
+        "dimension is dynamic, so a stage compiles once; inductor's caches keep the result for the next run.",
+    )
     stages: list[Stage] = Field(min_length=1, max_length=limits.MAX_STAGES)
 
     @model_validator(mode="after")

@@ -93,6 +93,8 @@ class TrainConfig:
     end); `keep_checkpoints` is how many checkpoints the run directory retains (None: all).
     `micro_batch_size` caps the sequences per forward (gradient accumulation; default: the whole batch).
     `resume`, `resume_from` and `overwrite` decide what happens to an existing run directory (rundir.py).
+    `compile` overrides the spec's `training.compile` (None: the spec's); it changes speed, not the math,
+    so a run may resume with a different choice.
     """
 
     spec: Spec | str | Path
@@ -113,6 +115,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int | None = 3
     micro_batch_size: int | None = None
+    compile: bool | None = None
     plot: bool = True
     quiet: bool = False
 

@@ -26,6 +26,7 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from lmspec.train import distributed
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
-from lmspec.train.losses import training_loss
+from lmspec.train.losses import LossParts, training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
 from lmspec.train.rundir import apply_plan, plan_run
 from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
@@ -350,6 +351,7 @@ class Trainer:
             self.model = lmspec.build(self.spec, device=dev, backend=self.backend)
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
+        self._speed_options()
         distributed.shard(self.model, self.d)
         try:
             self.optimizer = make_optimizer(self.model, self.spec)
@@ -360,6 +362,17 @@ class Trainer:
             _set_rng_state(state["rng"])
             self.reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
         self.moe_layers = self.model.moe_layers()
+
+    def _speed_options(self) -> None:
+        """torch.compile: the config's choice, else the spec's."""
+        from lmspec.runtime.model_base import CompiledStep
+
+        assert self.spec.training is not None
+        c, t = self.config, self.spec.training
+        compiled = t.compile if c.compile is None else c.compile
+        self.forward_loss = CompiledStep(forward_loss) if compiled else forward_loss
+        if compiled:
+            self.reporter.log("torch.compile: on")
 
     def _start_counters(self, state: dict[str, Any]) -> None:
         assert self.spec.training is not None
@@ -405,7 +418,16 @@ class Trainer:
         for g in optimizer.param_groups:
             g["lr"] = sched.lr
         batch = self.stream.take_batch(sched.batch_size, sched.seq_len, sched.stage_name)
-        parts = _train_step(model, batch, sched, d=self.d, spec=spec, micro=self.config.micro_batch_size)
+        compile_before = getattr(self.forward_loss, "compile_s", None)
+        parts = _train_step(
+            model,
+            batch,
+            sched,
+            d=self.d,
+            spec=spec,
+            micro=self.config.micro_batch_size,
+            forward=self.forward_loss,
+        )
         grad_clip = spec.training.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -420,6 +442,13 @@ class Trainer:
         row = _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
         if batch.source_tokens:  # a stage mixture: the tokens each source gave this step
             row["source_tokens"] = batch.source_tokens
+        if compile_before is not None:
+            row["compile_s"] = self.forward_loss.compile_s
+            if row["compile_s"] > compile_before:
+                self.reporter.log(
+                    f"torch.compile: step {self.steps} ({sched.stage_name}, seq_len {sched.seq_len}) compiled in "
+                    f"{row['compile_s'] - compile_before:.1f} s"
+                )
         return row
 
     def evaluate(self, seq_len: int) -> tuple[float, float]:
@@ -556,6 +585,19 @@ def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
+def forward_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    mtp_loss_weight: float,
+    seq_aux_coef: float,
+) -> tuple[LossParts, torch.Tensor | None]:
+    """One micro-batch's forward and loss: what `training.compile` hands torch.compile as one graph."""
+    out = model(x, labels=y, **inputs)
+    return training_loss(out, mtp_loss_weight=mtp_loss_weight, seq_aux_coef=seq_aux_coef), out.expert_load
+
+
 def _train_step(
     model: nn.Module,
     data: Batch,
@@ -564,6 +606,7 @@ def _train_step(
     d: distributed.Dist,
     spec: Spec,
     micro: int | None,
+    forward: Callable[..., tuple[LossParts, torch.Tensor | None]] = forward_loss,
 ) -> dict[str, Any]:
     """Forward and backward over this rank's micro-batches; returns the global batch's loss parts."""
     inputs, labels = data.inputs, data.labels
@@ -576,14 +619,15 @@ def _train_step(
         share = (sl.stop - sl.start) / batch
         x, y = inputs[sl].to(d.device), labels[sl].to(d.device)
         with _autocast(spec, d.device):
-            out = model(x, labels=y, **data.model_inputs(sl, d.device))
-            parts = training_loss(out, mtp_loss_weight=sched.mtp_loss_weight, seq_aux_coef=sched.seq_aux_coef)
+            parts, expert_load = forward(
+                model, x, y, data.model_inputs(sl, d.device), sched.mtp_loss_weight, sched.seq_aux_coef
+            )
         # FSDP averages gradients over ranks; scaling by world size makes the result the global-batch mean.
         (parts.total * (share * d.world_size)).backward()
         vals = [parts.total, parts.ce, parts.aux, *parts.mtp]
         sums += share * torch.tensor([float(v.detach()) for v in vals], dtype=torch.float64)
-        if out.expert_load is not None:
-            el = out.expert_load.detach().to("cpu", torch.float64)
+        if expert_load is not None:
+            el = expert_load.detach().to("cpu", torch.float64)
             load = el if load is None else load + el
     d.all_sum(sums)
     if load is None:

@@ -70,6 +70,13 @@ PATH_CALLS: Counter[str] = Counter()
 MOE_PATH_CALLS: Counter[str] = Counter()
 
 
+def _count(counter: Counter[str], path: str) -> None:
+    """Count a call of ``path``, in eager mode only: a count read and written inside a torch.compile'd graph
+    would be a guard that fails on the next call, and recompile every step."""
+    if not torch.compiler.is_compiling():
+        counter[path] += 1
+
+
 def min_banded_seq(window_keys: int) -> int:
     """Shortest sequence the banded path takes for ``window_keys``: a multiple of ``BAND_BLOCK`` at least
     twice the band (``BAND_BLOCK + window_keys - 1`` keys), where the band computes at most half the scores
@@ -126,7 +133,7 @@ def attention(
         dense_positions=dense,
         segments=kw.get("segment_ids") is not None,
     )
-    PATH_CALLS[path] += 1
+    _count(PATH_CALLS, path)
     if path == "reference":
         return reference.attention(q, k, v, sinks, **kw)
     if q.shape[1] % k.shape[1] != 0:
@@ -248,6 +255,8 @@ def _fold_sink(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, scale: float) -> 
 
 
 def _cached_mask(key: tuple, build: Callable[[], Tensor]) -> Tensor:
+    if torch.compiler.is_compiling():
+        return build()  # built inside the graph: a cache filled while tracing is a guard that fails next call
     mask = _MASK_CACHE.get(key)
     if mask is None:
         if len(_MASK_CACHE) >= _MASK_CACHE_SIZE:
@@ -327,6 +336,10 @@ def expert_offsets(topk_indices: Tensor, num_experts: int) -> tuple[Tensor, Tens
     return order, token_of, inverse, offsets
 
 
+# Both GEMMs are custom ops: torch.compile sees an opaque call with a declared output shape (the fake
+# implementations) instead of tracing into them. torch._grouped_mm's own shape function accepts bf16 only,
+# and the expert loop reads the offsets on the host; neither could be traced.
+@torch.library.custom_op("lmspec::grouped_mm", mutates_args=())
 def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
     """Rows of ``a`` (M, K) in expert blocks ending at ``offsets``, times ``b[e]`` (E, K, N) -> (M, N)."""
     if path == "grouped_mm":
@@ -340,6 +353,12 @@ def _grouped_mm(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
     return out
 
 
+@_grouped_mm.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op("lmspec::grouped_wgrad", mutates_args=())
 def _grouped_wgrad(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
     """Per expert ``a_e^T b_e`` over its block of rows: a (M, K), b (M, N) -> (E, K, N); zero without rows."""
     if path == "grouped_mm":
@@ -351,6 +370,11 @@ def _grouped_wgrad(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
             out[e] = a[start:end].t() @ b[start:end]
         start = end
     return out
+
+
+@_grouped_wgrad.register_fake
+def _(a: Tensor, b: Tensor, offsets: Tensor, path: str) -> Tensor:
+    return a.new_empty(offsets.shape[0], a.shape[1], b.shape[1])
 
 
 class _GroupedExperts(torch.autograd.Function):
@@ -405,7 +429,7 @@ class _GroupedExperts(torch.autograd.Function):
         # d(gate, up) written in place into one (N*k, 2I) buffer: the SwiGLU backward without a cat.
         dgu = torch.empty_like(gu)
         dgu[:, :inter] = torch.ops.aten.silu_backward(dh * up, gate)
-        torch.mul(dh, silu, out=dgu[:, inter:])
+        dgu[:, inter:] = dh * silu
         if ctx.needs_input_grad[2]:
             dgate_up = _grouped_wgrad(dgu, x.index_select(0, token_of), offsets, ctx.path)  # (E, 2I, H)
         if ctx.needs_input_grad[0]:
@@ -436,7 +460,7 @@ def moe_experts(
     """``reference.moe_experts`` (same arguments and result) as sorted grouped GEMMs (``_GroupedExperts``)."""
     E, two_i, H = gate_up_proj.shape
     path = moe_path(x.dtype, H, two_i // 2)
-    MOE_PATH_CALLS[path] += 1
+    _count(MOE_PATH_CALLS, path)
     order, token_of, inverse, offsets = expert_offsets(topk_indices, E)
     return _GroupedExperts.apply(
         x.contiguous(),

@@ -249,8 +249,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
         lse = torch.empty(N, dtype=cdt, device=hidden.device)
         total = torch.zeros((), dtype=cdt, device=hidden.device)
-        for s in range(0, N, chunk):
-            e = min(N, s + chunk)
+        for s, e in _chunk_bounds(N, chunk):
             logits = hidden[s:e].to(cdt) @ w.t()  # (n, V), turned into exp(logits - max) in place below
             target = logits.gather(1, safe_labels[s:e, None])[:, 0]
             row_max = logits.amax(dim=-1)
@@ -259,25 +258,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += ((lse_c - target) * valid[s:e]).sum()
             lse[s:e] = lse_c
             del logits
-        n_valid = int(valid.sum())
-        ctx.save_for_backward(hidden, weight, safe_labels, valid, lse)
+        # A tensor, not a Python int: reading it on the host would stop torch.compile's graph here.
+        n_valid = valid.sum().clamp_min(1).to(cdt)
+        ctx.save_for_backward(hidden, weight, safe_labels, valid, lse, n_valid)
         ctx.chunk = chunk
-        ctx.n_valid = n_valid
         # All labels ignored: a zero loss with zero gradients, so packed batches of padding do not NaN a run.
-        return (total / max(n_valid, 1)).to(hidden.dtype)
+        return (total / n_valid).to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        hidden, weight, labels, valid, lse = ctx.saved_tensors
+        hidden, weight, labels, valid, lse, n_valid = ctx.saved_tensors
         cdt = lse.dtype
         N = hidden.shape[0]
         w = weight.to(cdt)
-        g = grad_out.to(cdt) / max(ctx.n_valid, 1)
+        g = grad_out.to(cdt) / n_valid
         dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         dweight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         rows = torch.arange(N, device=hidden.device)
-        for s in range(0, N, ctx.chunk):
-            e = min(N, s + ctx.chunk)
+        for s, e in _chunk_bounds(N, ctx.chunk):
             h = hidden[s:e].to(cdt)
             dlogits = h @ w.t()  # (n, V), overwritten in place below to bound memory
             dlogits.sub_(lse[s:e, None]).exp_()
@@ -291,14 +289,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return dhidden, None if dweight is None else dweight.to(weight.dtype), None, None, None
 
 
+def _chunk_bounds(N: int, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of the chunks; a single chunk is tested as ``N <= chunk`` rather than by counting, so a
+    batch size that torch.compile treats as symbolic is guarded, not specialised (no recompile per size)."""
+    if N <= chunk:
+        return [(0, N)]
+    return [(s, min(N, s + chunk)) for s in range(0, N, chunk)]
+
+
+# Logits held at once by the CE (elements, not bytes): 2**22 fp32 = 16 MiB. Below it a chunk of 1/32 of the
+# tokens saves no memory worth having and costs a GEMM and a dozen small ops per chunk (a 256-token vocab
+# at 2048 tokens was 32 chunks of 64 rows).
+_CE_LOGITS_BUDGET = 1 << 22
+
+
 def lm_head_ce(
     hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100, chunk_size: int = 4096
 ) -> Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` over non-ignored labels, chunked over tokens.
 
-    hidden (N, H), weight (V, H), labels (N,). A chunk never holds more than 1/32 of the tokens, so the
-    extra memory of forward+backward (chunk logits, transients, dW) stays under 1/8 of the full logits.
+    hidden (N, H), weight (V, H), labels (N,). A chunk holds at most ``chunk_size`` rows, and at most 1/32
+    of the tokens unless its (rows, V) logits fit ``_CE_LOGITS_BUDGET``: the extra memory of forward +
+    backward (chunk logits, transients, dW) stays under 1/8 of the full logits or about the budget.
     """
-    N = hidden.shape[0]
-    chunk = max(1, min(chunk_size, math.ceil(N / 32)))
+    N, V = hidden.shape[0], weight.shape[0]
+    chunk = max(1, min(chunk_size, max(math.ceil(N / 32), _CE_LOGITS_BUDGET // V)))
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
