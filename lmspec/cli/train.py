@@ -73,6 +73,7 @@ def train_command(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         micro_batch_size=args.micro_batch_size,
         compile=True if args.compile else None,
+        activation_checkpointing=args.activation_checkpointing,
     )
     try:
         result = Trainer(config).run()
@@ -207,6 +208,12 @@ def add_parsers(add) -> None:
     )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the training step (as training.compile: true)"
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        default=None,
+        metavar="MODE",
+        help="none, full or selective (default: the spec's training.activation_checkpointing)",
     )
 
     p = add("plot", cmd_plot, "plot a run's losses, LR, batch size and expert load", spec=False)

@@ -8,6 +8,7 @@ state-dict helpers shared with ``lmspec.runtime.modeling``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils import checkpoint as torch_checkpoint
 
 from lmspec.runtime.ops import Backend, get_backend
 
@@ -22,6 +24,7 @@ from lmspec.runtime.ops import Backend, get_backend
 DEFAULT_OPS: Backend = get_backend("cpu")
 
 __all__ = [
+    "ACTIVATION_CHECKPOINTING",
     "DEFAULT_OPS",
     "CausalLMBase",
     "CompiledStep",
@@ -171,6 +174,52 @@ class MoEStats:
         return torch.stack([torch.nn.functional.pad(t, (0, width - t.numel())) for t in self.load])
 
 
+# --- activation checkpointing ----------------------------------------------------------------------
+
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+@functools.cache
+def _selective_policy() -> tuple[Any, ...]:
+    """The ops whose outputs ``selective`` keeps: GEMMs and attention, whose recompute costs about as much
+    as the forward itself. Every other op (norms, RoPE, SwiGLU, routing) is recomputed: its output is as
+    large as a GEMM's and it costs a memory pass, so these are the cheap bytes to drop."""
+    aten = torch.ops.aten
+    ops = [
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+    ]
+    ops += [
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default,
+    ]
+    grouped = getattr(torch.ops.lmspec, "grouped_mm", None)  # the CPU backend's expert GEMM
+    return tuple(ops) + ((grouped.default,) if grouped is not None else ())
+
+
+def _save_gemm_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    policy = torch_checkpoint.CheckpointPolicy
+    return policy.MUST_SAVE if op in _selective_policy() else policy.PREFER_RECOMPUTE
+
+
+def _checkpointed(forward: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    """``forward`` recomputed in the backward (non-reentrant ``torch.utils.checkpoint``); plain without grad."""
+    if mode == "selective":
+        context = functools.partial(torch_checkpoint.create_selective_checkpoint_contexts, _save_gemm_outputs)
+    else:
+        context = torch_checkpoint.noop_context_fn
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return torch_checkpoint.checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
+
+    return run
+
+
 # --- torch.compile ---------------------------------------------------------------------------------
 
 
@@ -258,6 +307,25 @@ class CausalLMBase(nn.Module):
         self.backend_name = name
         self.op_overrides = dict(op_overrides or {})
         self._share_ops()
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Recompute each decoder and MTP layer's activations in the backward (see ACTIVATION_CHECKPOINTING).
+
+        ``full`` keeps only each layer's inputs; ``selective`` also keeps its GEMM and attention outputs;
+        ``none`` (the default) keeps everything. The layers' own ``forward`` is wrapped per instance, so
+        parameter names, the state dict and the generated code stay as they are.
+        """
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(
+                f"activation_checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}"
+            )
+        mtp = getattr(self.model, "mtp", None)
+        layers = [*self.model.layers, *(mtp.layers if mtp is not None else ())]
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # back to the class's own forward
+            if mode != "none":
+                layer.forward = _checkpointed(layer.forward, mode)
+        self.activation_checkpointing = mode
 
     # --- RoPE ----------------------------------------------------------------------------------
 

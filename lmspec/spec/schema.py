@@ -455,6 +455,11 @@ class TrainingSpec(StrictModel):
         description="torch.compile each micro-batch's forward and loss as one graph (fullgraph); the batch "
         "dimension is dynamic, so a stage compiles once; inductor's caches keep the result for the next run.",
     )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none",
+        description="Recompute activations in the backward, per decoder layer: `full` keeps only each layer's "
+        "input, `selective` keeps matmul and attention outputs and recomputes the elementwise ops.",
+    )
     stages: list[Stage] = Field(min_length=1, max_length=limits.MAX_STAGES)
 
     @model_validator(mode="after")

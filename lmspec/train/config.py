@@ -93,7 +93,8 @@ class TrainConfig:
     end); `keep_checkpoints` is how many checkpoints the run directory retains (None: all).
     `micro_batch_size` caps the sequences per forward (gradient accumulation; default: the whole batch).
     `resume`, `resume_from` and `overwrite` decide what happens to an existing run directory (rundir.py).
-    `compile` overrides the spec's `training.compile` (None: the spec's); it changes speed, not the math,
+    `compile` and `activation_checkpointing` override the spec's `training.compile` and
+    `training.activation_checkpointing` (None: the spec's); they change speed and memory, not the math,
     so a run may resume with a different choice.
     """
 
@@ -116,6 +117,7 @@ class TrainConfig:
     keep_checkpoints: int | None = 3
     micro_batch_size: int | None = None
     compile: bool | None = None
+    activation_checkpointing: str | None = None
     plot: bool = True
     quiet: bool = False
 
@@ -141,3 +143,8 @@ class TrainConfig:
             if problem is not None:
                 raise UsageError(f"--tokenizer {self.tokenizer}: {problem}")
         check_backend(self.backend, check_device(self.device))
+        modes = ("none", "full", "selective")
+        if self.activation_checkpointing is not None and self.activation_checkpointing not in modes:
+            raise UsageError(
+                f"--activation-checkpointing: expected one of {', '.join(modes)}, got {self.activation_checkpointing!r}"
+            )

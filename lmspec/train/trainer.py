@@ -364,15 +364,19 @@ class Trainer:
         self.moe_layers = self.model.moe_layers()
 
     def _speed_options(self) -> None:
-        """torch.compile: the config's choice, else the spec's."""
+        """Activation checkpointing and torch.compile: the config's choice, else the spec's."""
         from lmspec.runtime.model_base import CompiledStep
 
         assert self.spec.training is not None
         c, t = self.config, self.spec.training
+        checkpointing = c.activation_checkpointing or t.activation_checkpointing
+        self.model.set_activation_checkpointing(checkpointing)
         compiled = t.compile if c.compile is None else c.compile
         self.forward_loss = CompiledStep(forward_loss) if compiled else forward_loss
-        if compiled:
-            self.reporter.log("torch.compile: on")
+        if compiled or checkpointing != "none":
+            self.reporter.log(
+                f"torch.compile: {'on' if compiled else 'off'}; activation checkpointing: {checkpointing}"
+            )
 
     def _start_counters(self, state: dict[str, Any]) -> None:
         assert self.spec.training is not None
@@ -419,6 +423,8 @@ class Trainer:
             g["lr"] = sched.lr
         batch = self.stream.take_batch(sched.batch_size, sched.seq_len, sched.stage_name)
         compile_before = getattr(self.forward_loss, "compile_s", None)
+        if self.d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.d.device)
         parts = _train_step(
             model,
             batch,
@@ -442,6 +448,8 @@ class Trainer:
         row = _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
         if batch.source_tokens:  # a stage mixture: the tokens each source gave this step
             row["source_tokens"] = batch.source_tokens
+        if self.d.device.type == "cuda":  # the CPU allocator keeps no peak: benchmarks/ measures it there
+            row["peak_memory_mib"] = torch.cuda.max_memory_allocated(self.d.device) / 2**20
         if compile_before is not None:
             row["compile_s"] = self.forward_loss.compile_s
             if row["compile_s"] > compile_before:

@@ -1,10 +1,12 @@
-"""`training.compile`: same losses and gradients as the eager step.
+"""`training.compile` and `training.activation_checkpointing`: same losses and gradients as the eager step.
 
 The compiled step (`CompiledStep(forward_loss)`: model forward with labels + the training loss, under
 `torch.compile(fullgraph=True)`) must trace without a graph break, keep one graph while the batch size
 changes inside a stage (a batch-size warmup), and compile one more graph for a new sequence length (a new
 stage). The fast tests trace with dynamo alone (`CompileCounter` backend: every captured graph counted, the
 eager ops run as they are); the slow one runs inductor and compares its losses and gradients with eager.
+Activation checkpointing recomputes the same ops in the same order, so its losses and gradients are equal
+bit for bit.
 """
 
 from __future__ import annotations
@@ -88,6 +90,26 @@ def test_one_graph_per_stage_without_graph_breaks():
         torch.testing.assert_close(got[1], want[1], **close("exact"))
     assert graphs.frame_count == 1
     assert not counters["graph_break"] and not counters["recompiles"]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_is_exact(mode):
+    model = _model()
+    want = _step(forward_loss, model, 3, 32, 0)
+    model.set_activation_checkpointing(mode)
+    got = _step(forward_loss, model, 3, 32, 0)
+    for g, w in zip(got[0], want[0], strict=True):
+        torch.testing.assert_close(g, w, **close("exact"))
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], **close("exact"), msg=name)
+    model.set_activation_checkpointing("none")
+    assert "forward" not in vars(model.model.layers[0])  # the layer's own forward again
+
+
+def test_an_unknown_checkpointing_mode_is_refused():
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        _model().set_activation_checkpointing("some")
 
 
 @pytest.mark.slow
