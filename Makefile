@@ -18,7 +18,7 @@ INSTALL := $(if $(UV),$(UV) pip install --quiet --python $(PYTHON),$(PYTHON) -m 
 # formats generated code, are the environment's own, not whatever else is on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-slow lint
+.PHONY: install demo test test-slow lint bench
 
 # The environment's python marks that it exists: made on first use, reused after.
 $(PYTHON):
@@ -40,6 +40,15 @@ test: install
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# Training (3 configs vs transformers, profiler, activation checkpointing, the compiled tiny step), CPU ops
+# and decode benchmarks into benchmarks/results/*.json, then their tables into docs/performance.md.
+# About 30 minutes on 2 cores; run it on a quiet machine (the figures are same-run ratios, not absolutes).
+bench: install
+	$(PYTHON) benchmarks/train_throughput.py --memory --compile tiny
+	$(PYTHON) benchmarks/cpu_kernels.py
+	$(PYTHON) benchmarks/decode.py --json benchmarks/results/decode.json
+	$(PYTHON) benchmarks/report.py
 
 lint: install
 	$(PYTHON) -m ruff check lmspec tests benchmarks

@@ -1,0 +1,159 @@
+"""Write the benchmark results (benchmarks/results/*.json) into the tables of docs/performance.md.
+
+Each table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in the page; everything outside the
+markers is left as written. A result file that does not exist leaves its table as it was.
+
+    python benchmarks/report.py [--results benchmarks/results] [--doc docs/performance.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _machine(r: dict) -> str:
+    load = r.get("load_average_at_start", r.get("load_average"))
+    end = r.get("load_average_at_end")
+    loads = (
+        f"load average {load:.1f}" + (f" -> {end:.1f}" if end is not None else "") if load is not None else ""
+    )
+    return (
+        f"{r.get('when', '?')}: {r.get('processor', 'CPU')}, {r.get('cpus', '?')} cores, "
+        f"{r.get('threads', '?')} threads, torch {r.get('torch', '?')}, {loads}"
+    )
+
+
+def train_table(r: dict) -> str:
+    lines = [
+        f"Measured {_machine(r)}; batch {r['batch']} x {r['seq_len']} tokens, fwd + bwd + AdamW, "
+        "models alternating step by step, median step.",
+        "",
+        "| config | model | step (ms) | tokens/s | vs transformers |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, c in r["configs"].items():
+        for model, row in c["rows"].items():
+            ratio = f"{row['vs_transformers']:.2f}x" if "vs_transformers" in row else "-"
+            lines.append(
+                f"| {name} | {model} | {row['median_step_s'] * 1e3:.1f} | {row['tokens_per_s']:,.0f} | {ratio} |"
+            )
+    for name, c in r["configs"].items():
+        base = c["rows"]["lmspec"]["median_step_s"]
+        extra = [
+            f"{model.removeprefix('lmspec + ')} +{(row['median_step_s'] / base - 1):.0%}"
+            for model, row in c["rows"].items()
+            if model.startswith("lmspec + ")
+        ]
+        if extra:
+            lines += ["", f"MTP blocks on {name}, step time over lmspec without them: {', '.join(extra)}."]
+    lines += [
+        "",
+        "`torch.profiler`, one step each: share of self CPU time in GEMMs (mm, addmm, bmm) and in the CPU "
+        "flash-attention kernels.",
+        "",
+        "| config | model | GEMM share | attention share | matmul calls | aten calls |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, c in r["configs"].items():
+        for model, p in c["profile"].items():
+            lines.append(
+                f"| {name} | {model} | {p['gemm_share']:.0%} | {p['attention_share']:.0%} | "
+                f"{p['matmul_calls']} | {p['aten_calls']} |"
+            )
+    compiled = {n: c["compile_s"] for n, c in r["configs"].items() if "compile_s" in c}
+    if compiled:
+        lines += [
+            "",
+            "Compile time of the compiled step (dynamo + AOT autograd + inductor, forward and backward):",
+        ]
+        lines += [f"- {n}: {s:.0f} s" for n, s in compiled.items()]
+    ac = {
+        n: c["activation_checkpointing"] for n, c in r["configs"].items() if "activation_checkpointing" in c
+    }
+    if ac:
+        lines += [
+            "",
+            "Activation checkpointing (lmspec, no MTP): step time and peak memory of one step (MemTracker).",
+            "",
+            "| config | mode | step (ms) | peak (MiB) | activations at peak (MiB) |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for name, modes in ac.items():
+            for mode, row in modes.items():
+                mem = row["peak_mib"]
+                lines.append(
+                    f"| {name} | {mode} | {row['median_step_s'] * 1e3:.1f} | {mem['total']:.1f} | "
+                    f"{mem.get('act', 0.0) + mem.get('temp', 0.0):.1f} |"
+                )
+    return "\n".join(lines)
+
+
+def kernels_table(r: dict) -> str:
+    lines = [
+        f"Measured {_machine(r)}; forward + backward, the two alternating call by call, median.",
+        "",
+        "| op | CPU backend (ms) | reference (ms) | speedup | relative error |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in r["rows"].items():
+        lines.append(
+            f"| {name} | {row['cpu_ms']:.2f} | {row['reference_ms']:.2f} | {row['speedup']:.2f}x | "
+            f"{row['relative_error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def decode_table(r: dict) -> str:
+    lines = [
+        f"Measured {r.get('when', '?')} on {r['checkpoint']}: {r['prompts']} prompts x {r['max_tokens']} tokens, "
+        f"greedy, {r['dtype']}, {r['threads']} thread(s).",
+        "",
+        "| depth | acceptance length | decode tokens/s | vs depth 0 | identical tokens |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for row in r["rows"]:
+        speed = f"{row['speedup']:.2f}x" if row.get("speedup") else "-"
+        lines.append(
+            f"| {row['depth']} | {row['acceptance_length']:.2f} | {row['decode_tokens_per_s']:.1f} | {speed} | "
+            f"{str(row['identical_to_depth0']).lower()} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {
+    "train": ("train_throughput.json", train_table),
+    "kernels": ("cpu_kernels.json", kernels_table),
+    "decode": ("decode.json", decode_table),
+}
+
+
+def update(doc: str, name: str, body: str) -> str:
+    """``doc`` with the text between the markers of table ``name`` replaced by ``body``."""
+    pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.DOTALL)
+    if not pattern.search(doc):
+        raise SystemExit(f"no <!-- bench:{name} --> ... <!-- /bench:{name} --> markers in the page")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
+    args = ap.parse_args()
+    doc_path = Path(args.doc)
+    doc = doc_path.read_text(encoding="utf-8")
+    for name, (file, render) in TABLES.items():
+        path = Path(args.results) / file
+        if path.is_file():
+            doc = update(doc, name, render(json.loads(path.read_text(encoding="utf-8"))))
+            print(f"{doc_path}: table {name} from {path}")
+    doc_path.write_text(doc, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
