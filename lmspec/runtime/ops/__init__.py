@@ -3,7 +3,7 @@
 | name          | class              | what runs                                                         |
 |---------------|--------------------|-------------------------------------------------------------------|
 | ``reference`` | ``ReferenceBackend`` | ``reference.py``: plain math, exact in float64; the tests' oracle |
-| ``cpu``       | ``CPUBackend``     | ``cpu.py``: the reference plus fast attention paths; CPU default  |
+| ``cpu``       | ``CPUBackend``     | ``cpu.py``: the reference plus fast attention and MoE paths; CPU default |
 | ``triton``    | ``TritonBackend``  | ``triton_backend.py``: the kernels rendered for one spec          |
 
 ``torch`` is another name for ``cpu`` (what the CLI, run directories and generated models said before the
