@@ -40,9 +40,12 @@ Semantic maxima (what a spec may ask for; each is above every published open-wei
 | `MAX_STAGES`            | 64           |
 | `MAX_BATCH_SIZE`        | 1,048,576    |
 | `MAX_SEED`              | 2**63 - 1    |
+| `MAX_STEPS`             | 10**8 steps  |
 
 Bounds tied to other fields live in the schema's validators: a stage's `seq_len` and a sliding
-`window` are at most `max_position_embeddings`; `top_k` at most `num_experts`.
+`window` are at most `max_position_embeddings`; `top_k` at most `num_experts`; the stages' token budgets
+at most `MAX_STEPS` optimizer steps at their full batch (`tokens: 1e300` is a typo, and `lmspec train`
+could not even plan it).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ MAX_EXPERTS = 4096
 MAX_MTP_BLOCKS = 16
 MAX_BATCH_SIZE = 1 << 20
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**8  # MiMo-V2-Flash's schedule is about 0.4M steps
 
 
 def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:

@@ -475,6 +475,16 @@ class TrainingSpec(StrictModel):
                     raise ValueError(f"stages.{i}.mixture.{name}: expected one of {known}, got {name!r}")
         return self
 
+    @model_validator(mode="after")
+    def _check_steps(self) -> TrainingSpec:
+        steps = math.fsum(s.tokens / (s.batch_size.size * s.seq_len) for s in self.stages)
+        if steps > limits.MAX_STEPS:
+            raise ValueError(
+                f"stages: expected at most {limits.MAX_STEPS:,} steps at the stages' full batch sizes, "
+                f"got {steps:.3g} (a token budget of {self.total_tokens:.3g})"
+            )
+        return self
+
     @property
     def total_tokens(self) -> float:
         return math.fsum(s.tokens for s in self.stages)

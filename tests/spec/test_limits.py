@@ -308,6 +308,8 @@ BAD_VALUES = [
     ('model.tie_word_embeddings="yes"', "model.tie_word_embeddings: expected true or false, got 'yes'"),
     ("model.norm.eps=true", "model.norm.eps: expected a number, got True"),
     ("model.attention.swa.num_heads=100000", "num_heads: expected a value <= 1024"),
+    ("training.stages.0.tokens=1e300", "training.stages: expected at most 100,000,000 steps"),
+    ("training.stages.2.tokens=1.0e+15", "training.stages: expected at most 100,000,000 steps"),
 ]
 
 
