@@ -4,6 +4,8 @@
   cache's generated code, `save_pretrained`'s three files and a run's LATEST all go through it.
 - `not_regular(mode)`: a directory, FIFO, device or socket named in words, so a reader can refuse it
   by what it is before opening it (reading `/dev/zero` never ends; opening a FIFO blocks).
+- `read_json(path, max_bytes)`: the JSON of a small regular file, every way it can be wrong (not a
+  regular file, too large, not UTF-8, not JSON, nested past the parser's recursion limit) one ValueError.
 
 This module imports nothing from lmspec: generated models (through `lmspec.runtime`) use it with the
 spec, compiler and codegen packages absent.
@@ -11,12 +13,13 @@ spec, compiler and codegen packages absent.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "fsync_dir", "not_regular", "write_atomic"]
+__all__ = ["TEMP_PREFIX", "fsync_dir", "not_regular", "read_json", "write_atomic"]
 
 # Temporary files and folders start with this, so a folder's debris from a crash is one glob (`.tmp_*`).
 TEMP_PREFIX = ".tmp_"
@@ -80,3 +83,28 @@ def write_atomic(path: str | Path, data: bytes | str, *, durable: bool = False) 
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def read_json(path: str | Path, max_bytes: int) -> object:
+    """The JSON value in ``path``, a regular file of at most ``max_bytes``.
+
+    ValueError, with a short reason, for a file that is not regular (checked on the open descriptor, and
+    the open does not block on a FIFO), larger than ``max_bytes`` (never read past it), not UTF-8, not
+    JSON, or nested too deeply for the parser. OSError (FileNotFoundError, ...) propagates.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        what = not_regular(os.fstat(fd).st_mode)
+        if what is not None:
+            raise ValueError(f"{what}, not a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes:,} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise ValueError(f"not JSON ({str(e)[:80]})") from None

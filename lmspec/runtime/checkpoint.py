@@ -14,7 +14,9 @@ other file's size and sha256), fsynced and renamed into place; only then is LATE
 temporary directories are debris that `remove_partial_saves` (run when training starts) deletes.
 
 Loading checks the manifest (`verify_checkpoint`), so a truncated, emptied or edited file is refused by
-name before anything reads it. LATEST must hold the bare name of a step directory of the same run: an
+name before anything reads it; a file the loaders read that the manifest does not list, or a manifest
+whose step is not its directory's, is refused too (an edited manifest cannot vouch for less than the
+checkpoint holds). `trainer_state.json` is checked field by field (`load_trainer_state`). LATEST must hold the bare name of a step directory of the same run: an
 absolute path, a `..` or any other text is refused, never followed. Nothing here deletes or replaces a
 finished checkpoint except the configured pruning (`keep`), which only ever removes checkpoints older than
 the one just written.
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from lmspec.errors import CheckpointError
-from lmspec.files import TEMP_PREFIX, fsync_dir, write_atomic
+from lmspec.files import TEMP_PREFIX, fsync_dir, read_json, write_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -46,6 +48,13 @@ MANIFEST_FORMAT = "lmspec-checkpoint/1"
 STATE_KEYS = ("step", "tokens", "data_position", "rng", "corpus", "spec_hash")
 _STEP_RE = re.compile(r"step_(\d{8,})")
 _HASH_CHUNK = 1 << 20
+# Far above what a checkpoint writes (a manifest lists a handful of files; a trainer state is ~20 KB of
+# RNG state), and bounded so an edited file cannot make loading read gigabytes.
+MAX_JSON_BYTES = 1 << 20
+# Files some loader reads from a checkpoint: each must be listed in (and so verified by) the manifest.
+_READ_BY_LOADERS = re.compile(
+    r"spec\.yaml|config\.json|tokenizer\.json|optimizer\.pt|trainer_state\.json|.*\.safetensors(\.index\.json)?"
+)
 
 
 def step_dir_name(step: int) -> str:
@@ -228,26 +237,43 @@ def _manifest(ckpt: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing, so the checkpoint cannot be verified")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        files = manifest["files"]
+        manifest = read_json(path, MAX_JSON_BYTES)
+        if not isinstance(manifest, dict):
+            raise ValueError
+        files, step = manifest["files"], manifest.get("step")
         if manifest.get("format") != MANIFEST_FORMAT or not all(
-            isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()
+            _is_int(v.get("size")) and isinstance(v.get("sha256"), str) for v in files.values()
         ):
             raise ValueError
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise CheckpointError(
-            f"{path}: garbled (expected {MANIFEST_FORMAT} with files' size and sha256)"
-        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        why = (
+            str(e)
+            if isinstance(e, ValueError) and str(e)
+            else f"expected {MANIFEST_FORMAT} with files' size and sha256"
+        )
+        raise CheckpointError(f"{path}: garbled ({why})") from None
+    named = _STEP_RE.fullmatch(ckpt.name)
+    if named and step != int(named[1]):
+        raise CheckpointError(f"{path}: says step {str(step)[:20]}, but the directory is {ckpt.name}")
     return files
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def verify_checkpoint(ckpt: str | Path) -> None:
-    """Check every file of a checkpoint against its `manifest.json`; CheckpointError names the first bad one."""
+    """Check every file of a checkpoint against its `manifest.json`; CheckpointError names the first bad one.
+
+    A file a loader reads (`_READ_BY_LOADERS`) that the manifest leaves out is refused too: an edited
+    manifest that lists nothing would otherwise vouch for anything.
+    """
     ckpt = Path(ckpt)
-    for name, want in sorted(_manifest(ckpt).items()):
+    files = _manifest(ckpt)
+    for name, want in sorted(files.items()):
         path = ckpt / name
-        if Path(name).name != name:
-            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: lists {name!r}, which is not a file name")
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: lists {name[:60]!r}, which is not a file name")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (listed in {MANIFEST_FILE})")
         size = path.stat().st_size
@@ -256,20 +282,62 @@ def verify_checkpoint(ckpt: str | Path) -> None:
             raise CheckpointError(f"{path}: {what} ({size:,} bytes, {MANIFEST_FILE} says {want['size']:,})")
         if _sha256(path) != want["sha256"]:
             raise CheckpointError(f"{path}: contents differ from the sha256 in {MANIFEST_FILE}")
+    unlisted = sorted(
+        p.name for p in ckpt.iterdir() if _READ_BY_LOADERS.fullmatch(p.name) and p.name not in files
+    )
+    if unlisted:
+        raise CheckpointError(
+            f"{ckpt / unlisted[0]}: not listed in {MANIFEST_FILE}, so it cannot be verified"
+        )
+
+
+# What each trainer_state.json field must hold (a resumed run reads them as these types).
+def _count(v: object) -> bool:
+    return _is_int(v) and v >= 0  # type: ignore[operator]
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+_STATE_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "step": (_count, "a whole number >= 0"),
+    "tokens": (_count, "a whole number >= 0"),
+    "data_position": (lambda v: _count(v) or isinstance(v, dict), "a whole number >= 0 or a mixture's state"),
+    "rng": (lambda v: isinstance(v, dict), "an object of RNG states"),
+    "corpus": (lambda v: isinstance(v, str), "a string"),
+    "spec_hash": (lambda v: isinstance(v, str), "a string"),
+    "elapsed_s": (lambda v: _number(v) and v >= 0, "a number >= 0"),  # type: ignore[operator]
+    "world_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),  # type: ignore[operator]
+    "last_val": (
+        lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
+        "null or [loss, bits per byte]",
+    ),
+}
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    """The trainer state of a checkpoint; CheckpointError when it is missing, garbled or incomplete."""
+    """The trainer state of a checkpoint; CheckpointError when it is missing, garbled or incomplete.
+
+    Every field must have its type (`_STATE_FIELDS`), and `step` must be the directory's step.
+    """
     path = Path(ckpt) / STATE_FILE
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = read_json(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: garbled ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: garbled ({e})") from None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: garbled (no {', '.join(missing)})")
+    assert isinstance(state, dict)
+    for key, (ok, expected) in _STATE_FIELDS.items():
+        if key in state and not ok(state[key]):
+            raise CheckpointError(f"{path}: {key}: expected {expected}, got {str(state[key])[:40]!r}")
+    named = _STEP_RE.fullmatch(Path(ckpt).name)
+    if named and state["step"] != int(named[1]):
+        raise CheckpointError(f"{path}: step {state['step']}, but the directory is {Path(ckpt).name}")
     return state
 
 

@@ -134,6 +134,8 @@ class TrainConfig:
             raise UsageError("give --max-tokens or --scale, not both")
         put("data", None if self.data is None else tuple(str(d) for d in self.data))
         put("overrides", tuple(self.overrides))
+        if self.out is not None and not str(self.out).strip():
+            raise UsageError("--out: expected a run directory, got an empty path")
         put("out", None if self.out is None else Path(self.out))
         if self.resume_from is not None:
             put("resume_from", checkpoint_name(str(self.resume_from)))

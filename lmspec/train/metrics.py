@@ -29,6 +29,7 @@ class MetricsWriter:
         (rundir.py), and this refuses if it did not.
         """
         self.path = Path(run_dir) / METRICS_FILE
+        refuse_non_regular(self.path, resume=truncate_after_step is not None)
         if truncate_after_step is not None and self.path.exists():
             with self.path.open("r+b") as f:
                 f.truncate(_cut_offset(f.read(), truncate_after_step))
@@ -53,6 +54,32 @@ class MetricsWriter:
         except OSError:
             if not self._failed:  # after a failed write, closing retries the same write: that error is out
                 raise
+
+
+def refuse_non_regular(path: Path, *, resume: bool) -> None:
+    """Refuse a metrics file the run cannot safely log to, in one line naming it.
+
+    Resuming cuts the file back and appends to it, so it must be the run's own regular file: never a
+    symbolic link (to another run's metrics, say), a FIFO or a device. A fresh run only appends, so a link
+    is followed, but not to a FIFO (the open would wait for a reader, and the run reads its metrics back
+    for the plot), a directory or a socket.
+    """
+    import os
+    import stat
+
+    from lmspec.errors import UsageError
+    from lmspec.files import not_regular
+
+    try:
+        mode = os.lstat(path).st_mode if resume else os.stat(path).st_mode
+    except OSError:
+        return  # absent (or a dangling link): opening it says what is wrong
+    if resume:
+        what = "a symbolic link" if stat.S_ISLNK(mode) else not_regular(mode)
+    else:
+        what = None if stat.S_ISREG(mode) or stat.S_ISCHR(mode) else not_regular(mode)
+    if what is not None:
+        raise UsageError(f"{path}: {what}, not a regular file; the run logs to a file of its own there")
 
 
 def _cut_offset(data: bytes, after_step: int) -> int:

@@ -14,6 +14,9 @@ The contract, so that no run ever loses what an earlier one produced:
   newer ones).
 - Resuming rewrites the `metrics.jsonl` lines logged after the resumed step: a crash lost the state
   that produced them, and the resumed run writes them again, identically on CPU.
+- One process at a time: a run holds an exclusive lock on `RUN/.train.lock` from before it decides
+  what the directory allows until it ends, so a second `lmspec train` on the same `--out` is refused
+  instead of interleaving its metrics and checkpoints with the first's.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ from lmspec.runtime.checkpoint import (
     step_dir_name,
     step_dirs,
 )
-from lmspec.train.metrics import METRICS_FILE
+from lmspec.train.metrics import METRICS_FILE, refuse_non_regular
 
 # What a training run writes into its run directory: all that --overwrite deletes (nothing else is touched).
 RUN_OUTPUTS = ("spec.yaml", METRICS_FILE, "plot.png", CHECKPOINTS)
+# Held (flock) by the process training the run. Not the sweep's RUN/.lock: a sweep worker holds that one
+# around the Trainer it drives, and two flocks on one file conflict even inside one process.
+LOCK_FILE = ".train.lock"
 _RESUME_FROM = re.compile(r"(?:step_)?(\d{1,12})")
 
 
@@ -71,6 +77,8 @@ def _metrics_logged(run_dir: Path) -> bool:
 
 
 def _fresh(run_dir: Path, *, overwrite: bool) -> RunPlan:
+    if not overwrite:  # (--overwrite deletes it)
+        refuse_non_regular(run_dir / METRICS_FILE, resume=False)
     held = ["checkpoints"] if has_checkpoints(run_dir) else []
     held += [METRICS_FILE] if _metrics_logged(run_dir) else []
     if held and not overwrite:
@@ -109,6 +117,7 @@ def _chosen(run_dir: Path, resume_from: str | None) -> Path:
 
 
 def _resumed(run_dir: Path, resume_from: str | None, *, overwrite: bool) -> RunPlan:
+    refuse_non_regular(run_dir / METRICS_FILE, resume=True)  # a resumed run cuts it back and appends
     if not has_checkpoints(run_dir):
         if resume_from is not None or _metrics_logged(run_dir):
             raise UsageError(
@@ -145,6 +154,78 @@ def plan_run(run_dir: Path, *, resume: bool, resume_from: str | None, overwrite:
     if resume or resume_from is not None:
         return _resumed(run_dir, resume_from, overwrite=overwrite)
     return _fresh(run_dir, overwrite=overwrite)
+
+
+# Locks this process holds, by run directory: [open lock file, holders]. A second Trainer of the same
+# process on the same directory (a test, a sweep re-running a job) shares the lock; another process waits
+# for nothing and is refused.
+_HELD: dict[Path, list[Any]] = {}
+
+
+@dataclass
+class RunLock:
+    """This process's hold on a run directory (`lock_run_dir`); `release()` once when done with it."""
+
+    run_dir: Path
+    created: tuple[Path, ...]  # folders the lock created, innermost first: removed again if still empty
+    released: bool = False
+
+    def release(self, *, failed: bool = False) -> None:
+        """Drop this hold; with `failed`, also remove what taking it created, if the run wrote nothing."""
+        if self.released:
+            return
+        self.released = True
+        key = self.run_dir.resolve()
+        held = _HELD.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _HELD[key]
+        if failed and self.created:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # ours alone: the folder is new
+        held[0].close()  # closing the file drops the flock
+        if failed:
+            for folder in self.created:
+                try:
+                    folder.rmdir()  # only when empty: whatever the run wrote stays
+                except OSError:
+                    break
+
+
+def lock_run_dir(run_dir: Path) -> RunLock:
+    """Take the run directory's lock (creating the folder), or refuse: another process is training it."""
+    import fcntl
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: exists and is not a directory")
+    created = []
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        created.append(folder)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        key = run_dir.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return RunLock(run_dir, ())
+        f = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (held open for the run's lifetime)
+    except OSError as e:
+        raise UsageError(f"--out {run_dir}: cannot write the run directory ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if isinstance(e, BlockingIOError):
+            raise UsageError(
+                f"--out {run_dir}: another process is training this run directory (it holds "
+                f"{run_dir / LOCK_FILE}); wait for it to finish or stop it, or pick another --out"
+            ) from None
+        raise UsageError(f"--out {run_dir}: cannot lock the run directory ({e.strerror or e})") from None
+    _HELD[key] = [f, 1]
+    return RunLock(run_dir, tuple(created))
 
 
 def apply_plan(plan: RunPlan) -> None:

@@ -35,22 +35,25 @@ import torch
 from torch import nn
 
 from lmspec.errors import CheckpointError, UsageError
+from lmspec.files import write_atomic
 from lmspec.runtime.checkpoint import (
     CHECKPOINTS,
+    OPTIMIZER_FILE,
+    STATE_FILE,
     latest_checkpoint,
     load_optimizer_state,
     save_checkpoint,
     step_dir_name,
 )
 from lmspec.runtime.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
-from lmspec.spec import Spec, dump_spec, load_spec, spec_hash
+from lmspec.spec import Spec, dump_spec, limits, load_spec, spec_hash
 from lmspec.train import distributed
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
 from lmspec.train.losses import LossParts, training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
-from lmspec.train.rundir import apply_plan, plan_run
+from lmspec.train.rundir import apply_plan, lock_run_dir, plan_run
 from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "TrainConfig", "TrainResult", "Trainer", "train"]
@@ -58,7 +61,8 @@ __all__ = ["DEFAULT_EVAL_TOKENS", "TrainConfig", "TrainResult", "Trainer", "trai
 EVALS_PER_RUN = 10
 CHECKPOINTS_PER_RUN = 5
 # A schedule longer than this many steps is a typo (--max-tokens 1e30), not a run: planning it would not end.
-MAX_STEPS = 10**8
+# The schema holds a spec's own schedule to it; this holds the schedule scaled by --max-tokens or --scale.
+MAX_STEPS = limits.MAX_STEPS
 
 
 @dataclass
@@ -128,15 +132,36 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def _decode_rng_state(state: dict[str, Any]) -> tuple[torch.Tensor, tuple, torch.Tensor | None]:
+    """A checkpoint's RNG states, each tried on a throwaway generator; ValueError saying which is wrong."""
+    try:
+        cpu = torch.frombuffer(bytearray(base64.b64decode(state["torch"], validate=True)), dtype=torch.uint8)
+        torch.Generator().set_state(cpu)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"torch: not a CPU generator state ({str(e)[:60] or type(e).__name__})") from None
+    try:
+        version, internal, gauss = state["python"]
+        python = (version, tuple(internal), gauss)
+        random.Random().setstate(python)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"python: not a random module state ({str(e)[:60] or type(e).__name__})") from None
+    cuda = None
+    if "cuda" in state:
+        try:
+            cuda = torch.frombuffer(
+                bytearray(base64.b64decode(state["cuda"], validate=True)), dtype=torch.uint8
+            )
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cuda: not a generator state ({str(e)[:60] or type(e).__name__})") from None
+    return cpu, python, cuda
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
-    raw = base64.b64decode(state["torch"])
-    torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(
-            torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
-        )
+    cpu, python, cuda = _decode_rng_state(state)
+    torch.set_rng_state(cpu)
+    random.setstate(python)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def _chunks(rows: slice, n_chunks: int) -> list[slice]:
@@ -238,8 +263,20 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"state": state, "param_groups": groups}
 
 
-def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Inverse of `_optimizer_state`: each rank keeps its shard of every whole tensor."""
+def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Inverse of `_optimizer_state`: each rank keeps its shard of every whole tensor.
+
+    ValueError (or KeyError for an unknown name) when `saved` is not such a state of this model.
+    """
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and all(isinstance(st, dict) for st in saved["state"].values())
+        and isinstance(groups, list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    ):
+        raise ValueError("not an optimizer state (expected state and param_groups by parameter name)")
     params = dict(model.named_parameters())
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         if [params[n] for n in saved_group["params"]] != group["params"]:
@@ -249,6 +286,8 @@ def _load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: d
         p = params[name]
         restored = {}
         for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"{name}.{k} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
             if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh"):
                 from torch.distributed.tensor import distribute_tensor
 
@@ -298,21 +337,44 @@ class Trainer:
         check_schedule(self.spec)
         self.run_dir = c.out if c.out is not None else Path("runs") / self.spec.name
         self.reporter = ConsoleReporter(enabled=self.d.is_main and not c.quiet, bar=c.progress)
-        self.plan = plan_run(self.run_dir, resume=c.resume, resume_from=c.resume_from, overwrite=c.overwrite)
-        state = self.plan.state
-        if state and state["spec_hash"] != spec_hash(self.spec):
-            raise UsageError(
-                f"{self.plan.checkpoint} was trained with a different spec or schedule (compare "
-                f"{self.run_dir / 'spec.yaml'}); resume with the same spec, --set, --max-tokens and --scale"
+        # Locked before deciding what the directory allows, so no other process changes it in between.
+        self.lock = lock_run_dir(self.run_dir) if self.d.is_main else None
+        try:
+            self.plan = plan_run(
+                self.run_dir, resume=c.resume, resume_from=c.resume_from, overwrite=c.overwrite
             )
-        self._load_data(state)
-        if self.d.is_main:
-            self._prepare_run_dir()
-        self.d.barrier()
-        self.reporter.log(f"data: {self.corpus.describe()}")
-        self._build_model(state)
-        self._start_counters(state)
+            state = self.plan.state
+            if state and state["spec_hash"] != spec_hash(self.spec):
+                raise UsageError(
+                    f"{self.plan.checkpoint} was trained with a different spec or schedule (compare "
+                    f"{self.run_dir / 'spec.yaml'}); resume with the same spec, --set, --max-tokens and --scale"
+                )
+            if state:
+                try:  # before anything is written: a state that cannot be restored stops the run here
+                    _decode_rng_state(state["rng"])
+                except ValueError as e:
+                    raise CheckpointError(f"{self.plan.checkpoint}/{STATE_FILE}: rng: {e}") from None
+            self._load_data(state)
+            if self.d.is_main:
+                self._prepare_run_dir()
+            self.d.barrier()
+            self.reporter.log(f"data: {self.corpus.describe()}")
+            self._build_model(state)
+            self._start_counters(state)
+        except BaseException:
+            self.close(failed=True)
+            raise
         self.ready = True
+
+    def close(self, *, failed: bool = False) -> None:
+        """Release the run directory's lock: `run()` does at its end; a caller driving the loop, when done.
+
+        `failed` (a setup that stopped before training) also removes the folder the lock created, if
+        nothing else was written into it.
+        """
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release(failed=failed)
 
     def _load_data(self, state: dict[str, Any]) -> None:
         """Tokenizer and corpus, checked before anything is written (and against a resumed run's)."""
@@ -333,7 +395,7 @@ class Trainer:
             apply_plan(self.plan)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if self.plan.checkpoint is None or not spec_file.is_file():
-                spec_file.write_text(dump_spec(self.spec), encoding="utf-8")
+                write_atomic(spec_file, dump_spec(self.spec))  # replaces a link, never writes through it
         except OSError as e:
             raise UsageError(f"--out {self.run_dir}: cannot write the run directory ({_reason(e)})") from None
 
@@ -358,7 +420,13 @@ class Trainer:
         except ValueError as e:  # AdamW's own checks (betas, eps) on values the schema let through
             raise UsageError(f"training.optimizer: {e}") from None
         if ckpt is not None:
-            _load_optimizer(self.model, self.optimizer, load_optimizer_state(ckpt))
+            saved = load_optimizer_state(ckpt)
+            try:
+                _load_optimizer(self.model, self.optimizer, saved)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                # Names, groups or shapes that are not this model's: an edited or foreign optimizer.pt.
+                why = str(e)[:100] if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:80]}"
+                raise CheckpointError(f"{ckpt / OPTIMIZER_FILE}: does not fit the model ({why})") from None
             _set_rng_state(state["rng"])
             self.reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
         self.moe_layers = self.model.moe_layers()
@@ -533,6 +601,13 @@ class Trainer:
         """Train to the end of the schedule (from where a resumed run stopped) and report how it ended."""
         if not self.ready:
             self.setup()
+        try:
+            self._train_to_end()
+            return self._result()
+        finally:
+            self.close()
+
+    def _train_to_end(self) -> None:
         self.reporter.start(self.total_tokens, done=self.tokens)
         try:
             while self.tokens < self.total_tokens:
@@ -551,7 +626,6 @@ class Trainer:
             self.reporter.stop()
             if self.metrics is not None:
                 self.metrics.close()
-        return self._result()
 
     def _result(self) -> TrainResult:
         final_ckpt = latest_checkpoint(self.run_dir) if self.saved_at >= 0 else None

@@ -145,6 +145,49 @@ def test_overwrite_starts_afresh_and_matches_the_reference(run, reference, capsy
     assert (run / "notes.txt").read_text() == "mine"
 
 
+@contextlib.contextmanager
+def locked_by_another_process(run: Path):
+    """Another process holding the run directory's lock the way a running `lmspec train` does."""
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from lmspec.train.rundir import lock_run_dir; "
+        "lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        proc.communicate("")  # its stdin closes: it exits, and the lock goes with it
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]], ids=["fresh", "resume", "overwrite"])
+def test_a_second_train_on_the_same_run_directory_is_refused(run, capsys, flags):
+    """Two processes on one --out would interleave metrics and checkpoints: the second is refused."""
+    before = snapshot(run)
+    with locked_by_another_process(run):
+        assert_refused(lmspec_cli(_train(run, *flags), capsys), "another process is training", ".train.lock")
+        assert snapshot(run) == before
+    # Once the other process has gone, the run directory is free again.
+    rc, _, err = lmspec_cli(_train(run, "--resume"), capsys)
+    assert rc == 0, err
+
+
+def test_the_lock_of_a_new_run_directory_is_refused_too(tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    with locked_by_another_process(out):
+        assert_refused(lmspec_cli(_train(out), capsys), "another process is training")
+        assert [p.name for p in out.iterdir()] == [".train.lock"]
+
+
 # ---------------------------------------------------------------------------------------------
 # --resume on a damaged run directory: refused by name, nothing touched
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +265,133 @@ def test_damaged_newest_checkpoint_is_refused_by_name(run, capsys, damage):
         f"--resume-from {STEP[2]} --overwrite",
     )
     assert snapshot(run) == before
+
+
+def _edit_json(path: Path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+# An edited manifest.json: it cannot vouch for less than the checkpoint holds, nor be read without bound.
+MANIFEST_EDITS = {
+    "lists nothing": (lambda m: _edit_json(m, files={}), "not listed in manifest.json"),
+    "another step": (lambda m: _edit_json(m, step=99), "says step 99"),
+    "nested deep": (lambda m: m.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+    "2 MB": (lambda m: m.write_text(json.dumps({"pad": "x" * 2_000_000})), "larger than"),
+    "a size of 1e30": (
+        lambda m: _edit_json(
+            m, files={**json.loads(m.read_text())["files"], "config.json": {"size": 10**30, "sha256": "0"}}
+        ),
+        "truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(MANIFEST_EDITS))
+def test_an_edited_manifest_is_refused(run, capsys, edit):
+    spoil, needle = MANIFEST_EDITS[edit]
+    spoil(run / "checkpoints" / STEP[3] / "manifest.json")
+    before = snapshot(run)
+    assert_refused(lmspec_cli(_train(run, "--resume"), capsys), STEP[3], needle, f"--resume-from {STEP[2]}")
+    assert snapshot(run) == before
+
+
+def _rewrite_consistently(ckpt: Path, name: str, spoil) -> None:
+    """Edit a checkpoint file and its manifest to match: only the content checks can catch it."""
+    spoil(ckpt / name)
+    ckpt_mod.write_manifest(ckpt, ckpt_mod.checkpoint_step(ckpt))
+
+
+def _optimizer(path: Path, change) -> None:
+    saved = torch.load(path, weights_only=True)
+    torch.save(change(saved), path)
+
+
+def _first_moment_reshaped(saved: dict) -> dict:
+    name = next(iter(saved["state"]))
+    saved["state"][name]["exp_avg"] = torch.zeros(3, 5)
+    return saved
+
+
+# Files whose manifest was rewritten to match: each field of the state and the optimizer's structure is
+# still checked, by name, before training resumes.
+CONSISTENT_EDITS = {
+    "step as a string": ("trainer_state.json", lambda p: _edit_json(p, step="3"), "step: expected"),
+    "negative step": ("trainer_state.json", lambda p: _edit_json(p, step=-5), "step: expected"),
+    "another step": ("trainer_state.json", lambda p: _edit_json(p, step=2), "the directory is"),
+    "tokens as text": ("trainer_state.json", lambda p: _edit_json(p, tokens="many"), "tokens: expected"),
+    "data_position < 0": ("trainer_state.json", lambda p: _edit_json(p, data_position=-1), "data_position"),
+    "elapsed_s as text": ("trainer_state.json", lambda p: _edit_json(p, elapsed_s="x"), "elapsed_s"),
+    "last_val as text": ("trainer_state.json", lambda p: _edit_json(p, last_val="x"), "last_val"),
+    "torch rng short": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, rng={**json.loads(p.read_text())["rng"], "torch": "AAAA"}),
+        "rng: torch",
+    ),
+    "torch rng not base64": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, rng={**json.loads(p.read_text())["rng"], "torch": "!!"}),
+        "rng: torch",
+    ),
+    "python rng short": (
+        "trainer_state.json",
+        lambda p: _edit_json(p, rng={**json.loads(p.read_text())["rng"], "python": [3, [1, 2], None]}),
+        "rng: python",
+    ),
+    "state nested deep": ("trainer_state.json", lambda p: p.write_text("[" * 100_000), "nested too deeply"),
+    "optimizer an empty dict": ("optimizer.pt", lambda p: torch.save({}, p), "not an optimizer state"),
+    "optimizer a tensor": ("optimizer.pt", lambda p: torch.save(torch.zeros(3), p), "not an optimizer state"),
+    "optimizer unknown names": (
+        "optimizer.pt",
+        lambda p: _optimizer(p, lambda s: {"state": {"nope": {}}, "param_groups": s["param_groups"]}),
+        "does not fit the model",
+    ),
+    "optimizer moment of another shape": (
+        "optimizer.pt",
+        lambda p: _optimizer(p, _first_moment_reshaped),
+        "has shape (3, 5)",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(CONSISTENT_EDITS))
+def test_checkpoint_contents_are_checked_even_when_the_manifest_agrees(run, capsys, edit):
+    name, spoil, needle = CONSISTENT_EDITS[edit]
+    _rewrite_consistently(run / "checkpoints" / STEP[3], name, spoil)
+    before = snapshot(run)
+    assert_refused(lmspec_cli(_train(run, "--resume"), capsys), f"{STEP[3]}/{name}", needle)
+    assert snapshot(run) == before
+
+
+def test_metrics_that_are_not_a_regular_file_are_never_written_through(run, tmp_path, capsys):
+    """A metrics.jsonl linked to another run's would be cut back and appended to: refused, both intact."""
+    other = tmp_path / "other_metrics.jsonl"
+    shutil.copyfile(run / "metrics.jsonl", other)
+    kept = other.read_bytes()
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(other)
+    assert_refused(lmspec_cli(_train(run, "--resume-from", STEP[1], "--overwrite"), capsys), "symbolic link")
+    assert other.read_bytes() == kept and (run / "checkpoints" / STEP[3]).is_dir()
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")  # would block an open for appending
+    assert_refused(lmspec_cli(_train(run, "--resume"), capsys), "a FIFO, not a regular file")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    os.mkfifo(fresh / "metrics.jsonl")
+    assert_refused(lmspec_cli(_train(fresh), capsys), "a FIFO, not a regular file")
+
+
+def test_a_linked_spec_yaml_is_replaced_not_written_through(tmp_path, capsys):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("# my notes, not a spec\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "spec.yaml").symlink_to(mine)
+    rc, _, err = lmspec_cli(_train(out), capsys)
+    assert rc == 0, err
+    assert mine.read_text() == "# my notes, not a spec\n"
+    assert (
+        not (out / "spec.yaml").is_symlink() and "name: mimo_v2_flash_tiny" in (out / "spec.yaml").read_text()
+    )
 
 
 def test_offered_resume_from_continues_bitwise(run, reference, capsys):
