@@ -30,6 +30,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from torch import nn
 
 from lmspec.runtime.tokenizer import ByteTokenizer, Tokenizer
@@ -51,6 +52,8 @@ __all__ = ["ServerState", "create_app", "router"]
 
 # How often a handler waiting for a non-streamed result checks that its client is still connected.
 DISCONNECT_POLL_S = 0.25
+# The status logged for a client that left before its answer (nginx's "client closed request").
+CLIENT_GONE = 499
 
 
 @dataclass
@@ -337,7 +340,8 @@ async def collect(request: Request, state: ServerState, job: Job) -> Response:
         while (item := await run.next(request)) is not None:
             choices[item[0]].add(item[1])
     except ClientGone:
-        return Response(status_code=499)  # nobody reads it; the rows are already free
+        state.scheduler.metrics.count_status(CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)  # nobody reads it; the rows are already free
     finally:
         run.cancel()
     state.scheduler.metrics.count_status(200)
@@ -429,7 +433,8 @@ async def respond(request: Request, state: ServerState, job: Job) -> Response:
         first = await run.next(request)  # an error before the first token still gets a JSON error response
     except ClientGone:
         run.cancel()
-        return Response(status_code=499)
+        state.scheduler.metrics.count_status(CLIENT_GONE)
+        return Response(status_code=CLIENT_GONE)
     except BaseException:
         run.cancel()
         raise
@@ -573,6 +578,16 @@ async def _on_validation_error(request: Request, e: Exception) -> JSONResponse:
     return _error_response(request, APIError(400, str(e.errors()[0].get("msg", "invalid request"))))
 
 
+async def _on_client_gone(request: Request, e: Exception) -> Response:
+    """The client left before its body arrived: nothing to answer and nothing wrong with the server.
+
+    Without this handler the error reached the catch-all below: a 500 in /metrics and a traceback in the
+    log for every client that hangs up mid-upload.
+    """
+    request.app.state.lmspec.scheduler.metrics.count_status(CLIENT_GONE)
+    return Response(status_code=CLIENT_GONE)
+
+
 async def _on_internal_error(request: Request, e: Exception) -> JSONResponse:
     error = APIError(500, f"internal error: {type(e).__name__}", type="server_error", code="internal_error")
     return _error_response(request, error)
@@ -635,5 +650,6 @@ def create_app(
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(Exception, _on_internal_error)
     return app

@@ -186,6 +186,39 @@ def test_a_body_over_the_limit_is_refused_while_streaming_in(served):
     assert r.status_code == 413 and _shape(r)["code"] == "request_too_large"
 
 
+def _status_counts(base: str) -> dict[str, int]:
+    text = httpx.get(f"{base}/metrics").text
+    return {
+        m[1]: int(m[2]) for m in re.finditer(r'lmspec_http_responses_total\{status="(\d+)"\} (\d+)', text)
+    }
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_client_that_leaves_mid_upload_is_no_server_error(served, path):
+    """Hanging up while the body is still arriving is counted as 499 (client gone), never a 500."""
+    import socket
+    import time
+
+    name, base = served
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    before = _status_counts(base)
+    for _ in range(3):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head.encode() + b'{"model": "' + name.encode())
+    for _ in range(600):  # the server notices each hang-up on its own time
+        after = _status_counts(base)
+        if after.get("499", 0) - before.get("499", 0) >= 3:
+            break
+        time.sleep(0.05)
+    assert after.get("499", 0) - before.get("499", 0) == 3, after
+    assert after.get("500", 0) == before.get("500", 0), after
+    ok = _post(base, "/v1/completions", {"model": NAME, "prompt": "ok", "max_tokens": 2}, name)
+    assert ok.status_code == 200
+
+
 def test_json_depth_ignores_brackets_inside_strings():
     assert json_depth(b'{"a": [1, {"b": "[[[[{{{{"}]}') == 3
     assert json_depth(b'"\\"[[["') == 0
