@@ -6,7 +6,9 @@ traceback would surface as an exception here rather than as text.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -51,6 +53,17 @@ def files(tmp_path_factory) -> dict[str, str]:
     readonly.chmod(stat.S_IRUSR | stat.S_IXUSR)
     a_file = d / "a_file"
     a_file.write_text("not a directory\n")
+    chain = d / "chain"  # a spec and the file it extends
+    chain.mkdir()
+    for example in (TINY, FULL):
+        shutil.copy(example, chain)
+    foreign = d / "foreign"  # a folder whose model.py is the user's own
+    foreign.mkdir()
+    (foreign / "model.py").write_text("print('my own model')\n")
+    bigint = d / "bigint.json"
+    bigint.write_text('{"hidden_size": ' + "9" * 5000 + "}")
+    text = d / "text.txt"
+    text.write_text("def f(x):\n    return x\n" * 20)
     return {
         "ckpt": str(ckpt),
         "spec": str(ckpt / "spec.yaml"),
@@ -60,6 +73,12 @@ def files(tmp_path_factory) -> dict[str, str]:
         "fifo": str(fifo),
         "readonly": str(readonly / "out"),
         "a_file": str(a_file),
+        "child": str(chain / Path(TINY).name),
+        "parent": str(chain / Path(FULL).name),
+        "foreign": str(foreign),
+        "config": str(ckpt / "config.json"),
+        "bigint": str(bigint),
+        "text": str(text),
         "tmp": str(d),
     }
 
@@ -112,6 +131,27 @@ CASES = [
     ["bogus-command"],
 ]
 
+# Outputs that would destroy an input, never finish, or mean "here" by accident.
+OUTPUT_CASES = [
+    ["graph", "{spec}", "-o", "{spec}"],
+    ["graph", "{child}", "-o", "{parent}"],
+    ["graph", TINY, "-o", "{fifo}"],
+    ["graph", TINY, "-o", ""],
+    ["compile", TINY, "-o", ""],
+    ["compile", TINY, "-o", "{foreign}"],
+    ["compile", TINY, "-o", "{fifo}"],
+    ["import-hf", "{config}", "-o", "{config}"],
+    ["import-hf", "{config}", "-o", "{fifo}"],
+    ["import-hf", "{bigint}", "-o", "{tmp}/x.yaml"],
+    ["plot", "{garbled}", "-o", "{garbled}/metrics.jsonl"],
+    ["plot", "{garbled}", "-o", "{garbled}/notes.yaml"],
+    ["plot", "{garbled}", "-o", "{fifo}"],
+    ["tokenizer", "train", "--data", "{text}", "{text}", "--vocab-size", "300", "-o", "{text}"],
+    ["tokenizer", "train", "--vocab-size", "300", "-o", "{fifo}"],
+    ["train", TINY, "--max-tokens", "2000", "--out", ""],
+]
+CASES += OUTPUT_CASES
+
 
 def _ids(case: list[str]) -> str:
     return " ".join(Path(a).name if "/" in a else a for a in case)[:60]
@@ -130,3 +170,17 @@ def test_bad_arguments_exit_2_with_one_line(case, files, capsys, tmp_path, monke
     assert rc == 2, f"{argv}: exit {rc}, stderr {err!r}"
     assert len(lines) == 1, f"{argv}: expected one line on stderr, got {lines}"
     assert "Traceback" not in err
+
+
+def test_outputs_never_replace_what_the_command_reads(files, capsys, tmp_path, monkeypatch):
+    """The cases above refuse before writing: every input they name keeps its bytes."""
+    monkeypatch.chdir(tmp_path)
+    names = ("spec", "child", "parent", "config", "text")
+    inputs = [Path(files[k]) for k in names] + [Path(files["garbled"]) / "metrics.jsonl"]
+    inputs.append(Path(files["foreign"]) / "model.py")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs}
+    for case in OUTPUT_CASES:
+        assert main([a.format(**files) for a in case]) == 2, case
+    capsys.readouterr()
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs} == before
+    assert not list(tmp_path.iterdir())  # an empty -o or --out never meant "here"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib.util
+import os
+import stat
 import sys
+from pathlib import Path
 
 from lmspec.errors import UsageError, one_line
 from lmspec.spec import Spec, load_spec
+from lmspec.spec import load as load_with_positions
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,6 +77,49 @@ def spec_args(p: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace) -> Spec:
     return load_spec(args.spec, args.overrides)
+
+
+def spec_files(args: argparse.Namespace) -> tuple[Spec, tuple[str, ...]]:
+    """The spec, and every file it was read from (the file itself and its `extends` chain)."""
+    loaded = load_with_positions(args.spec, args.overrides)
+    return loaded.spec, (args.spec, *sorted({pos.file for pos in loaded.positions.values()}))
+
+
+# Write ends of FIFOs that `output_path` found a reader on, held until the process exits (see there).
+_HELD_WRITE_ENDS: list[int] = []
+
+
+def output_path(flag: str, text: str | Path, inputs: tuple[str | Path, ...] = ()) -> Path:
+    """Where a command will write, refused in one line when writing there would lose data or never end.
+
+    - An empty path: it would quietly mean the current directory.
+    - The same file as one of the command's `inputs` (the spec and its `extends`, a config, the data):
+      writing would replace what the command reads.
+    - A FIFO that nothing reads: opening it to write would wait forever. A FIFO with a reader
+      (`-o >(gzip > f)`, `/dev/stdout` into a pipe) is fine; the probe's write end stays open until the
+      process exits, so the reader sees no end of file before the real write.
+    """
+    if not str(text).strip():
+        raise UsageError(f"{flag}: expected a path, got an empty one")
+    path = Path(text)
+    for source in inputs:
+        with contextlib.suppress(OSError, ValueError):  # an input that is not a file cannot be written over
+            if os.path.samefile(path, source):
+                raise UsageError(f"{flag} {path}: is the input {source}; writing there would replace it")
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # not there yet (or unreachable): the write itself says why, in one line
+    if stat.S_ISFIFO(mode):
+        try:
+            _HELD_WRITE_ENDS.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                raise UsageError(
+                    f"{flag} {path}: a FIFO that nothing reads; writing to it would wait forever"
+                ) from None
+            raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+    return path
 
 
 def _bounded(kind: type, low: float, what: str):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmspec.cli.common import load, positive_int, require_extra
+from lmspec.cli.common import load, output_path, positive_int, require_extra, spec_files
 from lmspec.errors import UsageError
 from lmspec.spec import Spec, dump_spec
 
@@ -98,21 +98,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    return draw_command(
-        load(args), fmt=args.format, layers=args.layers, output=args.output, renderer=args.renderer
-    )
+    spec, sources = spec_files(args)
+    output = None if args.output is None else str(output_path("-o", args.output, sources))
+    return draw_command(spec, fmt=args.format, layers=args.layers, output=output, renderer=args.renderer)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from lmspec.codegen import compile_spec
 
-    compiled = compile_spec(load(args), out_dir=args.output, spec_path=args.spec)
+    out_dir = None if args.output is None else output_path("-o", args.output)
+    compiled = compile_spec(load(args), out_dir=out_dir, spec_path=args.spec)
     print(compiled.describe())
     return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    return import_hf_command(args.config, args.output)
+    return import_hf_command(args.config, output_path("-o", args.output, (args.config,)))
 
 
 def cmd_test_kernels(args: argparse.Namespace) -> int:

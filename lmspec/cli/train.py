@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from lmspec.cli.common import output_path
 from lmspec.errors import UsageError
 
 
@@ -118,11 +119,27 @@ def plot_command(run_dir: str, output: str | None) -> int:
 
     if not (Path(run_dir) / METRICS_FILE).is_file():
         raise UsageError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
+    if output is not None:
+        output = _picture_path(output_path("-o", output, (Path(run_dir) / METRICS_FILE,)))
     try:
         print(plot_run(run_dir, output))
     except OSError as e:
         raise UsageError(f"{e.filename or output or run_dir}: {e.strerror or e}") from None
     return 0
+
+
+def _picture_path(path: Path) -> Path:
+    """`-o` of `plot`: a file type matplotlib writes; no suffix means PNG (said in the path it prints)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise UsageError(
+            f"-o {path}: expected a picture file ({', '.join(sorted(kinds))}), got {path.suffix!r}"
+        )
+    return path
 
 
 # Hugging Face tokenizers aborts the process (rc 134) when it cannot allocate a vocabulary this large;
@@ -152,7 +169,7 @@ def tokenizer_command(args: argparse.Namespace) -> int:
     vocab = args.vocab_size
     if not (isinstance(vocab, int) and 257 <= vocab <= MAX_BPE_VOCAB):
         raise UsageError(f"--vocab-size: expected 257 (256 bytes + {EOS}) to {MAX_BPE_VOCAB:,}, got {vocab}")
-    out = Path(args.output)
+    out = output_path("-o", args.output, tuple(args.data or ()))
     _check_output(out)
     docs = read_documents(args.data)
     try:

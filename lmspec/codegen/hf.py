@@ -460,6 +460,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         raise SpecError(shown, e.lineno, e.colno, "", f"expected JSON, got a syntax error: {e.msg}") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300)
+        raise SpecError(shown, 0, 0, "", f"expected JSON, got {clip(str(e).split(';')[0])}") from None
     except RecursionError:
         raise SpecError(shown, 0, 0, "", "expected JSON nested a few levels deep, got far deeper") from None
     if not isinstance(config, dict):
