@@ -470,6 +470,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     ycol = _final_bpb_column(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
@@ -499,6 +500,9 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> Path:
                 ylabel=f"held-out bits/byte ({ycol})",
                 title=f"{ycol} vs {xlabel.split(' ')[0]}",
             )
+            # Counts as written (1,093,520), not as 1e6 plus an offset; few enough ticks not to overlap.
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.savefig(path, dpi=110)
