@@ -141,3 +141,16 @@ def _bounded(kind: type, low: float, what: str):
 positive_int = _bounded(int, 1, "a positive integer")
 nonnegative_int = _bounded(int, 0, "a non-negative integer")
 positive_float = _bounded(float, 1e-300, "a positive finite number")
+
+
+def device_count(text: str) -> int:
+    """An argparse type: a number of ranks or GPUs, 1 to `MAX_DEVICES`."""
+    from lmspec.spec.limits import MAX_DEVICES
+
+    value = positive_int(text)
+    if value > MAX_DEVICES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DEVICES:,}, got {text[:40]!r}")
+    return value
+
+
+device_count.__name__ = "a device count"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmspec.cli.common import load, output_path, positive_int, require_extra, spec_files
+from lmspec.cli.common import device_count, load, output_path, positive_int, require_extra, spec_files
 from lmspec.errors import UsageError
 from lmspec.spec import Spec, dump_spec
 
@@ -61,8 +61,35 @@ def check_cpu_memory(spec: Spec, shown: str) -> str:
     return f"memory of one training step on cpu, {what}: about {parts}; fits in this machine's {machine} of {kind}"
 
 
+def check_world_size(args: argparse.Namespace, world_size: int) -> str:
+    """`check --world-size N`: the spec's `training.parallel` against N ranks; a file:line:col error if
+    its product differs. Returns the summary line."""
+    from lmspec.errors import SpecError
+    from lmspec.spec import load as load_with_positions
+    from lmspec.spec.schema import world_size_problem
+
+    loaded = load_with_positions(args.spec, args.overrides)
+    training = loaded.spec.training
+    parallel = training.parallel if training is not None else None
+    problem = world_size_problem(parallel, world_size)
+    if problem is not None:
+        # The section's own entry, else (set by --set alone) the first of its fields.
+        here = [pos for path, pos in loaded.positions.items() if path[:2] == ("training", "parallel")]
+        pos = loaded.positions.get(("training", "parallel")) or min(
+            here, key=lambda p: (p.file, p.line, p.col)
+        )
+        raise SpecError(pos.file, pos.line, pos.col, "training.parallel", problem)
+    if parallel is None:
+        return f"layout on {world_size} ranks: training.parallel unset, every rank an FSDP shard"
+    p = parallel
+    return (
+        f"layout on {world_size} ranks: data {p.data} x fsdp {p.fsdp} x expert {p.expert} x tensor {p.tensor}"
+    )
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     spec = load(args)
+    ranks = check_world_size(args, args.world_size) if args.world_size is not None else None
     memory = check_cpu_memory(spec, args.spec) if args.target == "cpu" else None
     m = spec.model
     kinds: dict[str, int] = {}
@@ -75,8 +102,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"{args.spec}: ok — {spec.name}: {m.num_layers} layers ({layout}), hidden {m.hidden_size}, "
         f"vocab {m.vocab_size}, {mtp} MTP blocks, {stages} training stages"
     )
-    if memory is not None:
-        print(memory)
+    for line in (ranks, memory):
+        if line is not None:
+            print(line)
     return 0
 
 
@@ -208,6 +236,13 @@ def add_parsers(add) -> None:
         choices=["cpu"],
         default=None,
         help="also estimate the memory of one training step (first stage) and refuse when it cannot fit here",
+    )
+    p.add_argument(
+        "--world-size",
+        type=device_count,
+        default=None,
+        metavar="N",
+        help="also check that training.parallel (data x fsdp x expert x tensor) equals N ranks",
     )
     add("schema", cmd_schema, "print the JSON Schema of the spec language", spec=False)
 

@@ -41,6 +41,7 @@ Semantic maxima (what a spec may ask for; each is above every published open-wei
 | `MAX_BATCH_SIZE`        | 1,048,576    |
 | `MAX_SEED`              | 2**63 - 1    |
 | `MAX_STEPS`             | 10**8 steps  |
+| `MAX_DEVICES`           | 65,536       |
 
 Bounds tied to other fields live in the schema's validators: a stage's `seq_len` and a sliding
 `window` are at most `max_position_embeddings`; `top_k` at most `num_experts`; the stages' token budgets
@@ -75,6 +76,7 @@ MAX_MTP_BLOCKS = 16
 MAX_BATCH_SIZE = 1 << 20
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10**8  # MiMo-V2-Flash's schedule is about 0.4M steps
+MAX_DEVICES = 1 << 16  # each `training.parallel` size, and `lmspec plan --gpus`
 
 
 def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:

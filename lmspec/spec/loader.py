@@ -512,7 +512,10 @@ def apply_override(
         elif isinstance(node, dict):
             if part not in node:
                 keys = allowed_keys(here, data)
-                if not (last and (part in keys or _accepts_any_key(here, data))):
+                if not last and part in keys and _model_for((*here, part), data) is not None:
+                    # A section left to its defaults (`training.parallel`): --set one of its fields.
+                    node[part] = {}
+                elif not (last and (part in keys or _accepts_any_key(here, data))):
                     options = sorted(set(keys) | {str(k) for k in node})
                     raise SpecError(
                         SET_FILE,

@@ -438,6 +438,55 @@ class DataSource(StrictModel):
     max_bytes: ByteCount | None = None
 
 
+ParallelSize = _count(limits.MAX_DEVICES)
+
+
+class Parallel(StrictModel):
+    """How the ranks of a run are laid out: a mesh of `data x fsdp x expert x tensor` ranks.
+
+    - data: replicas that each hold a whole copy of the (sharded) model and see different rows;
+    - fsdp: ranks that shard every parameter, gradient and optimizer state (FSDP2 / ZeRO-3);
+    - expert: ranks that split the routed experts of every MoE kind, and see different rows (so for
+      the dense weights they are more FSDP ranks);
+    - tensor: ranks that split attention heads (and KV heads), the FFN widths and the vocabulary.
+
+    The product must equal the world size at run time (`lmspec check --world-size N` checks it ahead).
+    """
+
+    data: ParallelSize = 1
+    fsdp: ParallelSize = 1
+    expert: ParallelSize = 1
+    tensor: ParallelSize = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.data * self.fsdp * self.expert * self.tensor
+
+
+def parallel_problem(model: ModelSpec, parallel: Parallel) -> tuple[str, str] | None:
+    """The first size of `parallel` that `model` cannot be split by, as (field, message), else None.
+
+    `expert` divides every MoE kind's `num_experts` (and is 1 without one); `tensor` divides every
+    attention kind's `num_heads` and `num_kv_heads`, so each rank holds whole heads and whole KV groups.
+    """
+    moe = {name: f for name, f in model.ffn.items() if isinstance(f, MoEFFN)}
+    if not moe and parallel.expert > 1:
+        return "expert", f"expected 1 (the model has no MoE kind to split), got {parallel.expert}"
+    for name, f in moe.items():
+        if f.num_experts % parallel.expert:
+            return "expert", (
+                f"expected a divisor of model.ffn.{name}.num_experts ({f.num_experts}), got {parallel.expert}"
+            )
+    for name, a in model.attention.items():
+        for heads in ("num_heads", "num_kv_heads"):
+            if getattr(a, heads) % parallel.tensor:
+                return "tensor", (
+                    f"expected a divisor of model.attention.{name}.{heads} ({getattr(a, heads)}), "
+                    f"got {parallel.tensor}"
+                )
+    return None
+
+
 class TrainingSpec(StrictModel):
     optimizer: Optimizer = Optimizer()
     grad_clip: PositiveFloat | None = 1.0
@@ -459,6 +508,10 @@ class TrainingSpec(StrictModel):
         "none",
         description="Recompute activations in the backward, per decoder layer: `full` keeps only each layer's "
         "input, `selective` keeps matmul and attention outputs and recomputes the elementwise ops.",
+    )
+    parallel: Parallel | None = Field(
+        None,
+        description="The mesh of ranks (data x fsdp x expert x tensor); unset: every rank an FSDP shard.",
     )
     stages: list[Stage] = Field(min_length=1, max_length=limits.MAX_STAGES)
 
@@ -531,3 +584,25 @@ class Spec(StrictModel):
                 f"got {self.serving.speculative_depth}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> Spec:
+        parallel = self.training.parallel if self.training is not None else None
+        problem = parallel_problem(self.model, parallel) if parallel is not None else None
+        if problem is not None:
+            raise ValueError(f"training.parallel.{problem[0]}: {problem[1]}")
+        return self
+
+
+def world_size_problem(parallel: Parallel | None, world_size: int) -> str | None:
+    """Why `parallel` cannot run on `world_size` ranks (its product differs), else None.
+
+    An unset layout runs on any world size: every rank is one FSDP shard.
+    """
+    if parallel is None or parallel.world_size == world_size:
+        return None
+    p = parallel
+    return (
+        f"expected data x fsdp x expert x tensor to equal the world size {world_size}, got "
+        f"{p.data} x {p.fsdp} x {p.expert} x {p.tensor} = {p.world_size}"
+    )

@@ -6,6 +6,10 @@ layer and MTP block, then to the root, so each layer's parameters are all-gather
 freed after. Gradients are reduce-scattered as an average over ranks, which is why the trainer scales each
 rank's loss by `world_size * local_rows / global_rows` (see `Dist.loss_weight`).
 
+`training.parallel: {data: D, fsdp: F}` lays the ranks out as a (data, fsdp) mesh: FSDP2 shards over the
+F ranks of each replica and all-reduces gradients over the D replicas (HSDP); the product must equal the
+world size. Unset, every rank is one FSDP shard.
+
 A single process (no RANK in the environment) gets a `Dist` with world_size 1 whose collectives are no-ops,
 so the trainer has one code path.
 """
@@ -19,6 +23,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lmspec.errors import UsageError
+from lmspec.spec.schema import Parallel, world_size_problem
 
 
 @dataclass
@@ -81,11 +89,36 @@ def init(device: str | None = None) -> Dist:
 _ENTRY_METHODS = ("predict",)
 
 
-def shard(model: nn.Module, d: Dist) -> nn.Module:
+def check_layout(parallel: Parallel | None, d: Dist) -> None:
+    """Refuse, in one line, a `training.parallel` this run cannot use: a product other than the world
+    size, or the expert and tensor dimensions, which training does not split by yet."""
+    problem = world_size_problem(parallel, d.world_size)
+    if problem is not None:
+        raise UsageError(f"training.parallel: {problem} (the processes torchrun started)")
+    if parallel is not None and (parallel.expert > 1 or parallel.tensor > 1):
+        raise UsageError(
+            f"training.parallel: expected expert 1 and tensor 1 (training splits ranks by data and fsdp), "
+            f"got expert {parallel.expert}, tensor {parallel.tensor}; `lmspec plan` sizes such layouts"
+        )
+
+
+def mesh(parallel: Parallel | None, d: Dist) -> DeviceMesh | None:
+    """The (data, fsdp) DeviceMesh of a declared layout: FSDP2 replicates over `data` and shards over
+    `fsdp` (HSDP). None for an unset layout, which shards over every rank (FSDP2's default mesh)."""
+    if parallel is None or not d.enabled:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(d.device.type, (parallel.data, parallel.fsdp), mesh_dim_names=("data", "fsdp"))
+
+
+def shard(model: nn.Module, d: Dist, parallel: Parallel | None = None) -> nn.Module:
     """FSDP2: shard each decoder layer and MTP block, then the root (embedding, final norm, LM head)."""
     if not d.enabled:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    device_mesh = mesh(parallel, d)
 
     inner = model.model
     blocks = list(inner.layers)
@@ -93,12 +126,12 @@ def shard(model: nn.Module, d: Dist) -> nn.Module:
     if mtp is not None:
         blocks.extend(mtp.layers)
     for block in blocks:
-        fully_shard(block)
+        fully_shard(block, mesh=device_mesh)
         # MTP blocks are entered through `predict`, not `forward`; FSDP must gather their weights there too.
         for method in _ENTRY_METHODS:
             if callable(getattr(block, method, None)):
                 register_fsdp_forward_method(block, method)
-    fully_shard(model)
+    fully_shard(model, mesh=device_mesh)
     return model
 
 

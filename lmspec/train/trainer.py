@@ -335,6 +335,7 @@ class Trainer:
         self.d = distributed.init(c.device)
         self.spec = resolve_spec(c.spec, overrides=c.overrides, max_tokens=c.max_tokens, scale=c.scale)
         check_schedule(self.spec)
+        distributed.check_layout(self.spec.training.parallel, self.d)
         self.run_dir = c.out if c.out is not None else Path("runs") / self.spec.name
         self.reporter = ConsoleReporter(enabled=self.d.is_main and not c.quiet, bar=c.progress)
         # Locked before deciding what the directory allows, so no other process changes it in between.
@@ -414,7 +415,7 @@ class Trainer:
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._speed_options()
-        distributed.shard(self.model, self.d)
+        distributed.shard(self.model, self.d, self.spec.training.parallel)
         try:
             self.optimizer = make_optimizer(self.model, self.spec)
         except ValueError as e:  # AdamW's own checks (betas, eps) on values the schema let through
