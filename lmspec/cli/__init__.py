@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lmspec.cli import explore, serve, spec, train
+from lmspec.cli import explore, plan, serve, spec, train
 from lmspec.cli.common import Parser, extra_for, spec_args, verbose_arg
 from lmspec.compiler.debug import set_debug_level
 from lmspec.errors import SpecError, UsageError, one_line
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    for module in (spec, train, explore, serve):
+    for module in (spec, plan, train, explore, serve):
         module.add_parsers(add)
     return parser
 
