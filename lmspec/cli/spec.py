@@ -88,7 +88,12 @@ def check_world_size(args: argparse.Namespace, world_size: int) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    spec = load(args)
+    from lmspec.spec import load as load_with_positions
+    from lmspec.spec.stages import check_stage_paths
+
+    loaded = load_with_positions(args.spec, args.overrides)
+    check_stage_paths(loaded, require=False)  # what the stages point at must fit, where it exists yet
+    spec = loaded.spec
     ranks = check_world_size(args, args.world_size) if args.world_size is not None else None
     memory = check_cpu_memory(spec, args.spec) if args.target == "cpu" else None
     m = spec.model

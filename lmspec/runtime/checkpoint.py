@@ -307,6 +307,7 @@ _STATE_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "rng": (lambda v: isinstance(v, dict), "an object of RNG states"),
     "corpus": (lambda v: isinstance(v, str), "a string"),
     "spec_hash": (lambda v: isinstance(v, str), "a string"),
+    "stage": (lambda v: _is_int(v) and v >= -1, "a whole number >= -1"),  # type: ignore[operator]
     "elapsed_s": (lambda v: _number(v) and v >= 0, "a number >= 0"),  # type: ignore[operator]
     "world_size": (lambda v: _is_int(v) and v >= 1, "a whole number >= 1"),  # type: ignore[operator]
     "last_val": (

@@ -364,6 +364,35 @@ class CausalLMBase(nn.Module):
         mtp = getattr(self.model, "mtp", None)
         return 0 if mtp is None else len(mtp.layers)
 
+    def set_trained_mtp_blocks(self, blocks: int | None) -> None:
+        """Compute the MTP losses of the first ``blocks`` blocks only (None: all of them).
+
+        A training stage that trains fewer blocks than the model has (``overrides.mtp_num_blocks``) sets
+        this: the later blocks are not run, so they get no gradient and the optimizer leaves them as they are.
+        """
+        if blocks is not None and not 0 <= blocks <= self.num_mtp_blocks:
+            raise ValueError(f"trained MTP blocks must be in 0..{self.num_mtp_blocks}, got {blocks}")
+        self._trained_mtp_blocks = blocks
+
+    def trained_mtp_blocks(self) -> int:
+        """How many MTP blocks a forward with labels computes losses for (see ``set_trained_mtp_blocks``)."""
+        blocks = getattr(self, "_trained_mtp_blocks", None)
+        return self.num_mtp_blocks if blocks is None else blocks
+
+    @torch.no_grad()
+    def replicate_mtp_block(self, source: int, targets: range) -> None:
+        """Copy MTP block ``source``'s weights into each block of ``targets`` (the report's replication)."""
+        layers = self.model.mtp.layers
+        for k in targets:
+            for (name, dst), (_, src) in zip(
+                layers[k].named_parameters(), layers[source].named_parameters(), strict=True
+            ):
+                if dst.shape != src.shape:
+                    raise ValueError(
+                        f"MTP block {k}.{name} has shape {tuple(dst.shape)}, block {source} {tuple(src.shape)}"
+                    )
+                dst.copy_(src)
+
     # --- init ----------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -161,7 +161,7 @@ def chat_prompt(state: ServerState, req: ChatRequest) -> list[int]:
     if sum(len(m["content"]) for m in messages) > state.max_prompt_chars:
         raise _too_long(state, "the messages hold more characters than can fit", "messages")
     try:
-        text = state.template.render(messages=messages)
+        text = state.template.render(messages=messages, add_generation_prompt=True)
     except jinja2.TemplateError as e:
         raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
     return tokenize(state, text, "messages")

@@ -64,6 +64,8 @@ NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 MAX_NAME_CHARS = 64
 MAX_KINDS = 256  # entries in each of model.attention, model.ffn and model.blocks
 MAX_STAGES = 64
+MAX_PATH_CHARS = 4096  # a path or URL a spec names: init_from, teachers, data, prompts
+MAX_ROLLOUTS = 1024  # a mopd stage's rollouts_per_prompt
 
 MAX_HIDDEN_SIZE = 65_536
 MAX_VOCAB_SIZE = 1 << 22

@@ -261,9 +261,35 @@ class MTP(StrictModel):
     `block`, a final norm and the shared LM head.
     """
 
-    num_blocks: MTPDepth
+    num_blocks: MTPDepth = Field(
+        description="MTP blocks the model has (built, saved, served, accounted); a stage may train fewer."
+    )
     block: Name = Field(description="Name of an entry in model.blocks used inside each MTP block.")
     loss_weight: NonNegativeFloat = Field(0.3, description="Default MTP loss weight; stages may override.")
+    depth_weights: list[NonNegativeFloat] | None = Field(
+        None,
+        max_length=limits.MAX_MTP_BLOCKS,
+        description="Relative weight of each depth's CE inside the MTP loss (normalised over the depths a "
+        "stage trains); default: every depth alike (the mean).",
+    )
+
+    @model_validator(mode="after")
+    def _check_depth_weights(self) -> MTP:
+        problem = depth_weights_problem(self.depth_weights, self.num_blocks, "num_blocks")
+        if problem is not None:
+            raise ValueError(f"depth_weights: {problem}")
+        return self
+
+
+def depth_weights_problem(weights: list[float] | None, blocks: int, what: str) -> str | None:
+    """Why per-depth MTP weights do not fit `blocks` trained depths (one weight each, not all zero)."""
+    if weights is None:
+        return None
+    if len(weights) != blocks:
+        return f"expected one weight per MTP block ({what} {blocks}), got {len(weights)}"
+    if blocks and not math.fsum(weights) > 0:
+        return "expected at least one positive weight, got all zero"
+    return None
 
 
 class ModelSpec(StrictModel):
@@ -385,10 +411,98 @@ class StageOverrides(StrictModel):
     mtp_loss_weight: NonNegativeFloat | None = None
     bias_update: NonNegativeFloat | None = None
     seq_aux_coef: NonNegativeFloat | None = None
+    mtp_num_blocks: MTPDepth | None = Field(
+        None,
+        description="MTP blocks this stage trains (the first ones); default model.mtp.num_blocks. The others "
+        "are not run, get no gradient and stay as they are.",
+    )
+    mtp_init: Literal["keep", "replicate"] | None = Field(
+        None,
+        description="replicate: at the stage's first step, copy MTP block 0 into each block this stage trains "
+        "that the stage before did not; keep (default): those blocks start from their own weights.",
+    )
+    mtp_depth_weights: list[NonNegativeFloat] | None = Field(
+        None, max_length=limits.MAX_MTP_BLOCKS, description="Per-depth MTP weights for this stage."
+    )
+
+
+PathText = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=limits.MAX_PATH_CHARS)]
+URLText = Annotated[
+    str, Strict(), StringConstraints(pattern=r"^https?://\S+$", max_length=limits.MAX_PATH_CHARS)
+]
+
+
+class Teacher(StrictModel):
+    """A mopd stage's teacher for one domain: a run or Hugging Face directory (`path`), or a server (`url`).
+
+    The YAML writes a directory as a bare string (`math: runs/teacher_math`) and a server as `{url: ...}`.
+    """
+
+    path: PathText | None = None
+    url: URLText | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"path": value}
+        if not isinstance(value, dict):
+            raise PydanticCustomError("teacher_type", "a run directory path or {url: ...}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Teacher:
+        if (self.path is None) == (self.url is None):
+            raise ValueError("url: expected a directory path or a url, not both and not neither")
+        return self
+
+
+# Fields only a stage of one kind may set, by kind; those marked required must be set there.
+_KIND_FIELDS: dict[str, dict[str, bool]] = {
+    "sft": {"data": True},
+    "mopd": {
+        "teachers": True,
+        "prompts": True,
+        "rollouts_per_prompt": True,
+        "eps_low": True,
+        "eps_high": True,
+        "max_new_tokens": True,
+        "alpha": False,
+        "temperature": False,
+    },
+}
+_KIND_HINTS = {
+    "data": "a chat JSONL file",
+    "teachers": "a mapping of domain to teacher",
+    "prompts": "a JSONL file of prompt, domain, answer",
+}
 
 
 class Stage(StrictModel):
     name: Name
+    kind: Literal["pretrain", "sft", "mopd"] = Field(
+        "pretrain",
+        description="pretrain: next-token loss on packed text (--data); sft: loss on assistant tokens of chat "
+        "JSONL (`data`); mopd: on-policy distillation from per-domain teachers (`teachers`, `prompts`).",
+    )
+    init_from: PathText | None = Field(
+        None,
+        description="Weights the stage starts from: an earlier stage's name, a run directory or a Hugging Face "
+        "directory; default: as the stage before left them (the first stage: fresh).",
+    )
+    data: PathText | None = Field(None, description="sft: chat JSONL (`messages`, or `prompt`/`completion`).")
+    teachers: dict[Name, Teacher] | None = Field(
+        None, max_length=limits.MAX_KINDS, description="mopd: the teacher of each prompt domain."
+    )
+    prompts: PathText | None = Field(None, description="mopd: JSONL of `prompt`, `domain`, `answer`.")
+    rollouts_per_prompt: _count(limits.MAX_ROLLOUTS) | None = None  # type: ignore[valid-type]
+    alpha: NonNegativeFloat | None = Field(None, description="mopd: outcome-reward weight (default 0).")
+    eps_low: NonNegativeFloat | None = Field(None, description="mopd: lowest importance ratio kept.")
+    eps_high: PositiveFloat | None = Field(None, description="mopd: highest importance ratio kept.")
+    max_new_tokens: Positions | None = Field(None, description="mopd: longest rollout completion.")
+    temperature: PositiveFloat | None = Field(
+        None, description="mopd: rollout sampling temperature (default 1)."
+    )
     tokens: Annotated[Number, Field(gt=0.0)] = Field(description="Token budget of the stage.")
     seq_len: Positions = Field(description="Tokens per sequence; at most max_position_embeddings.")
     batch_size: BatchSchedule
@@ -399,6 +513,29 @@ class Stage(StrictModel):
         description="Weights over training.sources (`all`: every document) of the stage's sequences; "
         "default: every document, in one stream.",
     )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Stage:
+        for kind, fields in _KIND_FIELDS.items():
+            for name, required in fields.items():
+                value = getattr(self, name)
+                if self.kind == kind and required and value is None:
+                    hint = _KIND_HINTS.get(name, "a value")
+                    raise ValueError(f"{name}: expected {hint} for a {kind} stage, got nothing")
+                if self.kind != kind and value is not None:
+                    raise ValueError(
+                        f"{name}: expected only in a {kind} stage, got it in a {self.kind} stage"
+                    )
+        if self.kind == "mopd":
+            assert self.eps_low is not None and self.eps_high is not None and self.teachers is not None
+            if not self.eps_low <= 1.0 <= self.eps_high:
+                # An on-policy token has ratio 1: a band without it would discard every token.
+                raise ValueError(
+                    f"eps_low: expected eps_low <= 1 <= eps_high, got {self.eps_low:g} and {self.eps_high:g}"
+                )
+            if not self.teachers:
+                raise ValueError("teachers: expected at least one domain, got none")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Stage:
@@ -538,6 +675,32 @@ class TrainingSpec(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_init_from(self) -> TrainingSpec:
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            if len(set(names[: i + 1])) <= i:
+                raise ValueError(f"stages.{i}.name: expected a name no other stage has, got {stage.name!r}")
+            ref = stage.init_from
+            if ref in names[i:]:
+                which = "the stage itself" if ref == stage.name else "a later stage"
+                raise ValueError(
+                    f"stages.{i}.init_from: expected an earlier stage, a run or a Hugging Face directory, "
+                    f"got {ref!r} ({which})"
+                )
+        return self
+
+    def init_source(self, index: int) -> tuple[str, str] | None:
+        """Where stage `index` takes its weights from: ("stage", name) or ("path", dir); None: it continues.
+
+        A name of an earlier stage is that stage (write `./name` for a directory of that name).
+        """
+        ref = self.stages[index].init_from
+        if ref is None:
+            return None
+        earlier = [s.name for s in self.stages[:index]]
+        return ("stage", ref) if ref in earlier else ("path", ref)
+
     @property
     def total_tokens(self) -> float:
         return math.fsum(s.tokens for s in self.stages)
@@ -546,8 +709,10 @@ class TrainingSpec(StrictModel):
 class ServingSpec(StrictModel):
     speculative_depth: MTPDepth = Field(0, description="MTP blocks used as draft at decode time.")
     chat_template: str = Field(
-        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n",
-        description="Jinja2 chat template over `messages` (role, content).",
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        description="Jinja2 chat template over `messages` (role, content) and `add_generation_prompt` (the "
+        "server renders prompts with it true; sft stages render conversations with it, see lmspec/train/sft.py).",
     )
     temperature: NonNegativeFloat = 1.0
     top_p: Annotated[Number, Field(gt=0.0, le=1.0)] = 1.0
@@ -560,6 +725,44 @@ class Spec(StrictModel):
     model: ModelSpec
     training: TrainingSpec | None = None
     serving: ServingSpec = ServingSpec()
+
+    def stage_mtp_blocks(self, index: int) -> int:
+        """MTP blocks stage `index` trains: its `mtp_num_blocks`, else all of `model.mtp.num_blocks`."""
+        assert self.training is not None
+        declared = self.model.mtp.num_blocks if self.model.mtp else 0
+        own = self.training.stages[index].overrides.mtp_num_blocks
+        return declared if own is None else own
+
+    @model_validator(mode="after")
+    def _check_stage_mtp(self) -> Spec:
+        if self.training is None:
+            return self
+        declared = self.model.mtp.num_blocks if self.model.mtp else 0
+        for i, stage in enumerate(self.training.stages):
+            over, at = stage.overrides, f"training.stages.{i}.overrides"
+            if over.mtp_num_blocks is not None and over.mtp_num_blocks > declared:
+                raise ValueError(
+                    f"{at}.mtp_num_blocks: expected at most model.mtp.num_blocks ({declared}), "
+                    f"got {over.mtp_num_blocks}"
+                )
+            blocks = self.stage_mtp_blocks(i)
+            before = self.stage_mtp_blocks(i - 1) if i else 0
+            if over.mtp_init == "replicate" and not 1 <= before < blocks:
+                raise ValueError(
+                    f"{at}.mtp_init: expected replicate only where a stage trains more MTP blocks than the "
+                    f"stage before, which trains at least one (here {before} -> {blocks})"
+                )
+            problem = depth_weights_problem(over.mtp_depth_weights, blocks, "this stage trains")
+            if problem is not None:
+                raise ValueError(f"{at}.mtp_depth_weights: {problem}")
+            declared_weights = self.model.mtp.depth_weights if self.model.mtp else None
+            if over.mtp_depth_weights is None and declared_weights and blocks:
+                if not math.fsum(declared_weights[:blocks]) > 0:
+                    raise ValueError(
+                        f"{at}.mtp_num_blocks: expected a positive model.mtp.depth_weights among the "
+                        f"{blocks} blocks the stage trains, got all zero (set mtp_depth_weights)"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _check_cross(self) -> Spec:

@@ -11,7 +11,8 @@ Conventions:
 - The batch-size ramp is counted in tokens from the start of its stage; for the first stage (the only one
   MiMo ramps) that is the global token count, as in the paper's "over the first 500B tokens".
 - A value a stage does not override falls back to the training-level default (`training.balancing`,
-  `model.mtp.loss_weight`, the attention kind's own `rope.theta`); overrides never carry over stages.
+  `model.mtp.loss_weight`, the attention kind's own `rope.theta`, every one of `model.mtp.num_blocks`);
+  overrides never carry over stages.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class StepSchedule:
     mtp_loss_weight: float
     bias_update: float
     seq_aux_coef: float
+    kind: str = "pretrain"
+    mtp_blocks: int = 0  # MTP blocks the step trains (the first ones)
+    mtp_depth_weights: tuple[float, ...] | None = None
 
 
 def _training(spec: Spec) -> TrainingSpec:
@@ -118,7 +122,22 @@ def schedule_at(spec: Spec, tokens: float) -> StepSchedule:
         mtp_loss_weight=over.mtp_loss_weight if over.mtp_loss_weight is not None else default_mtp,
         bias_update=over.bias_update if over.bias_update is not None else training.balancing.bias_update,
         seq_aux_coef=over.seq_aux_coef if over.seq_aux_coef is not None else training.balancing.seq_aux_coef,
+        kind=stage.kind,
+        mtp_blocks=spec.stage_mtp_blocks(i),
+        mtp_depth_weights=_depth_weights(spec, i),
     )
+
+
+def _depth_weights(spec: Spec, index: int) -> tuple[float, ...] | None:
+    """Stage `index`'s per-depth MTP weights: its own, else the model's cut to the blocks it trains."""
+    assert spec.training is not None
+    own = spec.training.stages[index].overrides.mtp_depth_weights
+    if own is not None:
+        return tuple(own)
+    declared = spec.model.mtp.depth_weights if spec.model.mtp else None
+    if declared is None:
+        return None
+    return tuple(declared[: spec.stage_mtp_blocks(index)])
 
 
 def scale_factor(spec: Spec, *, max_tokens: float | None = None, scale: float | None = None) -> float:

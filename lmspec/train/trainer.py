@@ -55,6 +55,7 @@ from lmspec.train.losses import LossParts, training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
 from lmspec.train.rundir import apply_plan, lock_run_dir, plan_run
 from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
+from lmspec.train.stages import StageEntry, check_stages, count_zero_grads, data_streams
 
 __all__ = ["DEFAULT_EVAL_TOKENS", "TrainConfig", "TrainResult", "Trainer", "train"]
 
@@ -335,6 +336,8 @@ class Trainer:
         self.d = distributed.init(c.device)
         self.spec = resolve_spec(c.spec, overrides=c.overrides, max_tokens=c.max_tokens, scale=c.scale)
         check_schedule(self.spec)
+        # Paths exist (and become absolute), a mopd stage has a trainer: before anything is written.
+        self.spec, self.run_stage = check_stages(c.spec, c.overrides, self.spec)
         distributed.check_layout(self.spec.training.parallel, self.d)
         self.run_dir = c.out if c.out is not None else Path("runs") / self.spec.name
         self.reporter = ConsoleReporter(enabled=self.d.is_main and not c.quiet, bar=c.progress)
@@ -383,11 +386,13 @@ class Trainer:
         tok = load_tokenizer(self.config.tokenizer)
         check_vocab(tok, self.spec.model.vocab_size)
         self.corpus = Corpus(read_documents(self.config.data), tok, seed=self.spec.training.seed)
-        if state and state.get("corpus") != self.corpus.fingerprint:
+        self.stream, self.data_fingerprint = data_streams(
+            self.corpus, self.spec, tok, state.get("data_position", 0), make_stream
+        )
+        if state and state.get("corpus") != self.data_fingerprint:
             raise UsageError(
                 f"{self.run_dir}: the data or tokenizer differ from the ones the run started with"
             )
-        self.stream = make_stream(self.corpus, self.spec, state.get("data_position", 0))
 
     def _prepare_run_dir(self) -> None:
         """Apply the run-directory plan and write RUN/spec.yaml: the first writes of the run."""
@@ -474,6 +479,7 @@ class Trainer:
         self.last_val: tuple[float, float] | None = state.get("last_val")
         self.saved_at = self.steps if resumed else -1
         self.history: list[dict[str, Any]] = []
+        self.entry = StageEntry(self, int(state.get("stage", -1)) if resumed else -1)
 
     # --- the loop's parts --------------------------------------------------------------------------
 
@@ -483,6 +489,9 @@ class Trainer:
         assert spec.training is not None
         t0 = time.perf_counter()
         sched = schedule_at(spec, self.tokens)
+        self.entry.enter(sched.stage)  # init_from, MTP replication: once, at a stage's first step
+        optimizer = self.optimizer  # entering a stage may start a fresh one
+        model.set_trained_mtp_blocks(sched.mtp_blocks if model.num_mtp_blocks else None)
         if sched.rope_theta != self.theta:
             # Only the kinds the layers use have a RoPE table: a declared kind no layer uses has none.
             model.set_rope_theta({k: t for k, t in sched.rope_theta.items() if k in model.rope_thetas()})
@@ -503,6 +512,7 @@ class Trainer:
             micro=self.config.micro_batch_size,
             forward=self.forward_loss,
         )
+        num_zeros = count_zero_grads(model, self.d)  # before clipping, which keeps zeros zero anyway
         grad_clip = spec.training.grad_clip
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
         if hasattr(grad_norm, "full_tensor"):
@@ -515,6 +525,10 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.elapsed += dt
         row = _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
+        row["num_zeros"] = num_zeros
+        if sched.kind != "pretrain":
+            row["stage_kind"] = sched.kind
+            row["target_tokens"] = int((batch.labels != -100).sum())
         if batch.source_tokens:  # a stage mixture: the tokens each source gave this step
             row["source_tokens"] = batch.source_tokens
         if self.d.device.type == "cuda":  # the CPU allocator keeps no peak: benchmarks/ measures it there
@@ -589,8 +603,9 @@ class Trainer:
             "tokens": self.tokens,
             "data_position": self.stream.position,
             "rng": _rng_state(),
-            "corpus": self.corpus.fingerprint,
+            "corpus": self.data_fingerprint,
             "spec_hash": spec_hash(self.spec),
+            "stage": self.entry.entered,
             "world_size": self.d.world_size,
             "elapsed_s": self.elapsed,
             "last_val": self.last_val,
@@ -612,6 +627,12 @@ class Trainer:
         self.reporter.start(self.total_tokens, done=self.tokens)
         try:
             while self.tokens < self.total_tokens:
+                sched = schedule_at(self.spec, self.tokens)
+                if sched.kind == "mopd":
+                    # lmspec.train.mopd runs a mopd stage to its end, steps, metrics and checkpoints included.
+                    self.entry.enter(sched.stage)
+                    self.run_stage(self, sched.stage)
+                    continue
                 row = self.step()
                 done = self.tokens >= self.total_tokens
                 if self.steps % self.eval_every == 0 or done:
@@ -675,10 +696,14 @@ def forward_loss(
     inputs: dict[str, torch.Tensor],
     mtp_loss_weight: float,
     seq_aux_coef: float,
+    mtp_depth_weights: tuple[float, ...] | None = None,
 ) -> tuple[LossParts, torch.Tensor | None]:
     """One micro-batch's forward and loss: what `training.compile` hands torch.compile as one graph."""
     out = model(x, labels=y, **inputs)
-    return training_loss(out, mtp_loss_weight=mtp_loss_weight, seq_aux_coef=seq_aux_coef), out.expert_load
+    loss = training_loss(
+        out, mtp_loss_weight=mtp_loss_weight, seq_aux_coef=seq_aux_coef, mtp_depth_weights=mtp_depth_weights
+    )
+    return loss, out.expert_load
 
 
 def _train_step(
@@ -694,7 +719,7 @@ def _train_step(
     """Forward and backward over this rank's micro-batches; returns the global batch's loss parts."""
     inputs, labels = data.inputs, data.labels
     batch = inputs.shape[0]
-    n_mtp = spec.model.mtp.num_blocks if spec.model.mtp else 0
+    n_mtp = sched.mtp_blocks if spec.model.mtp else 0
     # [total, ce, aux, mtp_1..mtp_K], summed over micro-batches weighted by their share of the global batch.
     sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
     load: torch.Tensor | None = None
@@ -703,7 +728,13 @@ def _train_step(
         x, y = inputs[sl].to(d.device), labels[sl].to(d.device)
         with _autocast(spec, d.device):
             parts, expert_load = forward(
-                model, x, y, data.model_inputs(sl, d.device), sched.mtp_loss_weight, sched.seq_aux_coef
+                model,
+                x,
+                y,
+                data.model_inputs(sl, d.device),
+                sched.mtp_loss_weight,
+                sched.seq_aux_coef,
+                sched.mtp_depth_weights,
             )
         # FSDP averages gradients over ranks; scaling by world size makes the result the global-batch mean.
         (parts.total * (share * d.world_size)).backward()
