@@ -66,6 +66,10 @@ class ModelOutput:
     mtp_logits: list[Tensor] = field(default_factory=list)
     aux_loss: Tensor | None = None
     expert_load: Tensor | None = None
+    # With return_routes: (B, T, L, K) int64 expert ids per token and MoE layer, as used and as the router
+    # itself chose them (they differ only where `routes` replayed others); K = the widest top_k, -1 pads.
+    routes: Tensor | None = None
+    router_routes: Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -150,11 +154,69 @@ def expert_counts(topk_indices: Tensor, num_experts: int) -> Tensor:
 
 
 class MoEStats:
-    """Collects each MoE layer's aux loss and expert load during one forward, in layer order."""
+    """Collects each MoE layer's aux loss and expert load during one forward, in layer order.
 
-    def __init__(self) -> None:
+    It also carries Rollout Routing Replay (R3): with ``routes`` (B, T, L, K), the expert ids a rollout
+    recorded per token and MoE layer, ``route`` makes layer l use ``routes[:, :, l]`` instead of the router's
+    own choice, so a training forward runs the experts the rollout ran; with ``record``, ``routes_taken``
+    returns what every layer used and what its router chose.
+    """
+
+    def __init__(self, routes: Tensor | None = None, record: bool = False) -> None:
         self.aux: list[Tensor] = []
         self.load: list[Tensor] = []
+        self.replay = routes
+        self.record_routes = record
+        self.used: list[Tensor] = []
+        self.chosen: list[Tensor] = []
+        self.layer = 0  # the next MoE layer `route` sees
+
+    def route(
+        self,
+        scores: Tensor,
+        topk_weights: Tensor,
+        topk_indices: Tensor,
+        *,
+        renormalize: bool,
+        routed_scaling_factor: float,
+    ) -> tuple[Tensor, Tensor]:
+        """This layer's (weights, expert ids): the router's, or with ``routes`` the replayed ones.
+
+        Replayed weights are the scores at the replayed experts, renormalised and scaled exactly as the
+        router does, so the gradient reaches the router through them as it would through its own choice.
+        """
+        layer, k = self.layer, topk_indices.shape[-1]
+        self.layer += 1
+        indices, weights = topk_indices, topk_weights
+        if self.replay is not None:
+            forced = self.replay.reshape(-1, *self.replay.shape[-2:])  # (N, L, K)
+            if forced.shape[0] != scores.shape[0] or layer >= forced.shape[1]:
+                raise ValueError(
+                    f"routes of shape {tuple(self.replay.shape)} do not cover MoE layer {layer} "
+                    f"over {scores.shape[0]} tokens"
+                )
+            indices = forced[:, layer, :k].to(topk_indices.device, topk_indices.dtype).contiguous()
+            weights = scores.gather(1, indices)
+            if renormalize:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+            if routed_scaling_factor != 1.0:
+                weights = weights * routed_scaling_factor
+        if self.record_routes:
+            self.used.append(indices)
+            self.chosen.append(topk_indices)
+        return weights, indices
+
+    def routes_taken(self, batch: int, seq: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(used, router's own) expert ids, each (B, T, L, K) int64 with -1 where a layer's top_k < K."""
+
+        def stack(per_layer: list[Tensor]) -> Tensor:
+            if not per_layer:
+                return torch.zeros(batch, seq, 0, 0, dtype=torch.long, device=like.device)
+            width = max(t.shape[-1] for t in per_layer)
+            padded = [torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1) for t in per_layer]
+            return torch.stack(padded, dim=1).view(batch, seq, len(per_layer), width)  # (B, T, L, K)
+
+        return stack(self.used), stack(self.chosen)
 
     def record(self, scores: Tensor, topk_indices: Tensor, batch: int, top_k: int) -> None:
         self.aux.append(seq_aux_loss(scores, topk_indices, batch, top_k))

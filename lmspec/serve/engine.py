@@ -179,6 +179,10 @@ class _Seq:
     # Prompt tokens' log-probabilities (the first has none), when the request asked for them.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     written: int = 0  # 1 + the highest position this request may have written to any cache layer
+    # With record_rollout: the experts (n, L, K) of every position read so far, chunk by chunk, and those of
+    # the last forward's positions, kept once the step knows which of them stay (a verify keeps a + 1).
+    routes: list[Tensor] = field(default_factory=list)
+    pending_routes: Tensor | None = None
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
@@ -211,6 +215,11 @@ class Event:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None
+    # With record_rollout: each new token's log-probability under the distribution it was sampled from
+    # (after temperature, top-k and top-p), and on the last event the expert ids (positions, MoE layers, K)
+    # the main model routed every position it read to.
+    behaviour_logprobs: list[float] | None = None
+    routes: Tensor | None = None
 
 
 class _RowView:
@@ -256,6 +265,10 @@ class DecodeEngine:
     A row whose forward or sampling raises (NaN logits, an allocation failure) ends alone with an
     error event: a batched forward that raises is retried row by row, the rows that still fail end,
     and the cache slots they wrote are zeroed before the row is reused.
+
+    ``record_rollout`` makes the engine a rollout sampler for on-policy training: events carry each
+    token's behaviour log-probability and, on a request's last event, the experts every position was
+    routed to (for Rollout Routing Replay).
     """
 
     def __init__(
@@ -268,6 +281,7 @@ class DecodeEngine:
         tokenizer: Tokenizer | None = None,
         prefill_chunk: int = 256,
         interleaved_prefill_chunk: int = _INTERLEAVED_PREFILL_CHUNK,
+        record_rollout: bool = False,
     ) -> None:
         spec = model.spec
         available = spec.model.mtp.num_blocks if spec.model.mtp else 0
@@ -285,6 +299,7 @@ class DecodeEngine:
         self.max_len = max_len or spec.model.max_position_embeddings
         self.prefill_chunk = prefill_chunk
         self.interleaved_prefill_chunk = interleaved_prefill_chunk
+        self.record_rollout = record_rollout
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # A verify step writes up to D positions past the last kept one.
@@ -490,7 +505,11 @@ class DecodeEngine:
             ids, start = inputs[s]
             s.written = max(s.written, start + len(ids))
         ids, pos = self._pad([inputs[s] for s in seqs])
-        out = self.model(ids, position_ids=pos, cache=self._view([s.row for s in seqs]))
+        extra = {"return_routes": True} if self.record_rollout else {}
+        out = self.model(ids, position_ids=pos, cache=self._view([s.row for s in seqs]), **extra)
+        if self.record_rollout:
+            for i, s in enumerate(seqs):
+                s.pending_routes = out.routes[i, : len(inputs[s][0])].cpu()
         return {
             s.rid: (out.logits[i, : len(inputs[s][0])], out.hidden[i, : len(inputs[s][0])])
             for i, s in enumerate(seqs)
@@ -537,6 +556,8 @@ class DecodeEngine:
             )
         if self.depth:
             s.hidden[0] = torch.cat([s.hidden[0], hidden])
+        if s.pending_routes is not None:
+            s.routes.append(s.pending_routes)
         s.main_len += n
         if s.main_len < P:
             return None
@@ -654,6 +675,8 @@ class DecodeEngine:
         s.stats.accepted += a
         s.tokens.extend(new)
         n_new = N + a + 1
+        if s.pending_routes is not None:
+            s.routes.append(s.pending_routes[: a + 1])  # the positions of x_N, d_1..d_a stay
         s.main_len = n_new
         if D:
             # h^0 for the accepted inputs x_N, d_1..d_a (positions N..N+a) feeds block 1 next round.
@@ -690,13 +713,21 @@ class DecodeEngine:
             text += s.text.flush()
         k = s.params.logprobs
         lps = None if k is None else _logprobs(logits[: len(new)], new, k)
-        return self._event(s, new, text, lps)
+        event = self._event(s, new, text, lps)
+        if self.record_rollout:
+            p = probs(logits[: len(new)].double(), s.params)  # (n, V): what each token was drawn from
+            chosen = p.gather(-1, torch.tensor(new, dtype=torch.long, device=p.device)[:, None])[:, 0]
+            event.behaviour_logprobs = chosen.log().tolist()
+        return event
 
     def _event(self, s: _Seq, new: list[int], text: str, logprobs: list[TokenLogprob] | None = None) -> Event:
         prompt_lps = None
         if s.prompt_logprobs is not None and (s.decoding or s.finished):
             prompt_lps, s.prompt_logprobs = s.prompt_logprobs, None  # sent once, when the prompt is read
-        return Event(s.rid, new, text, s.finished, s.finish_reason, s.stats, logprobs, prompt_lps)
+        event = Event(s.rid, new, text, s.finished, s.finish_reason, s.stats, logprobs, prompt_lps)
+        if self.record_rollout and s.finished and s.routes:
+            event.routes = torch.cat(s.routes)  # (positions read, L, K)
+        return event
 
 
 def _logprobs(logits: Tensor, tokens: Sequence[int], k: int | None) -> list[TokenLogprob]:
