@@ -20,9 +20,11 @@ forward replays them (R3, Rollout Routing Replay): the student's log-probabiliti
 experts that produced the sample. Each rollout's seed is a function of the stage seed, the step, the
 prompt and the sample, so a resumed stage draws the same rollouts.
 
-``run_stage`` is the loop: rollouts → teacher scoring → surrogate loss → optimizer step, one metrics line
-per step, checkpoints through the trainer's machinery (``RUN/checkpoints/step_N``, LATEST, manifest),
-from which ``resume=True`` continues bitwise on CPU.
+One step (``mopd_step``): rollouts → teacher scoring → surrogate loss → optimizer step, and its metrics.
+``run_stage(trainer, stage)`` runs a spec's ``kind: mopd`` stage inside ``lmspec train``: the trainer's
+counters, metrics file and checkpoints, so ``--resume`` after a kill -9 continues bitwise on CPU.
+``run_mopd(model, optimizer, teachers, prompts, config, run_dir=...)`` is the same loop with explicit
+arguments and its own run directory (the trainer's checkpoint layout and rules), for scripts and tests.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ __all__ = [
     "load_teacher",
     "mopd_loss",
     "rollout_seed",
+    "run_mopd",
     "run_stage",
     "sample_rollouts",
     "student_logprobs",
@@ -756,7 +759,7 @@ def _exact_match_rows(
     return student, teacher
 
 
-def run_stage(
+def run_mopd(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     teachers: dict[str, Teacher],
@@ -830,3 +833,102 @@ def run_stage(
         info["teacher_exact_match"],
         info.get("student_exact_match_before", {}),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A spec's mopd stage inside `lmspec train`
+# ---------------------------------------------------------------------------------------------
+
+# Every HELD_OUT-th prompt record is held out of training and graded greedily (exact match per domain).
+HELD_OUT = 10
+
+
+def stage_config(stage: Any, sched: Any, *, steps: int, seed: int, grad_clip: float | None) -> MOPDConfig:
+    """The MOPDConfig of one step of a spec's mopd ``stage`` (its fields, the schedule's LR and batch).
+
+    The stage's batch size counts rollouts: ``batch_size // rollouts_per_prompt`` prompts per step.
+    """
+    group = stage.rollouts_per_prompt
+    return MOPDConfig(
+        steps=steps,
+        prompts_per_step=max(1, sched.batch_size // group),
+        rollouts_per_prompt=group,
+        alpha=stage.alpha if stage.alpha is not None else 0.0,
+        eps_low=stage.eps_low,
+        eps_high=stage.eps_high,
+        max_new_tokens=stage.max_new_tokens,
+        temperature=stage.temperature if stage.temperature is not None else 1.0,
+        lr=sched.lr,
+        grad_clip=grad_clip,
+        seed=seed,
+    )
+
+
+def _stage_teachers(trainer: Any, stage: Any) -> dict[str, Teacher]:
+    vocab = trainer.spec.model.vocab_size
+    teachers: dict[str, Teacher] = {}
+    for domain, t in stage.teachers.items():
+        source = t.path if t.path is not None else {"url": t.url}
+        teacher = load_teacher(domain, source, device=trainer.d.device, backend=trainer.backend)
+        theirs = getattr(getattr(teacher, "model", None), "spec", None)
+        if theirs is not None and theirs.model.vocab_size != vocab:
+            raise UsageError(
+                f"{stage.name}: teacher {domain} has vocab {theirs.model.vocab_size} but the student {vocab}"
+            )
+        teachers[domain] = teacher
+    return teachers
+
+
+def run_stage(trainer: Any, stage: int) -> None:
+    """Run stage ``stage`` (kind mopd) of ``trainer``'s spec from where its counters are to its end.
+
+    Each step counts the schedule's ``batch_size · seq_len`` tokens, as every stage does, so the stage
+    ends where the schedule says; rollout seeds and prompts follow the run's step count, so a run
+    resumed from a checkpoint inside the stage draws what the uninterrupted one drew.
+    """
+    from lmspec.train.schedule import schedule_at, stage_bounds
+    from lmspec.train.tasks import read_prompt_records
+
+    spec, model, optimizer = trainer.spec, trainer.model, trainer.optimizer
+    st = spec.training.stages[stage]
+    records = read_prompt_records(st.prompts)
+    evals, prompts = records[::HELD_OUT], [r for i, r in enumerate(records) if i % HELD_OUT] or records
+    teachers = _stage_teachers(trainer, st)
+    tok = trainer.corpus.tokenizer
+    end = stage_bounds(spec)[stage][1]
+    seed, grad_clip = spec.training.seed, spec.training.grad_clip
+    first = schedule_at(spec, trainer.tokens)
+    probe = stage_config(st, first, steps=1, seed=seed, grad_clip=grad_clip)
+    info = {"teacher_exact_match": _exact_match_rows(model, teachers, evals, probe, tok)[1]}
+    trainer.reporter.log(f"{st.name}: mopd, teachers {sorted(teachers)}, teacher exact match {info}")
+    while trainer.tokens < end:
+        sched = schedule_at(spec, trainer.tokens)
+        c = stage_config(st, sched, steps=trainer.steps + 1, seed=seed, grad_clip=grad_clip)
+        row = mopd_step(model, optimizer, teachers, prompts, c, trainer.steps, tok)
+        dt = row.pop("step_s")
+        trainer.steps += 1
+        trainer.tokens += sched.batch_size * sched.seq_len
+        trainer.elapsed += dt
+        done = trainer.tokens >= end
+        row.update(
+            step=trainer.steps,
+            tokens=trainer.tokens,
+            stage=sched.stage_name,
+            stage_index=sched.stage,
+            kind="mopd",
+            batch_size=sched.batch_size,
+            seq_len=sched.seq_len,
+            elapsed_s=trainer.elapsed,
+            tokens_per_s=row["response_tokens"] / max(dt, 1e-9),
+        )
+        if evals and (trainer.steps % trainer.eval_every == 0 or done):
+            answers = greedy_answers(model, tok, [r.prompt for r in evals], c.max_new_tokens)
+            row["student_exact_match"] = exact_match_by_domain(answers, evals)
+            row["teacher_exact_match"] = info["teacher_exact_match"]
+        if trainer.metrics is not None:
+            trainer.metrics.write(row)
+        trainer.history.append(row)
+        trainer.last = row
+        trainer.reporter.update(row)
+        if trainer.steps % trainer.checkpoint_every == 0 or done:
+            trainer.checkpoint()

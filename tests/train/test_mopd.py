@@ -4,6 +4,7 @@ teachers in-process and served, and a stage that resumes bitwise after a crash."
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -243,7 +244,7 @@ def _stage(run_dir: Path | None, *, steps: int = 4, resume: bool = False, on_ste
         steps=steps, prompts_per_step=per_step, rollouts_per_prompt=2, max_new_tokens=6, lr=3e-3, checkpoint_every=2,
         eval_every=2, micro_batch_size=3,
     )  # fmt: skip
-    result = mopd.run_stage(
+    result = mopd.run_mopd(
         student, optimizer, teachers, records, config, run_dir=run_dir, resume=resume,
         eval_prompts=records[:2] + records[6:8], on_step=on_step,
     )  # fmt: skip
@@ -286,7 +287,7 @@ def test_a_stage_needs_a_teacher_for_every_domain():
     from lmspec.errors import UsageError
 
     with pytest.raises(UsageError, match="no teacher for domain"):
-        mopd.run_stage(small(0), None, {}, PROMPTS, mopd.MOPDConfig(steps=1))  # type: ignore[arg-type]
+        mopd.run_mopd(small(0), None, {}, PROMPTS, mopd.MOPDConfig(steps=1))  # type: ignore[arg-type]
 
 
 def test_tasks_are_seeded_and_checkable():
@@ -298,3 +299,77 @@ def test_tasks_are_seeded_and_checkable():
     for r in make_records("reversal", 20, seed=3):
         assert r["prompt"] == f"rev {r['answer'][::-1]}="
     assert exact_match("19\ngarbage", "19") == 1.0 and exact_match("191\n", "19") == 0.0
+
+
+# --- a spec's mopd stage under the trainer -------------------------------------------------------
+
+SMALL_MODEL = """
+  hidden_size: 32
+  attention:
+    global: {num_heads: 2, num_kv_heads: 1, qk_head_dim: 16, v_head_dim: 8}
+    swa: {num_heads: 2, num_kv_heads: 1, qk_head_dim: 16, v_head_dim: 8, window: 8}
+  ffn:
+    dense: {intermediate_size: 32}
+    moe: {num_experts: 4, expert_intermediate_size: 16}
+"""
+
+
+def _pipeline(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
+    """One pretrain step, then a mopd stage of 4 steps (2 prompts x 2 rollouts) with two teachers."""
+    from lmspec.train.tasks import write_records
+
+    for seed, domain in ((1, "addition"), (2, "reversal")):
+        small(seed).save_pretrained(tmp_path / f"teacher_{domain}")
+    records = make_records("addition", 20, seed=0) + make_records("reversal", 20, seed=0)
+    write_records(tmp_path / "prompts.jsonl", records)
+    texts = [json.dumps({"text": r["prompt"] + r["completion"]}) + "\n" for r in records]
+    (tmp_path / "text.jsonl").write_text("".join(texts))
+    spec = tmp_path / "mopd.yaml"
+    spec.write_text(
+        f"extends: {TINY}\nname: mopd_pipeline\nmodel:{SMALL_MODEL}training:\n  stages:\n"
+        "    - {name: pretrain, tokens: 128, seq_len: 32, batch_size: {size: 4}, lr: {kind: constant, peak: 1.0e-3}}\n"
+        "    - {name: distill, kind: mopd, prompts: prompts.jsonl, rollouts_per_prompt: 2, eps_low: 0.5, eps_high: 2.0,\n"
+        "       max_new_tokens: 6, alpha: 0.5, tokens: 512, seq_len: 32, batch_size: {size: 4},\n"
+        "       lr: {kind: constant, peak: 1.0e-3},\n"
+        "       teachers: {addition: teacher_addition, reversal: teacher_reversal}}\n"
+    )  # fmt: skip
+    return spec, (str(tmp_path / "text.jsonl"),)
+
+
+def _trainer(spec: Path, data: tuple[str, ...], out: Path, **kw):
+    from lmspec.train.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(spec=spec, data=data, out=out, eval_every=2, eval_tokens=64, checkpoint_every=1, quiet=True, plot=False, **kw)  # fmt: skip
+    return Trainer(config)
+
+
+def test_a_spec_mopd_stage_runs_under_the_trainer_and_resumes_bitwise(tmp_path):
+    """pretrain (1 step) -> mopd (4 steps) through lmspec's Trainer; stopped after step 3 and resumed with
+    --resume, the metrics (rollouts' rewards and KLs included) and final weights equal an uninterrupted run's."""
+    spec, data = _pipeline(tmp_path)
+    whole = _trainer(spec, data, tmp_path / "whole")
+    result = whole.run()
+    rows = read_metrics(tmp_path / "whole")
+    assert [r.get("kind", "pretrain") for r in rows] == ["pretrain"] + ["mopd"] * 4 and result.steps == 5
+    assert rows[-1]["r3_replayed"] == 1.0 and set(rows[-1]["teacher_exact_match"]) == {"addition", "reversal"}
+
+    cut = _trainer(spec, data, tmp_path / "cut")
+    cut.setup()
+    real = cut.checkpoint
+
+    def checkpoint_then_die():
+        if cut.steps == 4:
+            raise KeyboardInterrupt  # metrics of step 4 written, its checkpoint not: the last one is step 3
+        return real()
+
+    cut.checkpoint = checkpoint_then_die
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    assert len(read_metrics(tmp_path / "cut")) == 4
+    _trainer(spec, data, tmp_path / "cut", resume=True).run()
+    timing = {"elapsed_s", "tokens_per_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "cut")) == strip(rows)
+    a = lmspec.from_pretrained(tmp_path / "whole").state_dict()
+    b = lmspec.from_pretrained(tmp_path / "cut").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
