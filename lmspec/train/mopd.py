@@ -536,6 +536,7 @@ def _backward(
         "clipped": 0,
         "tokens": 0,
         "gap": 0.0,
+        "nll": 0.0,
         "r3": [],
         "agree": [],
     }
@@ -564,6 +565,7 @@ def _backward(
         acc["kl"].append(terms.reverse_kl.cpu())
         acc["clipped"] += int(terms.clipped.sum())
         acc["tokens"] += int(sp.mask.sum())
+        acc["nll"] -= float(torch.where(sp.mask, sp.logprobs.detach(), torch.zeros_like(mu)).sum())
         gap = torch.where(sp.mask, (sp.logprobs.detach() - mu).abs(), torch.zeros_like(mu))
         acc["gap"] = max(acc["gap"], float(gap.max()))
         acc["r3"].append((sp.replayed, sp.positions))
@@ -614,6 +616,8 @@ def mopd_step(
     return {
         "step": step + 1,
         "loss": acc["loss"],
+        # The student's cross-entropy on its own sampled responses (an on-policy entropy estimate).
+        "ce": acc["nll"] / max(acc["tokens"], 1),
         "reward_mean": float(rewards.mean()),
         "reward": _per_domain(domains, rewards),
         "reverse_kl": _per_domain(domains, torch.cat(acc["kl"])),
@@ -900,7 +904,9 @@ def run_stage(trainer: Any, stage: int) -> None:
     first = schedule_at(spec, trainer.tokens)
     probe = stage_config(st, first, steps=1, seed=seed, grad_clip=grad_clip)
     info = {"teacher_exact_match": _exact_match_rows(model, teachers, evals, probe, tok)[1]}
-    trainer.reporter.log(f"{st.name}: mopd, teachers {sorted(teachers)}, teacher exact match {info}")
+    trainer.reporter.log(
+        f"{st.name}: mopd, teachers {sorted(teachers)}, teacher exact match {info['teacher_exact_match']}"
+    )
     while trainer.tokens < end:
         sched = schedule_at(spec, trainer.tokens)
         c = stage_config(st, sched, steps=trainer.steps + 1, seed=seed, grad_clip=grad_clip)

@@ -373,3 +373,61 @@ def test_a_spec_mopd_stage_runs_under_the_trainer_and_resumes_bitwise(tmp_path):
     a = lmspec.from_pretrained(tmp_path / "whole").state_dict()
     b = lmspec.from_pretrained(tmp_path / "cut").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_mopd_stage_killed_with_sigkill_resumes_bitwise(tmp_path):
+    """`lmspec train` on the pretrain -> mopd spec, SIGKILLed once the mopd stage has logged 2 steps, then
+    `--resume`: the same metrics and weights as an uninterrupted `lmspec train`, rollouts included."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec, data = _pipeline(tmp_path)
+    flags = [
+        "--data",
+        *data,
+        "--eval-every",
+        "2",
+        "--eval-tokens",
+        "64",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(out: str, *extra: str) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "lmspec",
+            "train",
+            str(spec),
+            "--out",
+            str(tmp_path / out),
+            *flags,
+            *extra,
+        ]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    assert train("whole").wait(timeout=300) == 0
+    proc = train("cut")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 3:  # pretrain + 2 mopd steps
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = train("cut", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    timing = {"elapsed_s", "tokens_per_s"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "cut")) == strip(read_metrics(tmp_path / "whole"))
+    a = lmspec.from_pretrained(tmp_path / "whole").state_dict()
+    b = lmspec.from_pretrained(tmp_path / "cut").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
