@@ -36,10 +36,10 @@ demo: install
 	lmspec train examples/mimo_v2_flash_tiny.yaml --out runs/demo --overwrite
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q -m slow --durations=25
 
 # Training (3 configs vs transformers, profiler, activation checkpointing, the compiled tiny step), CPU ops
 # and decode benchmarks into benchmarks/results/*.json, then their tables into docs/performance.md.
