@@ -1,8 +1,5 @@
 """The package's folders are the pipeline, and imports only point downstream:
-`spec ← compiler ← codegen ← runtime ← serve / testing ← train ← cli`.
-
-train sits above serve because post-training samples its rollouts with the serving decode engine
-(`lmspec.train.mopd`); serve never imports train.
+`spec ← compiler ← codegen ← runtime ← train / serve / testing ← cli`.
 
 Every import counts, module-level or inside a function, `import x` or `from x import y` (relative
 imports resolved). `lmspec.errors` and `lmspec.files` import nothing from lmspec and anyone may import
@@ -27,10 +24,10 @@ RANK = {
     "compiler": 2,
     "codegen": 3,
     "runtime": 4,
+    "train": 5,
     "serve": 5,
     "testing": 5,
-    "train": 6,
-    "cli": 7,
+    "cli": 6,
 }
 TOP = {"__init__", "__main__"}  # the package facade and `python -m lmspec` sit above everything
 

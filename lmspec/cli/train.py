@@ -52,6 +52,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def train_command(args: argparse.Namespace) -> int:
     """`lmspec train SPEC ...`: run the schedule, then print where the results are."""
+    from lmspec.serve.rollouts import decode_batch
     from lmspec.train.trainer import DEFAULT_EVAL_TOKENS, TrainConfig, Trainer
 
     config = TrainConfig(
@@ -75,6 +76,7 @@ def train_command(args: argparse.Namespace) -> int:
         micro_batch_size=args.micro_batch_size,
         compile=True if args.compile else None,
         activation_checkpointing=args.activation_checkpointing,
+        decode=decode_batch,
     )
     try:
         result = Trainer(config).run()

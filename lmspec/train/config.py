@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,6 +98,8 @@ class TrainConfig:
     `compile` and `activation_checkpointing` override the spec's `training.compile` and
     `training.activation_checkpointing` (None: the spec's); they change speed and memory, not the math,
     so a run may resume with a different choice.
+    `decode` is the batched decoder a `kind: mopd` stage samples its rollouts with
+    (`lmspec.serve.rollouts.decode_batch`, which `lmspec train` passes; train and serve are siblings).
     """
 
     spec: Spec | str | Path
@@ -120,6 +124,7 @@ class TrainConfig:
     activation_checkpointing: str | None = None
     plot: bool = True
     quiet: bool = False
+    decode: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:

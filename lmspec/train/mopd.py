@@ -23,7 +23,7 @@ prompt and the sample, so a resumed stage draws the same rollouts.
 One step (``mopd_step``): rollouts → teacher scoring → surrogate loss → optimizer step, and its metrics.
 ``run_stage(trainer, stage)`` runs a spec's ``kind: mopd`` stage inside ``lmspec train``: the trainer's
 counters, metrics file and checkpoints, so ``--resume`` after a kill -9 continues bitwise on CPU.
-``run_mopd(model, optimizer, teachers, prompts, config, run_dir=...)`` is the same loop with explicit
+``run_mopd(model, optimizer, teachers, prompts, config, decode=..., run_dir=...)`` is the same loop with explicit
 arguments and its own run directory (the trainer's checkpoint layout and rules), for scripts and tests.
 """
 
@@ -46,8 +46,6 @@ from torch import Tensor, nn
 from lmspec.errors import CheckpointError, UsageError
 from lmspec.runtime.checkpoint import save_checkpoint
 from lmspec.runtime.tokenizer import ByteTokenizer, Tokenizer
-from lmspec.serve.engine import DecodeEngine
-from lmspec.serve.sampling import SamplingParams
 from lmspec.train.tasks import STOP, PromptRecord, verifier_for
 
 __all__ = [
@@ -174,10 +172,42 @@ def rollout_seed(seed: int, step: int, index: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # in [0, 2^63)
 
 
+class Decoded(Protocol):
+    """One finished completion, as a ``Decode`` returns it."""
+
+    token_ids: list[int]
+    text: str
+    behaviour_logprobs: list[float]
+    routes: Tensor | None
+
+
+class Decode(Protocol):
+    """Batched decoding to the end of every prompt, in prompt order (``lmspec.serve.rollouts.decode_batch``).
+
+    Rollouts and greedy grading decode with the serving engine; train and serve are siblings, so the
+    caller hands it in (``lmspec train`` does, through ``TrainConfig.decode``).
+    """
+
+    def __call__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        prompts: Sequence[Sequence[int]],
+        *,
+        temperature: float,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        seeds: Sequence[int | None] | None = None,
+        record: bool = False,
+        max_batch: int = 64,
+    ) -> Sequence[Decoded]: ...
+
+
 def sample_rollouts(
     model: nn.Module,
     records: Sequence[tuple[int, PromptRecord]],
     *,
+    decode: Decode,
     group: int,
     max_new_tokens: int,
     temperature: float,
@@ -186,71 +216,46 @@ def sample_rollouts(
     tokenizer: Tokenizer,
     max_batch: int = 64,
 ) -> list[Rollout]:
-    """``group`` responses per (index, record), sampled with the decode engine; grouped by prompt, in order.
+    """``group`` responses per (index, record), sampled by ``decode``; grouped by prompt, in order.
 
     A response ends at its first newline or after ``max_new_tokens``. Each is graded by its domain's
     verifier (``reward``).
     """
     jobs = [(i, j, r, tokenizer.encode(r.prompt)) for i, r in records for j in range(group)]
-    longest = max(len(ids) for *_, ids in jobs) + max_new_tokens
-    engine = DecodeEngine(
-        model, max_batch=min(max_batch, len(jobs)), max_len=longest, tokenizer=tokenizer, record_rollout=True
+    done = decode(
+        model,
+        tokenizer,
+        [ids for *_, ids in jobs],
+        temperature=temperature,
+        max_tokens=max_new_tokens,
+        stop=(STOP,),
+        seeds=[rollout_seed(seed, step, i, j) for i, j, *_ in jobs],
+        record=True,
+        max_batch=max_batch,
     )
-    by_rid: dict[int, Rollout] = {}
-    queue = list(jobs)
-    was_training = model.training
-    model.eval()
-    try:
-        while queue or engine.active:
-            while queue and engine.free_rows:
-                i, j, rec, ids = queue.pop(0)
-                params = SamplingParams(
-                    temperature=temperature,
-                    max_tokens=max_new_tokens,
-                    stop=(STOP,),
-                    seed=rollout_seed(seed, step, i, j),
-                )
-                rid = engine.add(ids, params)
-                by_rid[rid] = Rollout(i, j, rec.domain, rec.answer, ids, [], [], torch.empty(0))
-            for ev in engine.step():
-                _collect(by_rid[ev.rid], ev)
-    finally:
-        model.train(was_training)
-    out = sorted(by_rid.values(), key=lambda r: (r.index, r.sample))
-    for r in out:
+    out = []
+    for (i, j, rec, ids), d in zip(jobs, done, strict=True):
+        r = Rollout(
+            i, j, rec.domain, rec.answer, ids, list(d.token_ids), list(d.behaviour_logprobs), routes(d)
+        )
         r.text = tokenizer.decode(r.completion)
         r.reward = verifier_for(r.domain)(r.text, r.answer)
+        out.append(r)
     return out
 
 
+def routes(d: Decoded) -> Tensor:
+    """The rollout's recorded experts; empty for a model with no MoE layer."""
+    return d.routes if d.routes is not None else torch.empty(0)
+
+
 def greedy_answers(
-    model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int
+    model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, decode: Decode
 ) -> list[str]:
-    """Each prompt's greedy completion (decode engine, one batch), cut at its first newline."""
+    """Each prompt's greedy completion (one ``decode`` call), cut at its first newline."""
     ids = [tokenizer.encode(p) for p in prompts]
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=(STOP,))
-    longest = max(len(p) for p in ids) + max_new_tokens
-    engine = DecodeEngine(model, max_batch=len(ids), max_len=longest, tokenizer=tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        rids = [engine.add(p, params) for p in ids]
-        out: dict[int, str] = {r: "" for r in rids}
-        while engine.active:
-            for ev in engine.step():
-                out[ev.rid] += ev.text
-    finally:
-        model.train(was_training)
-    return [out[r].split(STOP, 1)[0] for r in rids]
-
-
-def _collect(r: Rollout, ev: Any) -> None:
-    if ev.error is not None:
-        raise RuntimeError(f"rollout of prompt {r.index} failed: {ev.error}")
-    r.completion += ev.token_ids
-    r.behaviour_lp += ev.behaviour_logprobs or []
-    if ev.routes is not None:
-        r.routes = ev.routes
+    done = decode(model, tokenizer, ids, temperature=0.0, max_tokens=max_new_tokens, stop=(STOP,))
+    return [d.text.split(STOP, 1)[0] for d in done]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,10 +280,13 @@ class Teacher(Protocol):
 class LocalTeacher:
     """A teacher held in this process: a model loaded from a run or checkpoint directory."""
 
-    def __init__(self, model: nn.Module, name: str = "local", tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, decode: Decode, name: str = "local", tokenizer: Tokenizer | None = None
+    ) -> None:
         self.model = model.eval()
         self.name = name
         self.tokenizer = tokenizer or ByteTokenizer()
+        self.decode = decode
 
     @torch.no_grad()
     def score(self, sequences: Sequence[list[int]], starts: Sequence[int]) -> list[Tensor]:
@@ -295,7 +303,7 @@ class LocalTeacher:
         return out
 
     def answer(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        return greedy_answers(self.model, self.tokenizer, prompts, max_new_tokens)
+        return greedy_answers(self.model, self.tokenizer, prompts, max_new_tokens, self.decode)
 
 
 class EndpointTeacher:
@@ -348,6 +356,7 @@ def load_teacher(
     name: str,
     source: str | Path | dict[str, str],
     *,
+    decode: Decode,
     device: torch.device | str = "cpu",
     backend: str = "torch",
 ) -> Teacher:
@@ -364,7 +373,7 @@ def load_teacher(
     tok = ckpt / TOKENIZER_FILE
     tokenizer = load_tokenizer(tok if tok.is_file() else None)
     model = lmspec.from_pretrained(ckpt, device=device, backend=backend)
-    return LocalTeacher(model, name=name, tokenizer=tokenizer)
+    return LocalTeacher(model, decode=decode, name=name, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +596,7 @@ def mopd_step(
     c: MOPDConfig,
     step: int,
     tokenizer: Tokenizer,
+    decode: Decode,
 ) -> dict[str, Any]:
     """One MOPD step (0-based ``step``): rollouts, teacher scores, surrogate, optimizer step; its metrics."""
     t0 = time.perf_counter()
@@ -594,6 +604,7 @@ def mopd_step(
     rollouts = sample_rollouts(
         model,
         [(i, prompts[i]) for i in chosen],
+        decode=decode,
         group=c.rollouts_per_prompt,
         max_new_tokens=c.max_new_tokens,
         temperature=c.temperature,
@@ -749,12 +760,13 @@ def _exact_match_rows(
     evals: Sequence[PromptRecord],
     c: MOPDConfig,
     tok: Tokenizer,
+    decode: Decode,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(student, teachers) greedy exact match per domain on ``evals``; each domain by its own teacher."""
     if not evals:
         return {}, {}
     texts = [r.prompt for r in evals]
-    student = exact_match_by_domain(greedy_answers(model, tok, texts, c.max_new_tokens), evals)
+    student = exact_match_by_domain(greedy_answers(model, tok, texts, c.max_new_tokens, decode), evals)
     teacher: dict[str, float] = {}
     for domain in sorted({r.domain for r in evals}):
         mine = [r for r in evals if r.domain == domain]
@@ -770,6 +782,7 @@ def run_mopd(
     prompts: Sequence[PromptRecord],
     config: MOPDConfig,
     *,
+    decode: Decode,
     run_dir: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -803,18 +816,22 @@ def run_mopd(
             _restore(model, optimizer, run.checkpoint, state)
         info = dict(state.get("mopd") or {})
         if "teacher_exact_match" not in info:
-            before, info["teacher_exact_match"] = _exact_match_rows(model, teachers, eval_prompts, c, tok)
+            before, info["teacher_exact_match"] = _exact_match_rows(
+                model, teachers, eval_prompts, c, tok, decode
+            )
             info["student_exact_match_before"] = before
         step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
         elapsed, last = float(state.get("elapsed_s", 0.0)), run.checkpoint if run else None
         model.train()
         while step < c.steps:
-            row = mopd_step(model, optimizer, teachers, prompts, c, step, tok)
+            row = mopd_step(model, optimizer, teachers, prompts, c, step, tok, decode)
             dt = row.pop("step_s")
             step, tokens, elapsed = step + 1, tokens + row["response_tokens"], elapsed + dt
             row.update(tokens=tokens, tokens_per_s=row["response_tokens"] / max(dt, 1e-9), elapsed_s=elapsed)
             if eval_prompts and (step % c.every(c.eval_every) == 0 or step == c.steps):
-                answers = greedy_answers(model, tok, [r.prompt for r in eval_prompts], c.max_new_tokens)
+                answers = greedy_answers(
+                    model, tok, [r.prompt for r in eval_prompts], c.max_new_tokens, decode
+                )
                 row["student_exact_match"] = exact_match_by_domain(answers, eval_prompts)
                 row["teacher_exact_match"] = info["teacher_exact_match"]
             history.append(row)
@@ -873,7 +890,9 @@ def _stage_teachers(trainer: Any, stage: Any) -> dict[str, Teacher]:
     teachers: dict[str, Teacher] = {}
     for domain, t in stage.teachers.items():
         source = t.path if t.path is not None else {"url": t.url}
-        teacher = load_teacher(domain, source, device=trainer.d.device, backend=trainer.backend)
+        teacher = load_teacher(
+            domain, source, decode=trainer.config.decode, device=trainer.d.device, backend=trainer.backend
+        )
         theirs = getattr(getattr(teacher, "model", None), "spec", None)
         if theirs is not None and theirs.model.vocab_size != vocab:
             raise UsageError(
@@ -894,6 +913,7 @@ def run_stage(trainer: Any, stage: int) -> None:
     from lmspec.train.tasks import read_prompt_records
 
     spec, model, optimizer = trainer.spec, trainer.model, trainer.optimizer
+    decode = trainer.config.decode
     st = spec.training.stages[stage]
     records = read_prompt_records(st.prompts)
     evals, prompts = records[::HELD_OUT], [r for i, r in enumerate(records) if i % HELD_OUT] or records
@@ -903,14 +923,14 @@ def run_stage(trainer: Any, stage: int) -> None:
     seed, grad_clip = spec.training.seed, spec.training.grad_clip
     first = schedule_at(spec, trainer.tokens)
     probe = stage_config(st, first, steps=1, seed=seed, grad_clip=grad_clip)
-    info = {"teacher_exact_match": _exact_match_rows(model, teachers, evals, probe, tok)[1]}
+    info = {"teacher_exact_match": _exact_match_rows(model, teachers, evals, probe, tok, decode)[1]}
     trainer.reporter.log(
         f"{st.name}: mopd, teachers {sorted(teachers)}, teacher exact match {info['teacher_exact_match']}"
     )
     while trainer.tokens < end:
         sched = schedule_at(spec, trainer.tokens)
         c = stage_config(st, sched, steps=trainer.steps + 1, seed=seed, grad_clip=grad_clip)
-        row = mopd_step(model, optimizer, teachers, prompts, c, trainer.steps, tok)
+        row = mopd_step(model, optimizer, teachers, prompts, c, trainer.steps, tok, decode)
         dt = row.pop("step_s")
         trainer.steps += 1
         trainer.tokens += sched.batch_size * sched.seq_len
@@ -928,7 +948,7 @@ def run_stage(trainer: Any, stage: int) -> None:
             tokens_per_s=row["response_tokens"] / max(dt, 1e-9),
         )
         if evals and (trainer.steps % trainer.eval_every == 0 or done):
-            answers = greedy_answers(model, tok, [r.prompt for r in evals], c.max_new_tokens)
+            answers = greedy_answers(model, tok, [r.prompt for r in evals], c.max_new_tokens, decode)
             row["student_exact_match"] = exact_match_by_domain(answers, evals)
             row["teacher_exact_match"] = info["teacher_exact_match"]
         if trainer.metrics is not None:

@@ -39,12 +39,13 @@ _MTP_PREFIX = "model.mtp.layers."
 
 
 def check_stages(
-    source: Spec | str | Path, overrides: Any, spec: Spec
+    source: Spec | str | Path, overrides: Any, spec: Spec, decode: Callable[..., Any] | None = None
 ) -> tuple[Spec, Callable[..., Any] | None]:
     """Refuse, before anything is written, a stage whose paths point nowhere or whose kind has no trainer.
 
     Returns `spec` with its stage paths absolute (`resolve_stage_paths`), and
-    `lmspec.train.mopd.run_stage` when the spec has a mopd stage (None otherwise).
+    `lmspec.train.mopd.run_stage` when the spec has a mopd stage (None otherwise), which needs
+    `decode`, the rollout decoder.
     """
     loaded = (
         LoadedSpec(spec=spec, positions={}, path="<spec>", data={})
@@ -57,17 +58,14 @@ def check_stages(
     mopd = [i for i, s in enumerate(spec.training.stages) if s.kind == "mopd"]
     if not mopd:
         return spec, None
-    try:
-        from lmspec.train import mopd as mopd_module  # built beside this module; may be absent
-    except ImportError:
-        mopd_module = None
-    run_stage = getattr(mopd_module, "run_stage", None)
-    if run_stage is None:
+    if decode is None:
         name = spec.training.stages[mopd[0]].name
         raise UsageError(
-            f"training.stages.{mopd[0]} ({name}): kind mopd cannot be trained yet "
-            "(lmspec.train.mopd provides no run_stage)"
+            f"training.stages.{mopd[0]} ({name}): a mopd stage samples rollouts with a decoder; "
+            "pass TrainConfig(decode=lmspec.serve.rollouts.decode_batch), as lmspec train does"
         )
+    from lmspec.train.mopd import run_stage
+
     return spec, run_stage
 
 

@@ -337,7 +337,7 @@ class Trainer:
         self.spec = resolve_spec(c.spec, overrides=c.overrides, max_tokens=c.max_tokens, scale=c.scale)
         check_schedule(self.spec)
         # Paths exist (and become absolute), a mopd stage has a trainer: before anything is written.
-        self.spec, self.run_stage = check_stages(c.spec, c.overrides, self.spec)
+        self.spec, self.run_stage = check_stages(c.spec, c.overrides, self.spec, c.decode)
         distributed.check_layout(self.spec.training.parallel, self.d)
         self.run_dir = c.out if c.out is not None else Path("runs") / self.spec.name
         self.reporter = ConsoleReporter(enabled=self.d.is_main and not c.quiet, bar=c.progress)

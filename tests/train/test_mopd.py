@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lmspec
+from lmspec.serve.rollouts import decode_batch
 from lmspec.train import mopd
 from lmspec.train.metrics import read_metrics
 from lmspec.train.tasks import PromptRecord, exact_match, make_records
@@ -152,7 +153,7 @@ def _sample(model, step: int = 0, seed: int = 0) -> list[mopd.Rollout]:
 
     return mopd.sample_rollouts(
         model, list(enumerate(PROMPTS)), group=3, max_new_tokens=10, temperature=1.0, seed=seed, step=step,
-        tokenizer=ByteTokenizer(),
+        tokenizer=ByteTokenizer(), decode=decode_batch,
     )  # fmt: skip
 
 
@@ -209,10 +210,10 @@ def test_local_and_served_teachers_score_alike(tmp_path):
 
     model = small(3)
     model.save_pretrained(tmp_path / "teacher")
-    local = mopd.load_teacher("addition", tmp_path / "teacher")
+    local = mopd.load_teacher("addition", tmp_path / "teacher", decode=decode_batch)
     seqs, starts = [list(b"12+7=19\n"), list(b"rev abc=cba\n")], [5, 8]
     want = local.score(seqs, starts)
-    direct = mopd.LocalTeacher(model.eval()).score(seqs, starts)
+    direct = mopd.LocalTeacher(model.eval(), decode=decode_batch).score(seqs, starts)
     assert all(torch.allclose(w, d, atol=1e-6, rtol=0) for w, d in zip(want, direct, strict=True))
     with TestClient(create_app(model, ByteTokenizer())) as client:
         served = mopd.EndpointTeacher("http://testserver", name="addition")
@@ -239,14 +240,17 @@ def _stage(run_dir: Path | None, *, steps: int = 4, resume: bool = False, on_ste
     ]
     student = small(0)
     optimizer = torch.optim.AdamW(student.parameters(), lr=0.0)
-    teachers = {"addition": mopd.LocalTeacher(small(1)), "reversal": mopd.LocalTeacher(small(2))}
+    teachers = {
+        "addition": mopd.LocalTeacher(small(1), decode=decode_batch),
+        "reversal": mopd.LocalTeacher(small(2), decode=decode_batch),
+    }
     config = mopd.MOPDConfig(
         steps=steps, prompts_per_step=per_step, rollouts_per_prompt=2, max_new_tokens=6, lr=3e-3, checkpoint_every=2,
         eval_every=2, micro_batch_size=3,
     )  # fmt: skip
     result = mopd.run_mopd(
         student, optimizer, teachers, records, config, run_dir=run_dir, resume=resume,
-        eval_prompts=records[:2] + records[6:8], on_step=on_step,
+        eval_prompts=records[:2] + records[6:8], on_step=on_step, decode=decode_batch,
     )  # fmt: skip
     return student, result
 
@@ -287,7 +291,7 @@ def test_a_stage_needs_a_teacher_for_every_domain():
     from lmspec.errors import UsageError
 
     with pytest.raises(UsageError, match="no teacher for domain"):
-        mopd.run_mopd(small(0), None, {}, PROMPTS, mopd.MOPDConfig(steps=1))  # type: ignore[arg-type]
+        mopd.run_mopd(small(0), None, {}, PROMPTS, mopd.MOPDConfig(steps=1), decode=decode_batch)  # type: ignore[arg-type]
 
 
 def test_tasks_are_seeded_and_checkable():
@@ -339,7 +343,7 @@ def _pipeline(tmp_path: Path) -> tuple[Path, tuple[str, ...]]:
 def _trainer(spec: Path, data: tuple[str, ...], out: Path, **kw):
     from lmspec.train.trainer import TrainConfig, Trainer
 
-    config = TrainConfig(spec=spec, data=data, out=out, eval_every=2, eval_tokens=64, checkpoint_every=1, quiet=True, plot=False, **kw)  # fmt: skip
+    config = TrainConfig(spec=spec, data=data, out=out, eval_every=2, eval_tokens=64, checkpoint_every=1, quiet=True, plot=False, decode=decode_batch, **kw)  # fmt: skip
     return Trainer(config)
 
 
