@@ -679,11 +679,15 @@ def _translate(err: dict, data: dict, positions: dict[Path_, Pos], file: str) ->
 
 
 def validate(data: dict, positions: dict[Path_, Pos], file: str) -> Spec:
+    """The validated spec, its stages' paths made absolute (each relative to the file that writes it)."""
     try:
-        return Spec.model_validate(data)
+        spec = Spec.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False)
         raise _translate(errors[0], data, positions, file) from None
+    from lmspec.spec.stages import resolve_stage_paths  # it imports this module
+
+    return resolve_stage_paths(LoadedSpec(spec=spec, positions=positions, path=file, data=data), spec)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSpec:

@@ -413,7 +413,7 @@ class StageOverrides(StrictModel):
     seq_aux_coef: NonNegativeFloat | None = None
     mtp_num_blocks: MTPDepth | None = Field(
         None,
-        description="MTP blocks this stage trains (the first ones); default model.mtp.num_blocks. The others "
+        description="MTP blocks this stage trains (the first ones; at most model.mtp.num_blocks, its default). The others "
         "are not run, get no gradient and stay as they are.",
     )
     mtp_init: Literal["keep", "replicate"] | None = Field(
@@ -726,32 +726,32 @@ class Spec(StrictModel):
     training: TrainingSpec | None = None
     serving: ServingSpec = ServingSpec()
 
-    def stage_mtp_blocks(self, index: int) -> int:
-        """MTP blocks stage `index` trains: its `mtp_num_blocks`, else all of `model.mtp.num_blocks`."""
+    def _requested_mtp_blocks(self, index: int) -> int:
         assert self.training is not None
-        declared = self.model.mtp.num_blocks if self.model.mtp else 0
         own = self.training.stages[index].overrides.mtp_num_blocks
-        return declared if own is None else own
+        return (self.model.mtp.num_blocks if self.model.mtp else 0) if own is None else own
+
+    def stage_mtp_blocks(self, index: int) -> int:
+        """MTP blocks stage `index` trains, the first ones: its `mtp_num_blocks`, else all of
+        `model.mtp.num_blocks`, and never more than the model has (so `--set model.mtp.num_blocks=1` makes
+        every stage train the one block)."""
+        declared = self.model.mtp.num_blocks if self.model.mtp else 0
+        return min(self._requested_mtp_blocks(index), declared)
 
     @model_validator(mode="after")
     def _check_stage_mtp(self) -> Spec:
         if self.training is None:
             return self
-        declared = self.model.mtp.num_blocks if self.model.mtp else 0
         for i, stage in enumerate(self.training.stages):
             over, at = stage.overrides, f"training.stages.{i}.overrides"
-            if over.mtp_num_blocks is not None and over.mtp_num_blocks > declared:
-                raise ValueError(
-                    f"{at}.mtp_num_blocks: expected at most model.mtp.num_blocks ({declared}), "
-                    f"got {over.mtp_num_blocks}"
-                )
-            blocks = self.stage_mtp_blocks(i)
-            before = self.stage_mtp_blocks(i - 1) if i else 0
-            if over.mtp_init == "replicate" and not 1 <= before < blocks:
+            asked = self._requested_mtp_blocks(i)
+            before = self._requested_mtp_blocks(i - 1) if i else 0
+            if over.mtp_init == "replicate" and not 1 <= before < asked:
                 raise ValueError(
                     f"{at}.mtp_init: expected replicate only where a stage trains more MTP blocks than the "
-                    f"stage before, which trains at least one (here {before} -> {blocks})"
+                    f"stage before, which trains at least one (here {before} -> {asked})"
                 )
+            blocks = self.stage_mtp_blocks(i)
             problem = depth_weights_problem(over.mtp_depth_weights, blocks, "this stage trains")
             if problem is not None:
                 raise ValueError(f"{at}.mtp_depth_weights: {problem}")

@@ -95,7 +95,9 @@ def _check_file(loaded: LoadedSpec, where: Path_, path: str, what: str, require:
         raise _error(loaded, where, f"expected {what}, got {quote(path)}, {kind}")
 
 
-def _check_vocab(loaded: LoadedSpec, where: Path_, directory: str, require: bool, who: str) -> None:
+def _check_vocab(
+    loaded: LoadedSpec, where: Path_, directory: str, require: bool, who: str, whose: str = "student"
+) -> None:
     found, problem = _model_dir(directory, require)
     if problem is not None:
         raise _error(loaded, where, problem)
@@ -109,7 +111,7 @@ def _check_vocab(loaded: LoadedSpec, where: Path_, directory: str, require: bool
         raise _error(loaded, where, f"expected a valid {found / SPEC_FILE}, got: {e}") from None
     student = loaded.spec.model.vocab_size
     if vocab != student:
-        raise _error(loaded, where, f"{who} has vocab {vocab} but the student {student}")
+        raise _error(loaded, where, f"{who} has vocab {vocab} but the {whose} {student}")
 
 
 def stage_path(loaded: LoadedSpec, where: Path_, value: str) -> str:
@@ -158,7 +160,7 @@ def check_stage_paths(loaded: LoadedSpec, *, require: bool) -> None:
         if source is not None and source[0] == "path":
             where = (*at, "init_from")
             found = stage_path(loaded, where, source[1])
-            _check_vocab(loaded, where, found, require, f"init_from {quote(source[1])}")
+            _check_vocab(loaded, where, found, require, f"init_from {quote(source[1])}", "spec")
         for domain, teacher in (stage.teachers or {}).items():
             if teacher.path is not None:
                 where = (*at, "teachers", domain)

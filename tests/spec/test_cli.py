@@ -26,7 +26,7 @@ def test_check_summary(run_cli):
     assert code == 0
     assert out.strip() == (
         f"{MIMO}: ok — mimo_v2_flash: 48 layers (1xG0, 39xS, 8xG), hidden 4096, vocab 152576, "
-        "3 MTP blocks, 3 training stages"
+        "3 MTP blocks, 4 training stages"
     )
     code, out, _ = run_cli(
         "check", TINY, "--set", "model.mtp.num_blocks=1", "--set", "serving.speculative_depth=1"

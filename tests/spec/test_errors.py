@@ -421,7 +421,7 @@ SET_CASES = [
         "index_out_of_range",
         "training.stages.5.tokens=1",
         "--set:2:17: training.stages.5.tokens:",
-        "expected an index below 3 at training.stages.5, got 5",
+        "expected an index below 4 at training.stages.5, got 5",
     ),
     (
         "through_a_value",

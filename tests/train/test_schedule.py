@@ -109,12 +109,13 @@ def test_batch_ramp_monotone_and_bounded(start, extra, t):
 
 
 def test_scaling_keeps_the_shape_of_the_schedule():
-    f = scale_factor(FULL, max_tokens=27e6)
+    # 27T of pre-training, then the 0.1T sft stage.
+    f = scale_factor(FULL, max_tokens=27.1e6)
     small = scale_schedule(FULL, f)
-    assert small.training.total_tokens == pytest.approx(27e6)
-    assert [b for b, _ in stage_bounds(small)] == pytest.approx([0, 22e6, 26e6])
-    for frac in (0.0, 0.001, 0.3, 0.7, 0.81, 0.9, 0.97, 0.99):
-        a, b = schedule_at(FULL, frac * 27e12), schedule_at(small, frac * 27e6)
+    assert small.training.total_tokens == pytest.approx(27.1e6)
+    assert [b for b, _ in stage_bounds(small)] == pytest.approx([0, 22e6, 26e6, 27e6])
+    for frac in (0.0, 0.001, 0.3, 0.7, 0.81, 0.9, 0.97, 0.99, 0.999):
+        a, b = schedule_at(FULL, frac * 27.1e12), schedule_at(small, frac * 27.1e6)
         assert (a.stage, a.batch_size, a.seq_len, a.rope_theta) == (
             b.stage,
             b.batch_size,
