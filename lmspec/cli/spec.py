@@ -125,9 +125,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise UsageError(f"--context: expected a positive token count, got {args.context}")
     if args.kv_dtype_bytes is not None and args.kv_dtype_bytes < 1:
         raise UsageError(f"--kv-dtype-bytes: expected a positive byte count, got {args.kv_dtype_bytes}")
-    return print_stats(
-        load(args), as_json=args.json, context=args.context, kv_dtype_bytes=args.kv_dtype_bytes
-    )
+    spec = load(args)
+    code = print_stats(spec, as_json=args.json, context=args.context, kv_dtype_bytes=args.kv_dtype_bytes)
+    if not args.json and spec.model.mtp is not None and spec.training is not None:
+        # The figures count every block the model has; a stage may train fewer (overrides.mtp_num_blocks).
+        trained = [f"{s.name} {spec.stage_mtp_blocks(i)}" for i, s in enumerate(spec.training.stages)]
+        print(
+            f"MTP figures are for model.mtp.num_blocks = {spec.model.mtp.num_blocks}, the model as built, saved "
+            f"and served; MTP blocks trained per stage: {', '.join(trained)}"
+        )
+    return code
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
