@@ -723,8 +723,12 @@ def _train_step(
     # [total, ce, aux, mtp_1..mtp_K], summed over micro-batches weighted by their share of the global batch.
     sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
     load: torch.Tensor | None = None
+    # Each micro-batch's CE is the mean over its own trained labels, so its weight is its share of the global
+    # batch's: the sum is then the global mean however the rows are split, also where rows train different
+    # numbers of tokens (sft). With every label trained this is the share of rows, bit for bit.
+    trained = int((labels != -100).sum())
     for sl in _micro_slices(d, batch, micro):
-        share = (sl.stop - sl.start) / batch
+        share = int((labels[sl] != -100).sum()) / trained if trained else (sl.stop - sl.start) / batch
         x, y = inputs[sl].to(d.device), labels[sl].to(d.device)
         with _autocast(spec, d.device):
             parts, expert_load = forward(

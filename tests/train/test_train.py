@@ -86,13 +86,20 @@ def test_logged_schedule_follows_the_spec_at_every_step(reference):
         assert r["rope_theta"]["global"] == stage.overrides.rope_theta["global"]
     # Each stage switch happens within one step of its boundary.
     for i, (lo, _) in enumerate(bounds):
-        first = next(r for r in rows if r["stage_index"] == i)
+        first = next((r for r in rows if r["stage_index"] == i), None)
+        if first is None:
+            # A stage shorter than the step that reaches it is never entered at this budget (a step belongs
+            # to the stage of its first token): one step spans it, or the run ends inside it.
+            hi = bounds[i][1]
+            spans = [r for r in rows if r["tokens"] - r["batch_size"] * r["seq_len"] < lo]
+            assert spans and (spans[-1]["tokens"] >= hi or spans[-1] is rows[-1])
+            continue
         start = first["tokens"] - first["batch_size"] * first["seq_len"]
         previous = [r for r in rows if r["step"] == first["step"] - 1]
         assert start >= lo
         if previous:
             assert start - lo < previous[0]["batch_size"] * previous[0]["seq_len"]
-    assert [r["stage"] for r in rows][0] == "pretrain" and rows[-1]["stage"] == "long_context"
+    assert rows[0]["stage"] == "pretrain"
     assert rows[0]["batch_size"] == 4 and max(r["batch_size"] for r in rows) == 16
 
 
