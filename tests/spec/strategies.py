@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from lmspec.spec import Spec
+from lmspec.spec.limits import MAX_STEPS
 
 NAMES = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,5}", fullmatch=True)
 FLOATS = st.floats(min_value=1e-6, max_value=1e7, allow_nan=False, allow_infinity=False)
@@ -136,7 +137,11 @@ def ffn_kinds(draw) -> dict:
 
 @st.composite
 def stages(draw, attention_names: list[str], max_positions: int = 1 << 18) -> dict:
-    tokens = draw(st.floats(min_value=1.0, max_value=1e13, allow_nan=False))
+    size = draw(st.integers(1, 4096))
+    seq_len = draw(st.integers(1, max_positions))
+    # At most a third of the step limit per stage (a spec draws up to three), so every schedule is valid.
+    most = min(1e13, MAX_STEPS / 3 * size * seq_len)
+    tokens = draw(st.floats(min_value=1.0, max_value=most, allow_nan=False))
     kind = draw(st.sampled_from(["constant", "cosine", "linear", "wsd"]))
     peak = draw(FLOATS)
     warmup = draw(FRACTION) * tokens / 2
@@ -150,7 +155,6 @@ def stages(draw, attention_names: list[str], max_positions: int = 1 << 18) -> di
     }
     if kind == "wsd":
         lr["decay_tokens"] = draw(FRACTION) * tokens / 2
-    size = draw(st.integers(1, 4096))
     batch = {"size": size, "warmup_tokens": draw(FRACTION) * tokens}
     if draw(st.booleans()):
         batch["warmup_start"] = draw(st.integers(1, size))
@@ -164,7 +168,7 @@ def stages(draw, attention_names: list[str], max_positions: int = 1 << 18) -> di
     return {
         "name": draw(NAMES),
         "tokens": tokens,
-        "seq_len": draw(st.integers(1, max_positions)),
+        "seq_len": seq_len,
         "batch_size": batch,
         "lr": lr,
         "overrides": overrides,
@@ -217,7 +221,14 @@ def spec_data(draw) -> dict:
             "precision": draw(st.sampled_from(["fp32", "bf16"])),
             "balancing": {"bias_update": draw(FRACTION), "seq_aux_coef": draw(FRACTION)},
             "seed": draw(st.integers(0, 2**31)),
-            "stages": draw(st.lists(stages(sorted(attention), max_positions), min_size=1, max_size=3)),
+            "stages": draw(
+                st.lists(
+                    stages(sorted(attention), max_positions),
+                    min_size=1,
+                    max_size=3,
+                    unique_by=lambda s: s["name"],
+                )
+            ),
         }
     if draw(st.booleans()):
         data["serving"] = {
