@@ -86,9 +86,12 @@ def position_edges(spec: Spec) -> list[int]:
 
 
 def pre_extension_len(spec: Spec) -> int | None:
-    """The longest stage `seq_len` below the longest one: what a context extension extends from."""
+    """The longest `seq_len` of the stages before the first one at the longest `seq_len`: what the context
+    extension extends from (stages after it, such as a shorter sft stage, extend nothing)."""
     assert spec.training is not None
-    shorter = [s.seq_len for s in spec.training.stages if s.seq_len < _longest(spec)]
+    stages = spec.training.stages
+    first_long = next(i for i, s in enumerate(stages) if s.seq_len == _longest(spec))
+    shorter = [s.seq_len for s in stages[:first_long]]
     return max(shorter) if shorter else None
 
 

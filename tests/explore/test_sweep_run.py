@@ -112,13 +112,14 @@ def test_eval_of_a_stage_checkpoint_reproduces_the_sweep_evaluation(micro):
     out, _ = micro
     run = out / json.loads((out / "sweep.json").read_text())["runs"][0]["run_dir"]
     result = json.loads((run / "result.json").read_text())["eval"]["before_last_stage"]
+    assert result["stage"] == "long_context"  # the weights before the tiny spec's last (sft) stage
     proc = lmspec(
-        "eval", run, "--checkpoint", "midtrain", "--eval-tokens", "2048",
+        "eval", run, "--checkpoint", "long_context", "--eval-tokens", "2048",
         "--passkey-lengths", "128,512", "--passkey-trials", "2",
     )  # fmt: skip
     assert "passkey retrieval" in proc.stdout and "MTP acceptance length" in proc.stdout
-    report = json.loads((run / "eval_midtrain.json").read_text())
+    report = json.loads((run / "eval_long_context.json").read_text())
     assert report["position_bpb"] == result["position_bpb"]
     assert report["passkey"] == result["passkey"]
-    assert report["rope_theta"]["global"] == 640000.0  # the midtrain stage's theta, before the extension
+    assert report["rope_theta"]["global"] == 5.0e6  # the long_context stage's theta, after the extension
     assert math.isfinite(report["position_bpb"]["beyond"])
