@@ -129,7 +129,7 @@ def test_training_logs_tokens_per_source_in_the_declared_proportions(tmp_path):
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "lmspec", "train", str(TINY), "--out", str(out), "--no-progress",
-        "--max-tokens", "2e4", "--eval-tokens", "1024",
+        "--max-tokens", "3e4", "--eval-tokens", "1024",
         "--set", "training.document_masking=true",
         "--set", "training.sources={long: {min_bytes: 30000}}",
         "--set", "training.stages.2.mixture={all: 1, long: 3}",
