@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,21 +75,27 @@ def _usage(msg: str) -> Exception:
     return UsageError(msg)
 
 
-def _read_jsonl(path: Path) -> list[Document]:
-    docs = []
-    with path.open(encoding="utf-8", errors="replace") as f:
+def jsonl_rows(path: str | Path, *, errors: str = "replace") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON is a
+    `UsageError` naming `path:line`. `errors` is how undecodable bytes are read (`strict` raises)."""
+    with open(path, encoding="utf-8", errors=errors) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise _usage(f"{path}:{n}: not JSON ({e.msg})") from None
             except RecursionError:
                 raise _usage(f"{path}:{n}: not JSON (nested too deeply)") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise _usage(f"{path}:{n}: expected an object with a string field 'text'")
-            docs.append(Document(f"{path}:{n}", row["text"]))
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for n, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise _usage(f"{path}:{n}: expected an object with a string field 'text'")
+        docs.append(Document(f"{path}:{n}", row["text"]))
     return docs
 
 

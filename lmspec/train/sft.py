@@ -30,7 +30,6 @@ is one integer, the conversations consumed, so a checkpoint resumes it exactly.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch
 
 from lmspec.errors import UsageError
 from lmspec.runtime.tokenizer import Tokenizer
-from lmspec.train.data import Batch, document_positions, regular_file_problem
+from lmspec.train.data import Batch, document_positions, jsonl_rows, regular_file_problem
 
 IGNORE_INDEX = -100
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -101,17 +100,8 @@ def read_conversations(path: str | Path) -> list[Conversation]:
         raise UsageError(f"{path}: expected a chat JSONL file of at most {MAX_SFT_BYTES} bytes")
     out = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{n}: not JSON ({e.msg})") from None
-                except RecursionError:
-                    raise UsageError(f"{path}:{n}: not JSON (nested too deeply)") from None
-                out.append(_conversation(f"{path}:{n}", row))
+        for n, row in jsonl_rows(path, errors="strict"):
+            out.append(_conversation(f"{path}:{n}", row))
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: expected UTF-8 text ({e.reason})") from None
     except OSError as e:
