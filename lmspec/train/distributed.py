@@ -10,6 +10,16 @@ rank's loss by `world_size * local_rows / global_rows` (see `Dist.loss_weight`).
 F ranks of each replica and all-reduces gradients over the D replicas (HSDP); the product must equal the
 world size. Unset, every rank is one FSDP shard.
 
+`expert: P` adds a third mesh dimension, (data, fsdp, expert), as torchtitan's dp2ep:
+- the routed experts of every MoE layer are split over `expert` (rank e of it holds experts
+  [e E/P, (e + 1) E/P) as a DTensor `Shard(0)`), FSDP2-sharded over `fsdp` and replicated over `data`; the
+  generated model's `experts(...)` call then dispatches tokens by all-to-all
+  (`lmspec.runtime.ops.expert_parallel`);
+- every other weight is FSDP2-sharded over `fsdp x expert` (the expert ranks see other rows, so for the
+  dense weights they are more data-parallel shards) and replicated over `data`;
+- both kinds of gradient are averaged over all ranks: the experts' reduce-scatter divides by the world size,
+  since each expert's gradient already sums the tokens of its whole expert group.
+
 A single process (no RANK in the environment) gets a `Dist` with world_size 1 whose collectives are no-ops,
 so the trainer has one code path.
 """
@@ -91,34 +101,96 @@ _ENTRY_METHODS = ("predict",)
 
 def check_layout(parallel: Parallel | None, d: Dist) -> None:
     """Refuse, in one line, a `training.parallel` this run cannot use: a product other than the world
-    size, or the expert and tensor dimensions, which training does not split by yet."""
+    size, or the tensor dimension, which training does not split by yet."""
     problem = world_size_problem(parallel, d.world_size)
     if problem is not None:
         raise UsageError(f"training.parallel: {problem} (the processes torchrun started)")
-    if parallel is not None and (parallel.expert > 1 or parallel.tensor > 1):
+    if parallel is not None and parallel.tensor > 1:
         raise UsageError(
-            f"training.parallel: expected expert 1 and tensor 1 (training splits ranks by data and fsdp), "
-            f"got expert {parallel.expert}, tensor {parallel.tensor}; `lmspec plan` sizes such layouts"
+            f"training.parallel: expected tensor 1 (training splits ranks by data, fsdp and expert), "
+            f"got tensor {parallel.tensor}; `lmspec plan` sizes such layouts"
         )
 
 
-def mesh(parallel: Parallel | None, d: Dist) -> DeviceMesh | None:
-    """The (data, fsdp) DeviceMesh of a declared layout: FSDP2 replicates over `data` and shards over
-    `fsdp` (HSDP). None for an unset layout, which shards over every rank (FSDP2's default mesh)."""
+@dataclass
+class Meshes:
+    """The DeviceMeshes a layout shards over; None fields fall back to FSDP2's default (every rank)."""
+
+    dense: DeviceMesh | None = None  # FSDP2 of every weight but the routed experts: (data, fsdp [x expert])
+    experts: DeviceMesh | None = None  # FSDP2 of the routed experts: (data, fsdp)
+    expert: DeviceMesh | None = None  # the 1-D expert group the routed experts split over
+
+
+def meshes(parallel: Parallel | None, d: Dist) -> Meshes:
+    """The meshes of a declared layout. Without `expert`, a (data, fsdp) mesh: FSDP2 replicates over `data`
+    and shards over `fsdp` (HSDP). With it, a (data, fsdp, expert) mesh whose `fsdp x expert` ranks shard
+    the dense weights. An unset layout shards over every rank (FSDP2's default mesh)."""
     if parallel is None or not d.enabled:
-        return None
+        return Meshes()
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(d.device.type, (parallel.data, parallel.fsdp), mesh_dim_names=("data", "fsdp"))
+    dev = d.device.type
+    if parallel.expert == 1:
+        return Meshes(
+            dense=init_device_mesh(dev, (parallel.data, parallel.fsdp), mesh_dim_names=("data", "fsdp"))
+        )
+    shape = (parallel.data, parallel.fsdp, parallel.expert)
+    root = init_device_mesh(dev, shape, mesh_dim_names=("data", "fsdp", "expert"))
+    root["fsdp", "expert"]._flatten("dense_shard")
+    return Meshes(dense=root["data", "dense_shard"], experts=root["data", "fsdp"], expert=root["expert"])
+
+
+def _moe_experts(model: nn.Module) -> list[nn.Module]:
+    """The routed-experts module (`gate_up_proj`, `down_proj`) of every MoE layer, in module order."""
+    return [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter)]
+
+
+def split_experts(model: nn.Module, expert_mesh: DeviceMesh) -> None:
+    """Keep this rank's block of routed experts as a DTensor `Shard(0)` on the expert mesh, and make the
+    model's `moe_experts` dispatch over it. Every rank built the same full weights (same seed), so each
+    slices its own block and nothing is sent."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    from lmspec.runtime.ops.expert_parallel import ExpertParallelBackend
+
+    ranks, me = expert_mesh.size(), expert_mesh.get_local_rank()
+    for experts in _moe_experts(model):
+        for name, p in list(experts.named_parameters(recurse=False)):
+            n = p.shape[0] // ranks
+            local = p.detach()[me * n : (me + 1) * n].clone()
+            dt = DTensor.from_local(local, expert_mesh, [Shard(0)], run_check=False)
+            setattr(experts, name, nn.Parameter(dt, requires_grad=p.requires_grad))
+    model.ops = ExpertParallelBackend(model.ops)
+    model._share_ops()
+
+
+def _shard_experts(model: nn.Module, m: Meshes, d: Dist) -> None:
+    """FSDP2 over (data, fsdp) for each MoE layer's experts, averaging their gradients over every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    assert m.expert is not None and m.experts is not None
+    split_experts(model, m.expert)
+    shard_ranks = m.experts["fsdp"].size()
+    for experts in _moe_experts(model):
+        fully_shard(experts, mesh=m.experts)
+        # An expert's gradient sums its whole expert group's tokens, so FSDP's default average over the
+        # (data, fsdp) ranks would leave it `expert` times the global mean: divide by every rank instead.
+        experts.set_gradient_divide_factor(float(d.world_size))
+        if shard_ranks > 1:
+            # A plain sum and one division afterwards: gloo has no pre-multiplied sum.
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def shard(model: nn.Module, d: Dist, parallel: Parallel | None = None) -> nn.Module:
-    """FSDP2: shard each decoder layer and MTP block, then the root (embedding, final norm, LM head)."""
+    """FSDP2: shard each decoder layer and MTP block, then the root (embedding, final norm, LM head); with
+    an expert dimension, the routed experts first (see the module doc)."""
     if not d.enabled:
         return model
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    device_mesh = mesh(parallel, d)
+    m = meshes(parallel, d)
+    if m.expert is not None:
+        _shard_experts(model, m, d)
 
     inner = model.model
     blocks = list(inner.layers)
@@ -126,13 +198,75 @@ def shard(model: nn.Module, d: Dist, parallel: Parallel | None = None) -> nn.Mod
     if mtp is not None:
         blocks.extend(mtp.layers)
     for block in blocks:
-        fully_shard(block, mesh=device_mesh)
+        fully_shard(block, mesh=m.dense)
         # MTP blocks are entered through `predict`, not `forward`; FSDP must gather their weights there too.
         for method in _ENTRY_METHODS:
             if callable(getattr(block, method, None)):
                 register_fsdp_forward_method(block, method)
-    fully_shard(model, mesh=device_mesh)
+    fully_shard(model, mesh=m.dense)
     return model
+
+
+def _copies(t: torch.Tensor, world_size: int) -> int:
+    """How many ranks hold each element of `t`'s local part: the world over the ranks it is sharded by."""
+    placements = getattr(t, "placements", None)
+    if placements is None:  # a plain tensor is whole on every rank
+        return world_size
+    mesh_ = t.device_mesh
+    split = 1
+    for dim, placement in enumerate(placements):
+        # Anything but Replicate splits: Shard, and FSDP's _StridedShard over an expert-sharded tensor,
+        # which is no Shard subclass. (A reduced gradient is never Partial.)
+        if not placement.is_replicate():
+            split *= mesh_.size(dim)
+    return world_size // split
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> torch.Tensor:
+    """`nn.utils.clip_grad_norm_` (L2) over parameters sharded on different meshes; returns the total norm.
+
+    One process uses torch's own. Under FSDP and expert parallelism the gradients are DTensors on
+    different meshes (the experts' and the dense weights'), which torch's cannot mix; here each rank sums
+    the squares of its local parts, each divided by how many ranks hold the same part, and one all-reduce
+    over all ranks gives the global sum. The scale is then torch's: max_norm / (norm + 1e-6), at most 1.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not d.enabled:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    total = torch.zeros((), dtype=torch.float64, device=d.device)
+    for p in params:
+        g = p.grad
+        local = g.to_local() if hasattr(g, "to_local") else g
+        total += local.detach().double().pow(2).sum() / _copies(g, d.world_size)
+    dist.all_reduce(total)
+    norm = total.sqrt().float()
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        g = p.grad
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(scale.to(g.dtype))
+    return norm
+
+
+def describe_experts(model: nn.Module, d: Dist) -> list[str]:
+    """One line per rank: which routed experts it holds and the shape of its share of the first MoE layer's
+    `gate_up_proj` (empty without expert parallelism). A collective: every rank calls it."""
+    layers = _moe_experts(model)
+    if not d.enabled or not layers or not hasattr(layers[0].gate_up_proj, "placements"):
+        return []
+    w = layers[0].gate_up_proj
+    spmd = w.device_mesh
+    names = spmd.mesh_dim_names or ()
+    expert_dim = names.index("expert") if "expert" in names else spmd.ndim - 1
+    ranks, me = spmd.size(expert_dim), spmd.get_local_rank(expert_dim)
+    n = w.shape[0] // ranks
+    mine = (
+        f"rank {d.rank}: experts {me * n}-{(me + 1) * n - 1} of {w.shape[0]} in each of {len(layers)} MoE layers "
+        f"(expert rank {me} of {ranks}); gate_up_proj local {tuple(w.to_local().shape)} of {tuple(w.shape)}"
+    )
+    lines: list[Any] = [None] * d.world_size
+    dist.all_gather_object(lines, mine)
+    return lines
 
 
 def shutdown(d: Dist) -> None:

@@ -421,6 +421,8 @@ class Trainer:
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self._speed_options()
         distributed.shard(self.model, self.d, self.spec.training.parallel)
+        for line in distributed.describe_experts(self.model, self.d):
+            self.reporter.log(line)
         try:
             self.optimizer = make_optimizer(self.model, self.spec)
         except ValueError as e:  # AdamW's own checks (betas, eps) on values the schema let through
@@ -514,9 +516,7 @@ class Trainer:
         )
         num_zeros = count_zero_grads(model, self.d)  # before clipping, which keeps zeros zero anyway
         grad_clip = spec.training.grad_clip
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else math.inf)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = distributed.clip_grad_norm(model, grad_clip if grad_clip else math.inf, self.d)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_correction_bias(self.moe_layers, parts["expert_load"], sched.bias_update)

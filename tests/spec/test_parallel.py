@@ -118,5 +118,6 @@ def test_the_run_refuses_a_layout_of_another_world_size():
     check_layout(Parallel(data=2, fsdp=2), Dist(rank=0, world_size=4))
     with pytest.raises(UsageError, match="equal the world size 1, got 2 x 1 x 1 x 1 = 2"):
         check_layout(Parallel(data=2), Dist(world_size=1))
-    with pytest.raises(UsageError, match="expected expert 1 and tensor 1"):
-        check_layout(Parallel(expert=2), Dist(world_size=2))
+    check_layout(Parallel(fsdp=2, expert=2), Dist(rank=0, world_size=4))
+    with pytest.raises(UsageError, match="expected tensor 1 .* got tensor 2"):
+        check_layout(Parallel(expert=2, tensor=2), Dist(world_size=4))
