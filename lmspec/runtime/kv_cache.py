@@ -24,6 +24,10 @@ Layout, per layer key (``model.layers.{i}``, ``model.mtp.layers.{k}``):
 Rollback (speculative decoding) marks positions >= the new length as empty (k_pos = -1); the K/V
 data stays, and the next write over those slots replaces it.
 
+``StaticKVCache`` keeps the same layout in fixed buffers for a compiled decode step: a decode or
+verify chunk is written first, then the whole buffer is returned (one fixed shape per step, no host
+read); see its docstring.
+
 Memory: ``nbytes()`` sums the K and V tensors actually allocated; ``kv_cache_bytes(spec, ...)``
 predicts the same number from the spec alone. Positions (int64 per slot) are bookkeeping, reported
 apart by ``index_nbytes()``.
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 from lmspec.spec import Spec
 from lmspec.spec.schema import AttentionBase
 
-__all__ = ["HybridKVCache", "LayerLayout", "cache_layout", "kv_cache_bytes"]
+__all__ = ["HybridKVCache", "LayerLayout", "StaticKVCache", "cache_layout", "kv_cache_bytes"]
 
 _NEVER = torch.iinfo(torch.int64).max  # the chunk start of a row with nothing to write
 
@@ -332,3 +336,117 @@ class HybridKVCache:
             f"HybridKVCache(batch={self.batch_size}, max_len={self.max_len}, layers={len(self.layouts)} "
             f"({rings} rings, speculative_depth {self.speculative_depth}), {self.nbytes() / 2**20:.2f} MiB)"
         )
+
+
+class _StaticLayer:
+    """One layer of a ``StaticKVCache``: fixed buffers of ``slots + 1`` entries, the last one a trash slot.
+
+    Padding tokens (position -1) are written to the trash slot, tagged -1, so a write never depends on
+    the data: no host read, one scatter of a fixed shape, which torch.compile traces as one graph and
+    CUDA graphs can replay.
+    """
+
+    def __init__(
+        self, layout: LayerLayout, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.layout = layout
+        # A ring as long as the context never evicts: its slots are positions, as a global layer's.
+        self.evicts = layout.is_ring and layout.slots < max_len
+        n = layout.slots + 1
+        self.k = torch.zeros(batch, layout.num_kv_heads, n, layout.qk_head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros(batch, layout.num_kv_heads, n, layout.v_head_dim, device=device, dtype=dtype)
+        self.pos = torch.full((batch, n), -1, dtype=torch.int64, device=device)
+        for t in (self.k, self.v, self.pos):
+            # In place across calls at fixed addresses: what lets CUDA graphs replay the decode step.
+            torch._dynamo.mark_static_address(t)
+
+    def writes_in_place(self, T: int) -> bool:
+        """Whether a chunk of T tokens can be written before it is read (``update``'s fixed-shape path).
+
+        Global slots are positions, so writing never evicts a key. A ring of S slots evicts the keys
+        ``S`` positions back; the chunk's first query needs ``window_keys - 1`` of them, so the ring
+        must hold ``window_keys + T - 1``: every decode and verify step (T <= speculative_depth + 1).
+        """
+        lay = self.layout
+        return not self.evicts or T + (lay.window_keys or 0) - 1 <= lay.slots
+
+    def _write(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        S = self.layout.slots
+        valid = pos >= 0
+        if k.shape[2] > S:
+            # Only each row's last S positions fit; earlier ones would collide with them.
+            valid = valid & (pos > pos.amax(dim=1, keepdim=True) - S)
+        slot = torch.where(valid, pos % S, torch.full_like(pos, S))  # (B, T)
+        B, H, T, _ = k.shape
+        idx = slot[:, None, :, None]  # (B, 1, T, 1)
+        self.k.scatter_(2, idx.expand(B, H, T, k.shape[3]), k)
+        self.v.scatter_(2, idx.expand(B, H, T, v.shape[3]), v)
+        self.pos.scatter_(1, slot, torch.where(valid, pos, torch.full_like(pos, -1)))
+
+    def update(self, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k, v, pos = k.to(self.k.dtype), v.to(self.v.dtype), pos.to(torch.int64).clamp_min(-1)
+        if self.writes_in_place(k.shape[2]):
+            # Stale slots (rolled-back or older-than-window positions) are hidden by the attention's
+            # causality and window tests on k_pos: nothing needs clearing.
+            self._write(k, v, pos)
+            return self.k, self.v, self.pos
+        # A chunk longer than the ring's spare slots (a prefill): its queries see the ring as it was
+        # (less what the chunk rewrites) followed by the whole chunk, as HybridKVCache does.
+        valid = pos >= 0
+        start = torch.where(valid, pos, torch.full_like(pos, _NEVER)).amin(dim=1, keepdim=True)  # (B, 1)
+        old_pos = self.pos.masked_fill(self.pos >= start, -1)
+        k_all = torch.cat([self.k, k], dim=2)  # (B, Hkv, S + 1 + T, Dqk)
+        v_all = torch.cat([self.v, v], dim=2)
+        k_pos = torch.cat([old_pos, pos], dim=1)  # (B, S + 1 + T)
+        self._write(k, v, pos)
+        return k_all, v_all, k_pos
+
+    def rollback(self, lengths: Tensor) -> None:
+        self.pos.masked_fill_(self.pos >= lengths[:, None], -1)
+
+
+class StaticKVCache(HybridKVCache):
+    """``HybridKVCache``'s layout in preallocated, fixed-shape buffers: the cache of a compiled decode step.
+
+    Same contract, rollback and accounting. Every ``update`` of a decode or verify step (a chunk of at
+    most ``speculative_depth + 1`` tokens per row) writes in place and returns the whole buffer of the
+    layer, ``slots + 1`` keys whatever the sequence lengths (global layers: ``max_len + 1``), so the
+    step's shapes never change from one token to the next and nothing is read on the host. The attention
+    op hides the slots a query may not see by their positions (-1 for empty, later positions by
+    causality, older ones by the window). Longer chunks (prefill) take the concatenating path of
+    ``HybridKVCache``, in eager mode.
+    """
+
+    def __init__(
+        self,
+        spec_or_model: Spec | nn.Module,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        speculative_depth: int | None = None,
+        mtp_blocks: int | None = None,
+    ) -> None:
+        super().__init__(
+            spec_or_model,
+            batch_size,
+            max_len,
+            device=device,
+            dtype=dtype,
+            speculative_depth=speculative_depth,
+            mtp_blocks=mtp_blocks,
+        )
+        self._layers = {  # type: ignore[assignment]
+            lay.key: _StaticLayer(lay, batch_size, max_len, self.device, self.dtype) for lay in self.layouts
+        }
+
+    def update(
+        self, layer_key: str, k: Tensor, v: Tensor, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Store this step's keys/values; return the layer's buffers (k, v, k_pos), or old + chunk (prefill)."""
+        return self._layers[layer_key].update(k, v, position_ids)
+
+    def nbytes(self) -> int:
+        """Bytes of K and V allocated, the trash slot of each layer included."""
+        return super().nbytes()
