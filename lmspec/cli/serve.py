@@ -119,7 +119,7 @@ def generate_command(args: argparse.Namespace) -> int:
     prompt = _utf8(args.prompt, "--prompt")
     model, tokenizer, depth = load_serving_model(args)
     params = _generate_params(args, model.spec.serving)
-    generator = Generator(model, tokenizer, speculative_depth=depth)
+    generator = Generator(model, tokenizer, speculative_depth=depth, compile=args.compile)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise UsageError("--prompt: expected at least one token, got an empty prompt")
@@ -240,6 +240,7 @@ def serve_command(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             api_key=api_key,
             **limits,
+            **({"compile": True} if args.compile else {}),
         )
         if api_key is None and not _is_loopback(args.host):
             print(
@@ -273,6 +274,11 @@ def add_parsers(add) -> None:
         "--speculative-depth", type=int, default=None, help="MTP draft depth (default: spec's serving)"
     )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with a static KV cache and one torch.compile'd step (compiles on first use)",
+    )
 
     p = add("serve", cmd_serve, "serve a checkpoint with an OpenAI-compatible HTTP API")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint directory")
@@ -290,4 +296,9 @@ def add_parsers(add) -> None:
         type=int,
         default=None,
         help="largest request body accepted, in bytes (default 8 MiB)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="static KV cache, decode and verify forwards through torch.compile (compiles on first use)",
     )

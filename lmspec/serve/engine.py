@@ -42,9 +42,10 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lmspec.runtime.kv_cache import HybridKVCache
+from lmspec.runtime.kv_cache import HybridKVCache, StaticKVCache
 from lmspec.runtime.tokenizer import ByteTokenizer, Tokenizer
 from lmspec.serve.sampling import SamplingParams, accept_drafts, probs, sample
+from lmspec.serve.static_decode import StaticDecoder
 
 __all__ = [
     "Completion",
@@ -62,6 +63,10 @@ _T = TypeVar("_T")
 # forward over this many prompt tokens, so a request that is decoding keeps getting a token every step
 # however long a concurrent prompt is. See docs/serving.md for the measured latencies.
 _INTERLEAVED_PREFILL_CHUNK = 32
+
+# Contexts of Generator(compile=True)'s static decoders are rounded up to a multiple of this, so requests
+# of similar lengths share one compiled graph; a global layer's step attends to every slot of its buffer.
+_STATIC_CONTEXT = 256
 
 
 @dataclass
@@ -121,6 +126,7 @@ class _TextState:
         self.stop = [s for s in stop if s]
         self.emitted = 0
         self.text = ""
+        self.ids: list[int] = []
 
     def feed(self, ids: Sequence[int]) -> tuple[str, bool]:
         """All generated ids so far -> (new text, stopped). Holds back a partial UTF-8 char or stop prefix."""
@@ -143,6 +149,11 @@ class _TextState:
         delta = text[self.emitted : max(safe, self.emitted)]
         self.emitted = max(safe, self.emitted)
         return delta, False
+
+    def feed_new(self, new: Sequence[int]) -> tuple[str, bool]:
+        """``feed`` with only this step's ids: keeps the ids itself."""
+        self.ids += new
+        return self.feed(self.ids)
 
     def flush(self) -> str:
         delta = self.text[self.emitted :]
@@ -269,6 +280,12 @@ class DecodeEngine:
     ``record_rollout`` makes the engine a rollout sampler for on-policy training: events carry each
     token's behaviour log-probability and, on a request's last event, the experts every position was
     routed to (for Rollout Routing Replay).
+
+    ``compile`` keeps the cache in a ``StaticKVCache`` and runs every decode-shaped forward (verify,
+    and each MTP block's draft) over all rows and D + 1 positions, padded with position -1, through
+    ``torch.compile(fullgraph=True)`` (``compile_mode`` and ``compile_backend`` passed through;
+    ``"reduce-overhead"`` for CUDA graphs): one graph for the verify and one per MTP block, whatever
+    the rows, lengths and acceptances. Prompts are read eagerly. Tokens are the eager engine's.
     """
 
     def __init__(
@@ -282,6 +299,9 @@ class DecodeEngine:
         prefill_chunk: int = 256,
         interleaved_prefill_chunk: int = _INTERLEAVED_PREFILL_CHUNK,
         record_rollout: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         spec = model.spec
         available = spec.model.mtp.num_blocks if spec.model.mtp else 0
@@ -303,7 +323,7 @@ class DecodeEngine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         # A verify step writes up to D positions past the last kept one.
-        self.cache = HybridKVCache(
+        self.cache = (StaticKVCache if compile else HybridKVCache)(
             model,
             max_batch,
             self.max_len + self.depth + 1,
@@ -313,6 +333,12 @@ class DecodeEngine:
             mtp_blocks=self.depth,
         )
         self.main_keys = [k for k in self.cache.keys if not k.startswith("model.mtp.")]
+        # One compiled function per model part (0: main, k: MTP block k), so k is never a traced input.
+        self._compiled: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+        if compile:
+            options: dict[str, Any] = {"fullgraph": True, "mode": compile_mode, "backend": compile_backend}
+            for k in range(self.depth + 1):
+                self._compiled[k] = torch.compile(functools.partial(self._fixed_forward, k), **options)
         self.rows: list[_Seq | None] = [None] * max_batch
         self._next_id = 0
         self._failed: list[_Seq] = []  # failed during this step: reported, then their rows wiped
@@ -498,6 +524,37 @@ class DecodeEngine:
             pos[r, : len(toks)] = torch.arange(start, start + len(toks))
         return ids.to(self.device), pos.to(self.device)
 
+    def _fixed_forward(
+        self, k: int, ids: Tensor, pos: Tensor, hidden: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Main model (k = 0) or MTP block k over every row -> (logits, hidden); what ``compile`` compiles."""
+        if k == 0:
+            out = self.model(ids, position_ids=pos, cache=self.cache)
+            return out.logits, out.hidden
+        assert hidden is not None
+        h_k, logits = self.model.mtp_forward(k, hidden, ids, pos, self.cache)
+        return logits, h_k
+
+    def _fixed_shape(
+        self, k: int, seqs: list[_Seq], ids: Tensor, pos: Tensor, hidden: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """With ``compile``, a decode-shaped forward (at most D + 1 tokens per row) padded to every row and
+        D + 1 positions; None for a prompt chunk or without ``compile``."""
+        T = self.depth + 1
+        if not self._compiled or ids.shape[1] > T or self.record_rollout:
+            return None
+        B = len(self.rows)
+        rows = torch.tensor([s.row for s in seqs], device=self.device)
+        full_ids = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        full_pos = torch.full((B, T), -1, dtype=torch.long, device=self.device)
+        full_ids[rows, : ids.shape[1]], full_pos[rows, : ids.shape[1]] = ids, pos
+        full_h = None
+        if hidden is not None:
+            full_h = hidden.new_zeros(B, T, hidden.shape[-1])
+            full_h[rows, : ids.shape[1]] = hidden
+        logits, h = self._compiled[k](full_ids, full_pos, full_h)
+        return logits[rows], h[rows]
+
     def _forward(self, inputs: dict[_Seq, tuple[list[int], int]]) -> dict[int, tuple[Tensor, Tensor]]:
         """Main model over {seq: (ids, first position)} -> {rid: (logits (n, V), hidden (n, H))}."""
         seqs = sorted(inputs, key=lambda s: s.row)
@@ -505,6 +562,10 @@ class DecodeEngine:
             ids, start = inputs[s]
             s.written = max(s.written, start + len(ids))
         ids, pos = self._pad([inputs[s] for s in seqs])
+        fixed = self._fixed_shape(0, seqs, ids, pos, None)
+        if fixed is not None:
+            n = {s: len(inputs[s][0]) for s in seqs}
+            return {s.rid: (fixed[0][i, : n[s]], fixed[1][i, : n[s]]) for i, s in enumerate(seqs)}
         extra = {"return_routes": True} if self.record_rollout else {}
         out = self.model(ids, position_ids=pos, cache=self._view([s.row for s in seqs]), **extra)
         if self.record_rollout:
@@ -527,7 +588,11 @@ class DecodeEngine:
         for i, s in enumerate(seqs):
             h = inputs[s][2]
             hid[i, : h.shape[0]] = h
-        h_k, logits = self.model.mtp_forward(k, hid, ids, pos, self._view([s.row for s in seqs]))
+        fixed = self._fixed_shape(k, seqs, ids, pos, hid)
+        if fixed is not None:
+            logits, h_k = fixed
+        else:
+            h_k, logits = self.model.mtp_forward(k, hid, ids, pos, self._view([s.row for s in seqs]))
         return {
             s.rid: (h_k[i, : len(inputs[s][0])], logits[i, : len(inputs[s][0])]) for i, s in enumerate(seqs)
         }
@@ -768,6 +833,11 @@ class Generator:
     ``speculative_depth`` defaults to the spec's ``serving.speculative_depth``; 0 decodes one token
     per main-model forward. Prompts are strings (encoded with ``tokenizer``, byte-level by default) or
     token ids.
+
+    ``compile`` decodes through ``StaticDecoder`` (a static KV cache and one compiled fixed-shape step,
+    ``compile_mode`` and ``compile_backend`` passed to ``torch.compile``) every batch it can: greedy, or sampled at depth 0,
+    without stop strings or log-probabilities; the others run on the eager engine. One decoder is kept
+    per batch size and context (rounded up to ``_STATIC_CONTEXT`` tokens), so later calls reuse its graph.
     """
 
     def __init__(
@@ -777,6 +847,9 @@ class Generator:
         *,
         speculative_depth: int | None = None,
         prefill_chunk: int = 256,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         self.model = model.eval()
         self.spec = model.spec
@@ -785,6 +858,104 @@ class Generator:
             self.spec.serving.speculative_depth if speculative_depth is None else speculative_depth
         )
         self.prefill_chunk = prefill_chunk
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.compile_backend = compile_backend
+        self._decoders: dict[tuple[int, int], StaticDecoder] = {}
+
+    def _static(self, prompts: list[list[int]], params: Sequence[SamplingParams]) -> StaticDecoder | None:
+        """The compiled decoder for this batch, or None where it does not apply (see the class doc)."""
+        if not self.compile or not prompts:
+            return None
+        # Sampling draws from one generator for the batch: the engine's per-request streams only for one row.
+        sampled_ok = len(params) == 1 and self.speculative_depth == 0
+        plain = all(not p.stop and p.logprobs is None and p.prompt_logprobs is None for p in params)
+        if not (plain and (all(p.greedy for p in params) or sampled_ok)):
+            return None
+        need = max(len(p) + sp.max_tokens for p, sp in zip(prompts, params, strict=True))
+        limit = self.spec.model.max_position_embeddings
+        context = min(-(-need // _STATIC_CONTEXT) * _STATIC_CONTEXT, limit)
+        key = (len(prompts), context)
+        if key not in self._decoders:
+            self._decoders[key] = StaticDecoder(
+                self.model,
+                batch_size=len(prompts),
+                max_len=context,
+                speculative_depth=self.speculative_depth,
+                compile=True,
+                mode=self.compile_mode,
+                backend=self.compile_backend,
+            )
+        return self._decoders[key]
+
+    def _static_stream(
+        self, decoder: StaticDecoder, prompts: list[list[int]], params: Sequence[SamplingParams]
+    ) -> Iterator[Event]:
+        """``StaticDecoder.stream`` as engine events: text, the end-of-sequence token and the stats."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(
+            params[0].seed if params[0].seed is not None else int(torch.randint(0, 2**62, ()).item())
+        )
+        stats = [RequestStats(prompt_tokens=len(p)) for p in prompts]
+        texts = [_TextState(self.tokenizer, ()) for _ in prompts]
+        done = [sp.max_tokens == 0 for sp in params]
+        eos = getattr(self.tokenizer, "eos_id", None)
+        sampling = None if params[0].greedy else params[0]
+        steps = decoder.stream(prompts, [sp.max_tokens for sp in params], sampling, gen)
+        for news in steps:
+            for r, new in enumerate(news):
+                if done[r] or not new:
+                    continue
+                st = stats[r]
+                if st.first_token_at is None:
+                    st.first_token_at = time.perf_counter()
+                else:
+                    st.decode_steps += 1
+                    st.drafted += decoder.depth
+                    st.accepted += len(new) - 1
+                reason = None
+                if eos is not None and eos in new:
+                    new, reason = new[: new.index(eos)], "stop"
+                st.completion_tokens += len(new)
+                text, _ = texts[r].feed_new(new)
+                if reason is None and st.completion_tokens >= params[r].max_tokens:
+                    reason = "length"
+                if reason is not None:
+                    done[r], st.finished_at = True, time.perf_counter()
+                    text += texts[r].flush()
+                yield Event(r, new, text, reason is not None, reason, st)
+            if all(done):
+                steps.close()  # every row has finished: no more steps
+                return
+        for r in range(len(prompts)):
+            if not done[r]:  # max_tokens 0
+                stats[r].finished_at = time.perf_counter()
+                yield Event(r, [], "", True, "length", stats[r])
+
+    def _static_batch(
+        self, decoder: StaticDecoder, prompts: list[list[int]], params: Sequence[SamplingParams]
+    ) -> list[Completion]:
+        """The whole batch in one ``StaticDecoder.generate``: tokens read once, text decoded once per row."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(
+            params[0].seed if params[0].seed is not None else int(torch.randint(0, 2**62, ()).item())
+        )
+        started = time.perf_counter()
+        sampling = None if params[0].greedy else params[0]
+        res = decoder.generate(prompts, [sp.max_tokens for sp in params], sampling, gen)
+        first_at = started + res.times.prefill_s
+        eos = getattr(self.tokenizer, "eos_id", None)
+        out = []
+        for r, toks in enumerate(res.token_ids):
+            reason = "length"
+            if eos is not None and eos in toks:
+                toks, reason = toks[: toks.index(eos)], "stop"
+            st = RequestStats(len(prompts[r]), len(toks), res.rounds[r], res.rounds[r] * decoder.depth)
+            st.accepted, st.started = res.accepted[r], started
+            st.first_token_at = first_at if toks else None
+            st.finished_at = first_at + res.times.decode_s
+            out.append(Completion(self.tokenizer.decode(toks), toks, reason, st))
+        return out
 
     def _ids(self, prompt: str | Sequence[int]) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -804,6 +975,10 @@ class Generator:
         """Yield one ``Event`` per step with the new token ids and text; the last has ``finished``."""
         params = params or SamplingParams()
         ids = self._ids(prompt)
+        decoder = self._static([ids], [params])
+        if decoder is not None:
+            yield from self._static_stream(decoder, [ids], [params])
+            return
         engine = self._engine([ids], [params])
         engine.add(ids, params)
         while engine.active:
@@ -817,23 +992,31 @@ class Generator:
     ) -> list[Completion]:
         """Run several requests together, one cache row each (ragged lengths, per-request sampling)."""
         ids = [self._ids(p) for p in prompts]
+        decoder = self._static(ids, params)
+        if decoder is not None:
+            return self._static_batch(decoder, ids, params)
         engine = self._engine(ids, list(params))
         rids = [engine.add(p, sp) for p, sp in zip(ids, params, strict=True)]
+        events = _drain(engine)
         out = {r: Completion("", [], "length", RequestStats(0)) for r in rids}
         for r, sp in zip(rids, params, strict=True):
             out[r].logprobs = None if sp.logprobs is None else []
-        while engine.active:
-            for ev in engine.step():
-                c = out[ev.rid]
-                c.token_ids += ev.token_ids
-                c.text += ev.text
-                if ev.logprobs is not None and c.logprobs is not None:
-                    c.logprobs += ev.logprobs
-                if ev.prompt_logprobs is not None:
-                    c.prompt_logprobs = ev.prompt_logprobs
-                if ev.finished:
-                    c.finish_reason, c.stats, c.error = ev.finish_reason or "length", ev.stats, ev.error
+        for ev in events:
+            c = out[ev.rid]
+            c.token_ids += ev.token_ids
+            c.text += ev.text
+            if ev.logprobs is not None and c.logprobs is not None:
+                c.logprobs += ev.logprobs
+            if ev.prompt_logprobs is not None:
+                c.prompt_logprobs = ev.prompt_logprobs
+            if ev.finished:
+                c.finish_reason, c.stats, c.error = ev.finish_reason or "length", ev.stats, ev.error
         return [out[r] for r in rids]
+
+
+def _drain(engine: DecodeEngine) -> Iterator[Event]:
+    while engine.active:
+        yield from engine.step()
 
 
 # ---------------------------------------------------------------------------------------------

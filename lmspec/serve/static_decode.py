@@ -297,6 +297,7 @@ class StaticDecoder:
         first = self._sample(last, params, generator, times) if sampled else last.argmax(-1)
         self._advance(first)
         self.rounds.zero_()  # rounds count decode steps after the prefill
+        self.accepted.zero_()
         times.prefill_s = time.perf_counter() - t0
         if stream:
             yield self._news([lens[r] for r in range(len(rows))], len(rows))

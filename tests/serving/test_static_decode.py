@@ -160,3 +160,75 @@ def test_inductor_compiled_decode_gives_the_eager_tokens(depth):
     assert out.times.compile_s > 0
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+
+
+def _engine_tokens(engine, prompts, max_tokens):
+    from lmspec.serve.engine import _drain
+
+    rids = [engine.add(p, SamplingParams(temperature=0.0, max_tokens=max_tokens)) for p in prompts]
+    out = {r: [] for r in rids}
+    for ev in _drain(engine):
+        out[ev.rid] += ev.token_ids
+    return [out[r] for r in rids]
+
+
+@pytest.mark.parametrize("depth", [0, 3])
+def test_the_compiled_engine_gives_the_eager_tokens_with_one_graph_per_model_part(depth):
+    """``DecodeEngine(compile=True)`` (what ``lmspec serve --compile`` runs): a ragged batch in which rows
+    finish at different steps, and a request admitted into a freed row; one graph for the verify and
+    one per MTP block, never recompiled."""
+    from lmspec.serve.engine import DecodeEngine
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs, backend = _graph_counter()
+    model = small_model(1, window=4, vocab=5, init_std=0.5)
+    prompts = [[0, 1, 2, 2, 1, 0, 1], [1, 2], [2] * 9]
+    ref = _reference(model, prompts, 30)
+    engine = DecodeEngine(
+        model, max_batch=3, max_len=64, speculative_depth=depth, compile=True, compile_backend=backend
+    )
+    assert isinstance(engine.cache, StaticKVCache)
+    assert _engine_tokens(engine, prompts, 30) == ref
+    assert _engine_tokens(engine, prompts[1:2], 12) == [ref[1][:12]]
+    assert len(graphs) == depth + 1
+    assert not counters["graph_break"]
+    assert not counters["recompiles"]
+
+
+def test_generator_compile_uses_one_static_decoder_per_shape():
+    torch._dynamo.reset()
+    graphs, backend = _graph_counter()
+    model = small_model(1, window=4, vocab=5, init_std=0.5)
+    prompts = [[0, 1, 2, 2, 1, 0, 1], [1, 2]]
+    ref = _reference(model, prompts, 20)
+    gen = Generator(model, speculative_depth=2, compile=True, compile_backend=backend)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    for _ in range(2):
+        out = gen.generate_batch(prompts, [params, params])
+        assert [c.token_ids for c in out] == ref
+        assert [c.finish_reason for c in out] == ["length", "length"]
+        # 19 tokens after the first; a last round may accept drafts past max_tokens, as the engine counts.
+        assert all(19 <= c.stats.decode_steps + c.stats.accepted <= 19 + 2 for c in out)
+    streamed = [ev.token_ids for ev in gen.stream(prompts[0], params)]
+    assert sum(streamed, []) == ref[0]
+    assert len(gen._decoders) == 2 and len(graphs) == 2  # one graph per batch shape, reused by later calls
+    # Stop strings go through the eager engine.
+    stop = SamplingParams(temperature=0.0, max_tokens=20, stop=("\x04",))
+    assert gen.generate(prompts[0], stop).token_ids == Generator(model).generate(prompts[0], stop).token_ids
+
+
+@pytest.mark.slow
+def test_lmspec_generate_compile(tmp_path, capsys):
+    """``lmspec generate --compile`` (inductor): the eager command's text."""
+    from lmspec.cli import main
+
+    torch._dynamo.reset()
+    model = small_model(6, window=4, init_std=0.5, dtype=torch.float32)
+    model.save_pretrained(tmp_path)
+    args = ["generate", str(tmp_path / "spec.yaml"), "--checkpoint", str(tmp_path), "--prompt", "hello"]
+    args += ["--max-tokens", "12", "--temperature", "0", "--speculative-depth", "2"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
