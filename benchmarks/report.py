@@ -117,7 +117,9 @@ def kernels_table(r: dict) -> str:
 def decode_table(r: dict) -> str:
     lines = [
         f"Measured {r.get('when', '?')} on {r['checkpoint']}: {r['prompts']} prompts x {r['max_tokens']} tokens, "
-        f"greedy, {r['dtype']}, {r['threads']} thread(s).",
+        f"greedy, {r['dtype']}, {r['threads']} thread(s)"
+        + (f", load average {r['load_average_at_start']:.1f}" if "load_average_at_start" in r else "")
+        + ". Depths on the eager engine (`Generator`):",
         "",
         "| depth | acceptance length | decode tokens/s | vs depth 0 | identical tokens |",
         "|---:|---:|---:|---:|---|",
@@ -128,6 +130,43 @@ def decode_table(r: dict) -> str:
             f"| {row['depth']} | {row['acceptance_length']:.2f} | {row['decode_tokens_per_s']:.1f} | {speed} | "
             f"{str(row['identical_to_depth0']).lower()} |"
         )
+    if "vs_transformers" in r:
+        lines += ["", vs_transformers_table(r["vs_transformers"])]
+    return "\n".join(lines)
+
+
+def vs_transformers_table(v: dict) -> str:
+    repeat = v.get("kv_head_repeat", 1)
+    lines = [
+        f"Against transformers' `generate` (`MiMoV2FlashForCausalLM`, eager attention) on the same weights: "
+        f"greedy, {v['prompt_tokens']}-token prompts, {v['tokens']} new tokens per row, whole calls (prefill "
+        f"included), the models alternating, the median of {v['repeats']} same-round ratios. lmspec is "
+        "`StaticDecoder` (static KV cache, one `torch.compile`d step, inductor)"
+        + (
+            f"; both sides run each sliding KV head repeated {repeat}x, as transformers needs"
+            if repeat > 1
+            else ""
+        )
+        + ".",
+        "",
+        "| batch | depth | lmspec (s) | transformers (s) | vs transformers | acceptance length | identical tokens | compile (s) |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for row in v["rows"]:
+        lines.append(
+            f"| {row['batch']} | {row['depth']} | {row['lmspec_s']:.3f} | {row['transformers_s']:.3f} | "
+            f"{row['vs_transformers']:.2f}x | {row['acceptance_length']:.2f} | {str(row['identical']).lower()} | "
+            f"{row['compile_s']:.0f} |"
+        )
+    c = v.get("per_token")
+    if c:
+        lines += [
+            "",
+            f"Per token at batch 1: the compiled greedy step {c['step_s'] * 1e3:.2f} ms; the host sampler "
+            f"(`probs` + `sample`, temperature 0.8, top-p 0.95) {c['sampler_s'] * 1e3:.3f} ms "
+            f"({c['sampler_s'] / c['step_s']:.0%} of a step); incremental text decoding "
+            f"{c['text_s'] * 1e3:.3f} ms ({c['text_s'] / c['step_s']:.0%}).",
+        ]
     return "\n".join(lines)
 
 
