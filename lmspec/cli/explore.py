@@ -137,12 +137,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.exists():
         raise UsageError(f"{run}: no such run directory")
+    if args.domains:
+        return _eval_domains(run, args)
     report = evaluate_run(
         run, checkpoint=args.checkpoint, data=args.data, options=_eval_options(args), device=args.device
     )
     print(format_report(report))
     default = EVAL_FILE if args.checkpoint is None else f"eval_{Path(args.checkpoint).name}.json"
     path = write_report(report, Path(args.output) if args.output else run / default)
+    print(f"wrote {path}")
+    return 0
+
+
+def _eval_domains(run: Path, args: argparse.Namespace) -> int:
+    from lmspec.serve.rollouts import decode_batch
+    from lmspec.train.domains import DOMAINS_FILE, domain_report, format_domain_report
+    from lmspec.train.evaluate import write_report
+
+    report = domain_report(run, decode=decode_batch, checkpoint=args.checkpoint, device=args.device)
+    print(format_domain_report(report))
+    path = write_report(report, Path(args.output) if args.output else run / DOMAINS_FILE)
     print(f"wrote {path}")
     return 0
 
@@ -205,4 +219,9 @@ def add_parsers(add) -> None:
     p.add_argument("--passkey-depths", type=_floats, default=None, metavar="F,F")
     p.add_argument("--passkey-trials", type=positive_int, default=None)
     p.add_argument("--eval-tokens", type=positive_int, default=None)
+    p.add_argument(
+        "--domains",
+        action="store_true",
+        help="exact match per domain of the run's mopd stages: student before and after, each teacher",
+    )
     p.add_argument("-o", "--output", default=None, help="JSON report (default: RUN/eval.json)")

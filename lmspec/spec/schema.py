@@ -433,9 +433,11 @@ URLText = Annotated[
 
 
 class Teacher(StrictModel):
-    """A mopd stage's teacher for one domain: a run or Hugging Face directory (`path`), or a server (`url`).
+    """A mopd stage's teacher for one domain: an earlier stage, a run or Hugging Face directory (`path`), or
+    a server (`url`).
 
-    The YAML writes a directory as a bare string (`math: runs/teacher_math`) and a server as `{url: ...}`.
+    The YAML writes a stage or directory as a bare string (`math: teacher_math`, `math: runs/teacher_math`)
+    and a server as `{url: ...}`; a bare string that names an earlier stage is that stage's final weights.
     """
 
     path: PathText | None = None
@@ -492,7 +494,10 @@ class Stage(StrictModel):
     )
     data: PathText | None = Field(None, description="sft: chat JSONL (`messages`, or `prompt`/`completion`).")
     teachers: dict[Name, Teacher] | None = Field(
-        None, max_length=limits.MAX_KINDS, description="mopd: the teacher of each prompt domain."
+        None,
+        max_length=limits.MAX_KINDS,
+        description="mopd: the teacher of each prompt domain: an earlier stage's name, a run or Hugging Face "
+        "directory, or {url: ...} of a server.",
     )
     prompts: PathText | None = Field(None, description="mopd: JSONL of `prompt`, `domain`, `answer`.")
     rollouts_per_prompt: _count(limits.MAX_ROLLOUTS) | None = None  # type: ignore[valid-type]
@@ -681,13 +686,16 @@ class TrainingSpec(StrictModel):
         for i, stage in enumerate(self.stages):
             if len(set(names[: i + 1])) <= i:
                 raise ValueError(f"stages.{i}.name: expected a name no other stage has, got {stage.name!r}")
-            ref = stage.init_from
-            if ref in names[i:]:
-                which = "the stage itself" if ref == stage.name else "a later stage"
-                raise ValueError(
-                    f"stages.{i}.init_from: expected an earlier stage, a run or a Hugging Face directory, "
-                    f"got {ref!r} ({which})"
-                )
+            refs = [("init_from", stage.init_from)] + [
+                (f"teachers.{d}", t.path) for d, t in (stage.teachers or {}).items()
+            ]
+            for field, ref in refs:
+                if ref in names[i:]:
+                    which = "the stage itself" if ref == stage.name else "a later stage"
+                    raise ValueError(
+                        f"stages.{i}.{field}: expected an earlier stage, a run or a Hugging Face directory, "
+                        f"got {ref!r} ({which})"
+                    )
         return self
 
     def init_source(self, index: int) -> tuple[str, str] | None:
@@ -700,6 +708,27 @@ class TrainingSpec(StrictModel):
             return None
         earlier = [s.name for s in self.stages[:index]]
         return ("stage", ref) if ref in earlier else ("path", ref)
+
+    def teacher_source(self, index: int, domain: str) -> tuple[str, str]:
+        """Stage `index`'s teacher of `domain`: ("stage", name), ("path", dir) or ("url", url).
+
+        As for `init_from`, the name of an earlier stage is that stage's final weights.
+        """
+        teachers = self.stages[index].teachers or {}
+        t = teachers[domain]
+        if t.url is not None:
+            return ("url", t.url)
+        assert t.path is not None
+        earlier = [s.name for s in self.stages[:index]]
+        return ("stage", t.path) if t.path in earlier else ("path", t.path)
+
+    def named_sources(self) -> set[str]:
+        """The stages whose final weights a later stage starts from or learns from, by name."""
+        named = set()
+        for i, stage in enumerate(self.stages):
+            sources = [self.init_source(i)] + [self.teacher_source(i, d) for d in stage.teachers or {}]
+            named |= {ref for kind, ref in filter(None, sources) if kind == "stage"}
+        return named
 
     @property
     def total_tokens(self) -> float:

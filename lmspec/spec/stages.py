@@ -1,7 +1,8 @@
 """The files and directories a spec's stages name, checked against the spec.
 
 The schema checks what a spec says; this checks what it points at: an `init_from` directory, a mopd
-stage's teachers, an sft stage's `data` and a mopd stage's `prompts`. A relative path is relative to the
+stage's teacher directories (a teacher or `init_from` naming an earlier stage is that stage, trained by the
+same run), an sft stage's `data` and a mopd stage's `prompts`. A relative path is relative to the
 folder of the file that writes it, as `extends` is (one given by `--set`: to the working directory);
 `resolve_stage_paths` makes each one absolute in the spec a run trains, so `RUN/spec.yaml` names the same
 files wherever it is read.
@@ -141,7 +142,7 @@ def resolve_stage_paths(loaded: LoadedSpec, spec: Spec) -> Spec:
         if stage.teachers:
             update["teachers"] = {
                 d: t.model_copy(update={"path": stage_path(loaded, (*at, "teachers", d), t.path)})
-                if t.path is not None
+                if spec.training.teacher_source(i, d)[0] == "path"
                 else t
                 for d, t in stage.teachers.items()
             }
@@ -162,7 +163,7 @@ def check_stage_paths(loaded: LoadedSpec, *, require: bool) -> None:
             found = stage_path(loaded, where, source[1])
             _check_vocab(loaded, where, found, require, f"init_from {quote(source[1])}", "spec")
         for domain, teacher in (stage.teachers or {}).items():
-            if teacher.path is not None:
+            if training.teacher_source(i, domain)[0] == "path":
                 where = (*at, "teachers", domain)
                 _check_vocab(
                     loaded, where, stage_path(loaded, where, teacher.path), require, f"teacher `{domain}`"

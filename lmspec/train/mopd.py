@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -885,18 +885,37 @@ def stage_config(stage: Any, sched: Any, *, steps: int, seed: int, grad_clip: fl
     )
 
 
-def _stage_teachers(trainer: Any, stage: Any) -> dict[str, Teacher]:
+def stage_teacher_sources(spec: Any, run_dir: Path, stage: int) -> dict[str, str | Path | dict[str, str]]:
+    """Each domain's teacher of mopd stage ``stage``: a directory (an earlier stage's is
+    ``RUN/stages/NAME``) or ``{"url": ...}``."""
+    training = spec.training
+    out: dict[str, str | Path | dict[str, str]] = {}
+    for domain in training.stages[stage].teachers:
+        kind, ref = training.teacher_source(stage, domain)
+        out[domain] = {"url": ref} if kind == "url" else run_dir / "stages" / ref if kind == "stage" else ref
+    return out
+
+
+def chat_prompts(records: Sequence[PromptRecord], chat_template: str) -> list[PromptRecord]:
+    """``records`` with each prompt rendered as a user turn of the spec's chat template (``render_prompt``):
+    a mopd stage's student and teachers see a prompt as they are served it and as sft trained them."""
+    from lmspec.train.sft import compile_template, render_prompt
+
+    template = compile_template(chat_template)
+    return [replace(r, prompt=render_prompt(template, r.prompt)) for r in records]
+
+
+def _stage_teachers(trainer: Any, stage: int) -> dict[str, Teacher]:
     vocab = trainer.spec.model.vocab_size
     teachers: dict[str, Teacher] = {}
-    for domain, t in stage.teachers.items():
-        source = t.path if t.path is not None else {"url": t.url}
+    for domain, source in stage_teacher_sources(trainer.spec, trainer.run_dir, stage).items():
         teacher = load_teacher(
             domain, source, decode=trainer.config.decode, device=trainer.d.device, backend=trainer.backend
         )
         theirs = getattr(getattr(teacher, "model", None), "spec", None)
         if theirs is not None and theirs.model.vocab_size != vocab:
             raise UsageError(
-                f"{stage.name}: teacher {domain} has vocab {theirs.model.vocab_size} but the student {vocab}"
+                f"{trainer.spec.training.stages[stage].name}: teacher {domain} has vocab {theirs.model.vocab_size} but the student {vocab}"
             )
         teachers[domain] = teacher
     return teachers
@@ -915,9 +934,9 @@ def run_stage(trainer: Any, stage: int) -> None:
     spec, model, optimizer = trainer.spec, trainer.model, trainer.optimizer
     decode = trainer.config.decode
     st = spec.training.stages[stage]
-    records = read_prompt_records(st.prompts)
+    records = chat_prompts(read_prompt_records(st.prompts), spec.serving.chat_template)
     evals, prompts = records[::HELD_OUT], [r for i, r in enumerate(records) if i % HELD_OUT] or records
-    teachers = _stage_teachers(trainer, st)
+    teachers = _stage_teachers(trainer, stage)
     tok = trainer.corpus.tokenizer
     end = stage_bounds(spec)[stage][1]
     seed, grad_clip = spec.training.seed, spec.training.grad_clip

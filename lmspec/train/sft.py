@@ -157,6 +157,15 @@ def render_parts(template: jinja2.Template, conv: Conversation) -> list[tuple[st
     return [(text, trained) for text, trained in parts if text]
 
 
+def render_prompt(template: jinja2.Template, text: str) -> str:
+    """`text` as one user turn with the assistant's header after it: what the server's chat endpoint sends
+    the model for that message, and what an sft stage trained the model to answer."""
+    try:
+        return template.render(messages=[{"role": "user", "content": text}], add_generation_prompt=True)
+    except jinja2.TemplateError as e:
+        raise UsageError(f"serving.chat_template: failed on a prompt ({str(e)[:80]})") from None
+
+
 def encode_conversation(
     parts: list[tuple[str, bool]], tokenizer: Tokenizer, last_is_assistant: bool
 ) -> tuple[np.ndarray, np.ndarray]:

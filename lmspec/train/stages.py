@@ -4,8 +4,9 @@
   (`lmspec.spec.stages`), and a `mopd` stage has a trainer (`lmspec.train.mopd.run_stage`).
 - `data_streams` gives the trainer one stream for all stages: the text stream of pretrain stages and one
   `SFTStream` per sft stage (`sft.py`).
-- `StageEntry.enter(i)` runs once per stage, at its first step: it first saves the weights of any earlier
-  stage a later `init_from` names (`RUN/stages/NAME/`, a model directory), then loads the stage's
+- `StageEntry.enter(i)` runs once per stage, at its first step: it first saves the weights of the stage
+  before if a later `init_from` or teacher names it, or a mopd stage continues from it (`RUN/stages/NAME/`,
+  a model directory), then loads the stage's
   `init_from` (an earlier stage's saved weights, a run directory's latest checkpoint, or a Hugging Face
   directory) with a fresh optimizer state, then replicates MTP block 0 into the blocks this stage trains
   that the stage before did not (`overrides.mtp_init: replicate`). The stage last entered is in every
@@ -130,13 +131,12 @@ class StageEntry:
         return training
 
     def _save_named(self, index: int) -> None:
-        """Save stage `index`'s final weights if a later stage starts from them by name."""
+        """Save stage `index`'s final weights if a later stage starts from them or learns from them."""
         training = self._training()
         if index < 0:
             return
         name = training.stages[index].name
-        later = [training.init_source(j) for j in range(index + 2, len(training.stages))]
-        if ("stage", name) not in later:
+        if name not in training.named_sources() and not self._starts_mopd(index + 1):
             return
         t = self.trainer
         from lmspec.train.trainer import _model_writer
@@ -150,8 +150,16 @@ class StageEntry:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            t.reporter.log(f"saved the weights of stage {name} to {final} (a later stage starts from them)")
+            t.reporter.log(f"saved the weights of stage {name} to {final} (a later stage reads them)")
         t.d.barrier()
+
+    def _starts_mopd(self, index: int) -> bool:
+        """Whether stage `index` is a mopd stage continuing from the stage before: those weights are kept
+        (`RUN/stages/NAME/`) as the student before distillation, which `lmspec eval --domains` grades."""
+        training = self._training()
+        if index >= len(training.stages) or training.stages[index].kind != "mopd":
+            return False
+        return training.init_source(index) is None
 
     def _start(self, index: int) -> None:
         t, training = self.trainer, self._training()

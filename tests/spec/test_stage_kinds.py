@@ -61,6 +61,12 @@ CASES = [
         "training.stages.0.init_from: expected an earlier stage, a run or a Hugging",
     ),
     ("- {name: a, init_from: b, STAGE}\n- {name: b, STAGE}", "got 'b' (a later stage)"),
+    (
+        f"- {MOPD}, teachers: {{math: b}}}}\n- {{name: b, STAGE}}",
+        "training.stages.0.teachers.math: expected an earlier stage, a run or a Hugging Face directory, got 'b' "
+        "(a later stage)",
+    ),
+    (f"- {MOPD}, teachers: {{math: m}}}}", "training.stages.0.teachers.math: expected an earlier stage"),
     ("- {name: a, STAGE}\n- {name: a, STAGE}", "training.stages.1.name: expected a name no other stage has"),
     ("- {name: a, init_from: 7, STAGE}", "training.stages.0.init_from: expected a string, got 7"),
     (
@@ -161,3 +167,21 @@ def test_the_examples_train_one_mtp_block_then_three():
     sft = load_spec(Path(TINY).with_name("mimo_v2_flash.yaml")).training.stages[3]
     assert (sft.lr.kind, sft.lr.peak, sft.lr.final, sft.batch_size.size) == ("cosine", 5e-5, 5e-6, 128)
     assert (sft.overrides.bias_update, sft.overrides.seq_aux_coef) == (1e-4, 1e-6)
+
+
+def test_a_teacher_may_be_an_earlier_stage_of_the_same_run(run_cli, tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "domain": "math", "answer": "2"}\n')
+    path = _spec(
+        tmp_path,
+        f"""
+        - {{name: base, STAGE}}
+        - {{name: teacher, STAGE}}
+        - {MOPD}, init_from: base, teachers: {{math: teacher, code: {{url: 'http://h:8000'}}}}}}
+        """,
+    )
+    code, out, err = run_cli("check", path)
+    assert code == 0, err
+    training = load_spec(path).training
+    assert training.teacher_source(2, "math") == ("stage", "teacher")
+    assert training.teacher_source(2, "code") == ("url", "http://h:8000")
+    assert training.named_sources() == {"base", "teacher"}
