@@ -146,6 +146,13 @@ def plan_jobs(
         run_passes(lower(spec))  # the check pass refuses what the runtime cannot execute
         h = spec_hash(spec)
         who = f"{p.label} seed {p.seed}"
+        mopd = [st.name for st in spec.training.stages if st.kind == "mopd"] if spec.training else []
+        if mopd:
+            # A sweep run trains and evaluates text stages; distillation runs with `lmspec train`.
+            raise UsageError(
+                f"sweep {s.name}: {who}: expected pretrain and sft stages, got mopd stage {mopd[0]!r} "
+                "(train a pipeline with mopd stages with `lmspec train`)"
+            )
         if h in seen:
             raise UsageError(f"sweep {s.name}: {who} is the same spec as {seen[h]}; remove one of them")
         seen[h] = who

@@ -107,6 +107,16 @@ def test_two_runs_of_one_spec_are_refused(tmp_path, capsys):
     assert "b seed 0 is the same spec as a seed 0" in msg
 
 
+def test_a_sweep_over_a_pipeline_with_a_mopd_stage_is_refused(tmp_path, capsys):
+    pipeline = Path(__file__).resolve().parents[2] / "examples" / "posttrain_tiny" / "pipeline.yaml"
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"name: distill\nbase: {pipeline}\nvariants: {{a: {{}}}}\n")
+    out = tmp_path / "out"
+    msg = _refused(["sweep", str(path), "--out", str(out), "--dry-run"], capsys)
+    assert "a seed 0: expected pretrain and sft stages, got mopd stage 'mopd'" in msg
+    assert not (out / "runs").exists()
+
+
 def test_a_sweep_file_with_command_line_axes_is_refused(tmp_path, capsys):
     path = _sweep(tmp_path, "")
     msg = _refused(
