@@ -1,4 +1,4 @@
-"""Commands that train: train, plot, tokenizer."""
+"""Commands that train: train, plot, tokenizer, export."""
 
 from __future__ import annotations
 
@@ -21,6 +21,44 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     return tokenizer_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return export_command(args.checkpoint, args.out)
+
+
+def export_command(checkpoint: str, out_arg: str) -> int:
+    """Write a checkpoint (a run's LATEST, a step directory, sharded or not) in the transformers layout:
+    config.json, model.safetensors and spec.yaml, and the tokenizer the checkpoint carries."""
+    import shutil
+
+    from safetensors import SafetensorError
+
+    from lmspec.codegen.hf import export_issues
+    from lmspec.errors import CheckpointError
+    from lmspec.runtime.checkpoint import resolve_checkpoint
+    from lmspec.runtime.modeling import from_pretrained
+    from lmspec.runtime.sharded import is_sharded
+    from lmspec.runtime.tokenizer import TOKENIZER_FILE
+
+    out = Path(out_arg)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty directory")
+    ckpt = resolve_checkpoint(checkpoint)
+    try:
+        model = from_pretrained(ckpt)  # a sharded checkpoint's shards are read into whole tensors here
+    except (SafetensorError, OSError, EOFError, CheckpointError) as e:
+        raise UsageError(f"{ckpt}: cannot read the weights ({' '.join(str(e).split())[:200]})") from None
+    issues = export_issues(model.spec)
+    if issues:  # transformers' MiMo-V2-Flash could not load the folder
+        raise UsageError(f"{ckpt}: the model has no transformers layout: {'; '.join(issues)}")
+    model.save_pretrained(out)
+    if (ckpt / TOKENIZER_FILE).is_file():
+        shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    kind = "sharded checkpoint" if is_sharded(ckpt) else "checkpoint"
+    n = sum(t.numel() for t in model.state_dict().values())
+    print(f"wrote {out}: {n:,} values from the {kind} {ckpt}, in the transformers layout")
+    return 0
 
 
 def _number(text: str) -> int | float:
@@ -234,6 +272,15 @@ def add_parsers(add) -> None:
         metavar="MODE",
         help="none, full or selective (default: the spec's training.activation_checkpointing)",
     )
+
+    p = add(
+        "export",
+        cmd_export,
+        "write a checkpoint (sharded or not) as a transformers folder: config.json, model.safetensors",
+        spec=False,
+    )
+    p.add_argument("checkpoint", help="a run directory (its LATEST checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
 
     p = add("plot", cmd_plot, "plot a run's losses, LR, batch size and expert load", spec=False)
     p.add_argument("run_dir")

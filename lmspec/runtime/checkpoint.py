@@ -54,6 +54,7 @@ MAX_JSON_BYTES = 1 << 20
 # Files some loader reads from a checkpoint: each must be listed in (and so verified by) the manifest.
 _READ_BY_LOADERS = re.compile(
     r"spec\.yaml|config\.json|tokenizer\.json|optimizer\.pt|trainer_state\.json|.*\.safetensors(\.index\.json)?"
+    r"|sharded\.json|\.metadata|.*\.distcp"  # a sharded checkpoint's (lmspec.runtime.sharded)
 )
 
 
@@ -96,13 +97,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path, step: int) -> None:
-    """Record every file of a checkpoint directory with its size and sha256 in `manifest.json`."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
+def file_entries(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """{file name: {size, sha256}} of `paths`, as `manifest.json` lists them."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
+
+
+def write_manifest(directory: Path, step: int, known: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record every file of a checkpoint directory with its size and sha256 in `manifest.json`.
+
+    `known` gives entries other processes computed for the files they wrote (a sharded checkpoint's
+    shards), so one process does not read them all again.
+    """
+    known = known or {}
+    todo = [p for p in sorted(directory.iterdir()) if p.is_file() and p.name not in (MANIFEST_FILE, *known)]
+    files = dict(sorted({**file_entries(todo), **known}.items()))
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
 
@@ -184,6 +192,23 @@ def save_checkpoint(
     (CheckpointError). If writing fails (a full disk), the partial directory is removed, LATEST keeps
     naming the previous checkpoint and the error propagates.
     """
+    tmp = begin_checkpoint(run_dir, step)
+    try:
+        save_model(tmp)
+        _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
+        write_common_files(tmp, trainer_state, extra_files)
+        write_manifest(tmp, step)
+        _fsync_tree(tmp)
+    except BaseException:
+        # A full disk is the usual cause: free what this save took at once (the next start would anyway).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_checkpoint(tmp, run_dir, step, keep)
+
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """The fresh temporary directory checkpoint `step` is written into (debris of earlier saves removed);
+    CheckpointError when that step's checkpoint already exists."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     remove_partial_saves(run_dir)
@@ -192,24 +217,32 @@ def save_checkpoint(
         raise CheckpointError(f"{final}: already exists; a checkpoint is never replaced")
     tmp = root / f"{TEMP_PREFIX}{final.name}.{os.getpid()}"
     tmp.mkdir()
-    try:
-        save_model(tmp)
-        _torch_save(optimizer_state, tmp / OPTIMIZER_FILE)
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True), encoding="utf-8")
-        write_manifest(tmp, step)
-        _fsync_tree(tmp)
-    except BaseException:
-        # A full disk is the usual cause: free what this save took at once (the next start would anyway).
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def write_common_files(tmp: Path, trainer_state: dict[str, Any], extra_files: dict[str, Path] | None) -> None:
+    """The trainer state and the extra files (the tokenizer) every checkpoint holds."""
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def publish_checkpoint(tmp: Path, run_dir: str | Path, step: int, keep: int | None) -> Path:
+    """Rename a finished (manifested, fsynced) temporary directory into place, point LATEST at it and keep
+    the newest `keep` checkpoints."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_dir_name(step)
     os.rename(tmp, final)
     fsync_dir(root)
     write_atomic(root / LATEST, final.name + "\n", durable=True)
     if keep is not None:
         _prune(root, final, keep)
     return final
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file of a directory, then the directory."""
+    _fsync_tree(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +447,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     p = Path(path)
     if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
+        return p
+    if (p / "sharded.json").is_file():  # a sharded checkpoint (lmspec.runtime.sharded)
         return p
     run = p.parent if p.name == CHECKPOINTS else p
     try:

@@ -30,7 +30,14 @@ from lmspec.runtime.model_base import CausalLMBase
 from lmspec.spec import Spec, SpecError, dump_spec, load_spec, spec_to_data
 from lmspec.spec.loader import apply_override, validate
 
-__all__ = ["CheckpointError", "build", "from_pretrained", "load_hf_state_dict", "save_pretrained"]
+__all__ = [
+    "CheckpointError",
+    "build",
+    "from_pretrained",
+    "load_hf_state_dict",
+    "save_config",
+    "save_pretrained",
+]
 
 
 SPEC_FILE = "spec.yaml"
@@ -178,7 +185,10 @@ def from_pretrained(
     directory = Path(directory)
     if not directory.is_dir():
         raise SpecError(str(directory), 1, 1, "", "expected a checkpoint folder, got no such directory")
+    from lmspec.runtime import sharded
+
     has_weights = (directory / WEIGHTS_FILE).exists() or (directory / INDEX_FILE).exists()
+    has_weights = has_weights or sharded.is_sharded(directory)
     if not has_weights and (directory / "checkpoints").is_dir():
         from lmspec.runtime.checkpoint import resolve_checkpoint
 
@@ -188,7 +198,9 @@ def from_pretrained(
     if (directory / MANIFEST_FILE).exists():  # a training checkpoint: every file as it was written
         verify_checkpoint(directory)
     spec = _spec_from_dir(directory)
-    state = load_hf_state_dict(directory)
+    # A sharded (DCP) checkpoint of a multi-process run holds our own names; whole tensors come back here.
+    is_dcp = sharded.is_sharded(directory)
+    state = sharded.load_model_state(directory) if is_dcp else load_hf_state_dict(directory)
     model = build(spec, device="meta", backend=backend)
     expected = model.state_dict()
     tied = model.TIE_WORD_EMBEDDINGS
@@ -224,7 +236,8 @@ def from_pretrained(
     model.load_state_dict({k: v.to(dev) for k, v in state.items()}, strict=False)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.set_rope_theta({k: t for k, t in saved_rope_thetas(directory).items() if k in model.rope_thetas()})
+    thetas = sharded.rope_thetas(directory) if is_dcp else saved_rope_thetas(directory)
+    model.set_rope_theta({k: t for k, t in thetas.items() if k in model.rope_thetas()})
     return model
 
 
@@ -252,19 +265,26 @@ def _spec_with_current_rope(model: CausalLMBase) -> Spec:
 
 def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
     """Write ``spec.yaml``, ``config.json`` (transformers ``mimo_v2_flash``) and ``model.safetensors``."""
-    from lmspec.codegen.hf import spec_to_config
 
     if not isinstance(model, CausalLMBase) or model.spec is None:
         raise ValueError("save_pretrained needs a model built by lmspec (with model.spec set)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    spec: Spec = model.spec
     state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}
     dtype = next(iter(state.values())).dtype if state else torch.float32
-    # transformers reads RoPE from config.json, so it gets the current thetas; spec.yaml stays the spec.
-    config = spec_to_config(_spec_with_current_rope(model), dtype=str(dtype).removeprefix("torch."))
     metadata = {"format": "pt", ROPE_METADATA: json.dumps(model.rope_thetas(), sort_keys=True)}
     write_atomic(directory / WEIGHTS_FILE, safetensors_save(state, metadata=metadata))
-    write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    write_atomic(directory / SPEC_FILE, dump_spec(spec).encode())
+    save_config(model, directory, dtype)
     return directory
+
+
+def save_config(model: CausalLMBase, directory: str | Path, dtype: torch.dtype) -> None:
+    """Write ``config.json`` (transformers) and ``spec.yaml``: ``save_pretrained`` without the weights, which
+    a sharded checkpoint keeps in its own files."""
+    from lmspec.codegen.hf import spec_to_config
+
+    directory = Path(directory)
+    # transformers reads RoPE from config.json, so it gets the current thetas; spec.yaml stays the spec.
+    config = spec_to_config(_spec_with_current_rope(model), dtype=str(dtype).removeprefix("torch."))
+    write_atomic(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(directory / SPEC_FILE, dump_spec(model.spec).encode())

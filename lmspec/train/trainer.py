@@ -36,6 +36,7 @@ from torch import nn
 
 from lmspec.errors import CheckpointError, UsageError
 from lmspec.files import write_atomic
+from lmspec.runtime import sharded
 from lmspec.runtime.checkpoint import (
     CHECKPOINTS,
     OPTIMIZER_FILE,
@@ -47,7 +48,7 @@ from lmspec.runtime.checkpoint import (
 )
 from lmspec.runtime.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
 from lmspec.spec import Spec, dump_spec, limits, load_spec, spec_hash
-from lmspec.train import distributed
+from lmspec.train import distributed, sharded_checkpoint
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
@@ -348,7 +349,7 @@ class Trainer:
                 self.run_dir, resume=c.resume, resume_from=c.resume_from, overwrite=c.overwrite
             )
             state = self.plan.state
-            if state and state["spec_hash"] != spec_hash(self.spec):
+            if state and not _same_training(state, self.spec):
                 raise UsageError(
                     f"{self.plan.checkpoint} was trained with a different spec or schedule (compare "
                     f"{self.run_dir / 'spec.yaml'}); resume with the same spec, --set, --max-tokens and --scale"
@@ -413,7 +414,9 @@ class Trainer:
         self.backend = self.config.backend or ("triton" if dev.type == "cuda" else "torch")
         torch.manual_seed(self.spec.training.seed)
         ckpt = self.plan.checkpoint
-        if ckpt is not None:
+        # A sharded checkpoint is read after sharding, each rank its own part (sharded_checkpoint.load).
+        dcp = ckpt is not None and sharded.is_sharded(ckpt)
+        if ckpt is not None and not dcp:
             self.model = lmspec.from_pretrained(ckpt, device=dev, backend=self.backend)
         else:
             self.model = lmspec.build(self.spec, device=dev, backend=self.backend)
@@ -427,7 +430,9 @@ class Trainer:
             self.optimizer = make_optimizer(self.model, self.spec)
         except ValueError as e:  # AdamW's own checks (betas, eps) on values the schema let through
             raise UsageError(f"training.optimizer: {e}") from None
-        if ckpt is not None:
+        if dcp:
+            sharded_checkpoint.load(ckpt, self.model, self.optimizer)  # into this run's layout
+        elif ckpt is not None:
             saved = load_optimizer_state(ckpt)
             try:
                 _load_optimizer(self.model, self.optimizer, saved)
@@ -435,6 +440,7 @@ class Trainer:
                 # Names, groups or shapes that are not this model's: an edited or foreign optimizer.pt.
                 why = str(e)[:100] if isinstance(e, ValueError) else f"{type(e).__name__}: {str(e)[:80]}"
                 raise CheckpointError(f"{ckpt / OPTIMIZER_FILE}: does not fit the model ({why})") from None
+        if ckpt is not None:
             _set_rng_state(state["rng"])
             self.reporter.log(f"resumed from {ckpt} at step {state['step']} ({state['tokens']:,} tokens)")
         self.moe_layers = self.model.moe_layers()
@@ -565,37 +571,52 @@ class Trainer:
         return self.corpus.val_batch(seq_len, self.config.eval_tokens, masking=masking)
 
     def checkpoint(self) -> Path | None:
-        """Save the run's whole state at the current step (rank 0 writes); returns the checkpoint on rank 0.
+        """Save the run's whole state at the current step; returns the checkpoint on rank 0. One process writes
+        `save_pretrained` files; several write their own shards (`sharded_checkpoint`, a collective).
 
         A failed write (a full disk) leaves LATEST naming the previous checkpoint and raises a one-line
         CheckpointError; `--resume` then continues from that checkpoint.
         """
-        # Both gathers are collectives: every rank takes part, rank 0 writes.
-        opt_state = _optimizer_state(self.model, self.optimizer)
-        writer = _model_writer(self.model, self.spec, self.d)
         path = None
-        if self.d.is_main:
-            try:
+        try:
+            if self.d.enabled:  # every rank writes its own shards; nothing is gathered
+                path = sharded_checkpoint.save(
+                    self.run_dir,
+                    self.steps,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    d=self.d,
+                    trainer_state=self._trainer_state(),
+                    layout=self._layout(),
+                    extra_files=self.extra_files,
+                    keep=self.config.keep_checkpoints,
+                )
+            else:
                 path = save_checkpoint(
                     self.run_dir,
                     self.steps,
-                    save_model=writer,
-                    optimizer_state=opt_state,
+                    save_model=self.model.save_pretrained,
+                    optimizer_state=_optimizer_state(self.model, self.optimizer),
                     trainer_state=self._trainer_state(),
                     extra_files=self.extra_files,
                     keep=self.config.keep_checkpoints,
                 )
-            except OSError as e:
-                target = self.run_dir / CHECKPOINTS / step_dir_name(self.steps)
-                before = latest_checkpoint(self.run_dir)
-                kept = f"LATEST still names {before.name}" if before else "no checkpoint was written before"
-                raise CheckpointError(
-                    f"{target}: {_reason(e)} while writing the checkpoint; {kept}; "
-                    "fix that, then pass --resume to continue"
-                ) from None
+        except OSError as e:
+            target = self.run_dir / CHECKPOINTS / step_dir_name(self.steps)
+            before = latest_checkpoint(self.run_dir)
+            kept = f"LATEST still names {before.name}" if before else "no checkpoint was written before"
+            raise CheckpointError(
+                f"{target}: {_reason(e)} while writing the checkpoint; {kept}; "
+                "fix that, then pass --resume to continue"
+            ) from None
         self.d.barrier()
         self.saved_at = self.steps
         return path
+
+    def _layout(self) -> dict[str, int]:
+        p = self.spec.training.parallel
+        sizes = {"data": p.data, "fsdp": p.fsdp, "expert": p.expert, "tensor": p.tensor} if p else {}
+        return {"world_size": self.d.world_size, **sizes}
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -605,6 +626,7 @@ class Trainer:
             "rng": _rng_state(),
             "corpus": self.data_fingerprint,
             "spec_hash": spec_hash(self.spec),
+            "schedule_hash": _schedule_hash(self.spec),
             "stage": self.entry.entered,
             "world_size": self.d.world_size,
             "elapsed_s": self.elapsed,
@@ -677,6 +699,19 @@ class Trainer:
         )
         distributed.shutdown(self.d)
         return result
+
+
+def _schedule_hash(spec: Spec) -> str:
+    """The spec's hash without `training.parallel`: what a run may keep when resumed on another layout."""
+    assert spec.training is not None
+    return spec_hash(
+        spec.model_copy(update={"training": spec.training.model_copy(update={"parallel": None})})
+    )
+
+
+def _same_training(state: dict[str, Any], spec: Spec) -> bool:
+    """Whether a checkpoint's run trained `spec`: the same spec, or the same one on another layout."""
+    return state["spec_hash"] == spec_hash(spec) or state.get("schedule_hash") == _schedule_hash(spec)
 
 
 def train(spec: Spec | str | Path, **options: Any) -> TrainResult:

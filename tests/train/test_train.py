@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lmspec
 from lmspec.runtime.checkpoint import latest_checkpoint, resolve_checkpoint
 from lmspec.spec import load_spec
 from lmspec.train.metrics import read_metrics, without_timing
@@ -265,8 +266,11 @@ def test_two_process_fsdp2_matches_one_process(reference, tmp_path):
         for key in ("loss", "ce", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
-    # The checkpoint gathered from the shards is a whole model.
-    wa, wb = _final_weights(reference[0]), _final_weights(run)
+    # Each rank wrote its own shards; read back in one process they are a whole model.
+    last = resolve_checkpoint(run)
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    wa = lmspec.from_pretrained(reference[0]).state_dict()
+    wb = lmspec.from_pretrained(run).state_dict()
     assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
 
 
