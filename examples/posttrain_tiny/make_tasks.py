@@ -27,7 +27,7 @@ def main() -> None:
 
     for domain in SIZES:
         write_records(HERE / f"sft_{domain}.jsonl", records(domain, 4000, seed=0))
-    general = records("addition", 300, seed=1) + records("reversal", 300, seed=1)
+    general = records("addition", 800, seed=1) + records("reversal", 800, seed=1)
     write_records(HERE / "sft_general.jsonl", sorted(general, key=lambda r: r["prompt"]))
     prompts = records("addition", 200, seed=2) + records("reversal", 200, seed=2)
     write_records(HERE / "prompts.jsonl", prompts)
