@@ -181,3 +181,25 @@ def test_the_tiny_model_takes_the_banded_path_at_its_training_length(seq, banded
         assert (Counter(cpu.PATH_CALLS) - before)["banded"] == banded_calls
         exact = oracle(x).logits
     assert_matches_reference(fast, exact, torch.float32, name="logits")
+
+
+@pytest.mark.parametrize("qk,dv", [(12, 8), (6, 10), (8, 8)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_causal_path_runs_the_flash_kernel_at_any_head_dims(qk, dv, group):
+    # The global path pads the smaller head dim so that SDPA's CPU flash kernel takes it (forward and
+    # backward) instead of its math path; the result and every gradient still equal the reference.
+    from torch.profiler import ProfilerActivity, profile
+
+    variant = AttentionVariant(window_keys=None, sink=False, qk_head_dim=qk, v_head_dim=dv)
+    case = AttentionCase(
+        variant, batch=2, kv_heads=2, group=group, seq=37, sink_mean=0.0, dtype="float32", seed=11
+    )
+    _check_through_dispatch(case)
+    x = case.inputs()
+    q, k, v = (x[n].clone().requires_grad_() for n in ("q", "k", "v"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cpu.attention(q, k, v, None, scale=qk**-0.5).sum().backward()
+    ran = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ran
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ran
+    assert "aten::_softmax" not in ran  # the math path's softmax never ran

@@ -150,9 +150,28 @@ def _sdpa_causal(
     q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None, *, scale: float, window_keys: int | None
 ) -> Tensor:
     """Global attention without a sink over Tq == Tk dense positions: SDPA's own causal mask."""
-    return F.scaled_dot_product_attention(
+    return _flash_causal(q, k, v, scale)
+
+
+def _flash_causal(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal SDPA through the CPU flash kernel, whatever the head dims.
+
+    The flash kernel needs the qk and v head dims equal; otherwise SDPA falls to its math path (an
+    explicit score matrix, softmax and masking ops: about 1.5x slower forward + backward on the tiny
+    spec's global layers, qk 48 / v 32). The smaller of q/k and v is zero-padded to the other's dim:
+    zero q/k columns add nothing to a score (the scale is passed explicitly), zero v columns are sliced off.
+    The sliding paths fold a sink into an extra key; padded, they measured slower than the math path,
+    so they call SDPA as they are.
+    """
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dqk < dv:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+    elif dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    out = F.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+    return out[..., :dv] if dv < dqk else out
 
 
 def _sdpa_masked(
