@@ -55,6 +55,7 @@ __all__ = [
     "min_banded_seq",
     "moe_experts",
     "moe_path",
+    "rope",
 ]
 
 # Query block of the banded path. Each block of 32 queries attends to its band of 32 + W - 1 keys in one
@@ -494,9 +495,67 @@ def moe_experts(
     )
 
 
+# --- RoPE ---------------------------------------------------------------------------------------------
+
+
+class _Rope(torch.autograd.Function):
+    """``reference.rope`` on one of q / k, written into one output with no intermediate tensors.
+
+    With x = [x1, x2, x_pass] (halves of the leading rope_dim dims) and cos = [c1, c2], sin = [s1, s2]:
+    out = [x1 c1 - x2 s1, x2 c2 + x1 s2, x_pass]; the backward is the transposed rotation,
+    dx = [g1 c1 + g2 s2, g2 c2 - g1 s1, g_pass]. The reference's rotate_half, two cats and the slices'
+    zero-filled gradients (about three times the ops, forward and backward) never run.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, sign=-1.0), None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, *, sign: float) -> Tensor:
+    """The rotation (sign 1) or its transpose (sign -1) of x's leading rope_dim dims; the rest copied."""
+    r = cos.shape[-1]
+    h = r // 2
+    x1, x2 = x[..., :h], x[..., h:r]
+    c1, c2, s1, s2 = cos[..., :h], cos[..., h:], sin[..., :h], sin[..., h:]
+    if sign < 0:  # the transpose: g1 pairs with s2, g2 with s1
+        s1, s2 = s2, s1
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    o1, o2 = out[..., :h], out[..., h:r]
+    torch.mul(x1, c1, out=o1)
+    o1.addcmul_(x2, s1, value=-sign)
+    torch.mul(x2, c2, out=o2)
+    o2.addcmul_(x1, s2, value=sign)
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
+
+
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``reference.rope`` (same arguments and result) through ``_Rope``.
+
+    Under torch.compile, or with cos/sin that need a gradient or an odd rope_dim, the reference runs:
+    inductor fuses its ops itself, and the fast path has no gradient for the tables.
+    """
+    if torch.compiler.is_compiling() or cos.shape[-1] % 2 or cos.requires_grad or sin.requires_grad:
+        return reference.rope(q, k, cos, sin)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # (1, T, rope_dim)
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, rope_dim): broadcast over heads
+    return _Rope.apply(q, cos, sin), _Rope.apply(k, cos, sin)
+
+
 class CPUBackend(Backend):
-    """The reference, with the fast attention paths and the grouped-GEMM experts above; the CPU default."""
+    """The reference, with the fast attention paths, the grouped-GEMM experts and the RoPE above; the CPU
+    default."""
 
     name = "cpu"
     attention = staticmethod(attention)
     moe_experts = staticmethod(moe_experts)
+    rope = staticmethod(rope)
