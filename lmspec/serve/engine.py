@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from lmspec.runtime.kv_cache import HybridKVCache, StaticKVCache
 from lmspec.runtime.tokenizer import ByteTokenizer, Tokenizer
 from lmspec.serve.sampling import SamplingParams, accept_drafts, probs, sample
-from lmspec.serve.static_decode import StaticDecoder
+from lmspec.serve.static_decode import StaticDecoder, check_speculative_depth, seeded_generator
 
 __all__ = [
     "Completion",
@@ -304,11 +304,7 @@ class DecodeEngine:
         compile_backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         spec = model.spec
-        available = spec.model.mtp.num_blocks if spec.model.mtp else 0
-        if not 0 <= speculative_depth <= available:
-            raise ValueError(
-                f"speculative_depth must be in 0..{available} (the model's MTP blocks), got {speculative_depth}"
-            )
+        check_speculative_depth(spec, speculative_depth)
         if prefill_chunk < 1 or interleaved_prefill_chunk < 1:
             raise ValueError("prefill_chunk and interleaved_prefill_chunk must be at least 1")
         self.model = model
@@ -364,8 +360,7 @@ class DecodeEngine:
         row = next((i for i, s in enumerate(self.rows) if s is None), None)
         if row is None:
             raise RuntimeError("no free row; check free_rows before add()")
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        gen = seeded_generator(params.seed)
         seq = _Seq(
             rid=self._next_id,
             row=row,
@@ -892,10 +887,7 @@ class Generator:
         self, decoder: StaticDecoder, prompts: list[list[int]], params: Sequence[SamplingParams]
     ) -> Iterator[Event]:
         """``StaticDecoder.stream`` as engine events: text, the end-of-sequence token and the stats."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(
-            params[0].seed if params[0].seed is not None else int(torch.randint(0, 2**62, ()).item())
-        )
+        gen = seeded_generator(params[0].seed)
         stats = [RequestStats(prompt_tokens=len(p)) for p in prompts]
         texts = [_TextState(self.tokenizer, ()) for _ in prompts]
         done = [sp.max_tokens == 0 for sp in params]
@@ -936,10 +928,7 @@ class Generator:
         self, decoder: StaticDecoder, prompts: list[list[int]], params: Sequence[SamplingParams]
     ) -> list[Completion]:
         """The whole batch in one ``StaticDecoder.generate``: tokens read once, text decoded once per row."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(
-            params[0].seed if params[0].seed is not None else int(torch.randint(0, 2**62, ()).item())
-        )
+        gen = seeded_generator(params[0].seed)
         started = time.perf_counter()
         sampling = None if params[0].greedy else params[0]
         res = decoder.generate(prompts, [sp.max_tokens for sp in params], sampling, gen)

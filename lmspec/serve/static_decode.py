@@ -59,6 +59,20 @@ class StaticResult:
     times: DecodeTimes
 
 
+def check_speculative_depth(spec: Any, depth: int) -> None:
+    """ValueError unless ``depth`` is a number of draft blocks the model has (0 .. its MTP blocks)."""
+    available = spec.model.mtp.num_blocks if spec.model.mtp else 0
+    if not 0 <= depth <= available:
+        raise ValueError(f"speculative_depth must be in 0..{available} (the model's MTP blocks), got {depth}")
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or with a fresh random seed when it is None."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return gen
+
+
 class StaticDecoder:
     """Batched decode over a ``StaticKVCache`` with one fixed-shape (optionally compiled) step.
 
@@ -80,11 +94,7 @@ class StaticDecoder:
         backend: str | Callable[..., Any] = "inductor",
     ) -> None:
         spec = model.spec
-        available = spec.model.mtp.num_blocks if spec.model.mtp else 0
-        if not 0 <= speculative_depth <= available:
-            raise ValueError(
-                f"speculative_depth must be in 0..{available} (the model's MTP blocks), got {speculative_depth}"
-            )
+        check_speculative_depth(spec, speculative_depth)
         self.model = model.eval()
         self.depth = D = speculative_depth
         self.batch_size = batch_size

@@ -21,18 +21,16 @@ from typing import Any
 import torch
 
 from lmspec.errors import UsageError
-from lmspec.runtime.tokenizer import TOKENIZER_FILE, load_tokenizer
 from lmspec.spec import Spec, load_spec
 from lmspec.train.mopd import (
     HELD_OUT,
     Decode,
     chat_prompts,
     exact_match_by_domain,
-    greedy_answers,
     load_teacher,
     stage_teacher_sources,
 )
-from lmspec.train.stages import STAGES_DIR
+from lmspec.train.stages import source_dir
 from lmspec.train.tasks import PromptRecord, read_prompt_records
 
 DOMAINS_FILE = "domains.json"
@@ -43,24 +41,20 @@ def _start_dir(spec: Spec, run: Path, stage: int) -> Path:
     training = spec.training
     assert training is not None
     source = training.init_source(stage)
-    if source is None:
-        return run / STAGES_DIR / training.stages[stage - 1].name
-    return run / STAGES_DIR / source[1] if source[0] == "stage" else Path(source[1])
+    return source_dir(run, source if source is not None else ("stage", training.stages[stage - 1].name))
 
 
 def _grade(
-    source: str | Path, records: list[PromptRecord], max_new_tokens: int, decode: Decode, device: torch.device
+    name: str,
+    source: str | Path | dict[str, str],
+    records: list[PromptRecord],
+    max_new_tokens: int,
+    decode: Decode,
+    device: torch.device,
 ) -> dict[str, float]:
-    """Exact match per domain of the model in `source` (a checkpoint, run or stage directory)."""
-    import lmspec
-    from lmspec.runtime.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(source)
-    model = lmspec.from_pretrained(ckpt, device=device).eval()
-    tok_file = ckpt / TOKENIZER_FILE
-    tok = load_tokenizer(tok_file if tok_file.is_file() else None)
-    answers = greedy_answers(model, tok, [r.prompt for r in records], max_new_tokens, decode)
-    return exact_match_by_domain(answers, records)
+    """Exact match per domain of the model in `source`: a checkpoint, run or stage directory, or a server."""
+    model = load_teacher(name, source, decode=decode, device=device)
+    return exact_match_by_domain(model.answer([r.prompt for r in records], max_new_tokens), records)
 
 
 def _stage_report(
@@ -74,20 +68,13 @@ def _stage_report(
     start = _start_dir(spec, run, stage)
     if not start.exists():
         raise UsageError(f"{run}: stage {st.name} has not started (no {start})")
-    before = _grade(start, held_out, st.max_new_tokens, decode, device)
-    final = _grade(after, held_out, st.max_new_tokens, decode, device)
+    before = _grade("student", start, held_out, st.max_new_tokens, decode, device)
+    final = _grade("student", after, held_out, st.max_new_tokens, decode, device)
     teachers: dict[str, float] = {}
     for domain, source in stage_teacher_sources(spec, run, stage).items():
         mine = [r for r in held_out if r.domain == domain]
-        if not mine:
-            continue
-        if isinstance(source, dict):  # a served teacher grades through its own endpoint
-            teacher = load_teacher(domain, source, decode=decode)
-            teachers.update(
-                exact_match_by_domain(teacher.answer([r.prompt for r in mine], st.max_new_tokens), mine)
-            )
-        else:
-            teachers.update(_grade(source, mine, st.max_new_tokens, decode, device))
+        if mine:
+            teachers.update(_grade(domain, source, mine, st.max_new_tokens, decode, device))
     rows = {
         d: {"before": before.get(d), "after": final.get(d), "teacher": teachers.get(d)}
         for d in sorted(set(before) | set(final))

@@ -888,11 +888,13 @@ def stage_config(stage: Any, sched: Any, *, steps: int, seed: int, grad_clip: fl
 def stage_teacher_sources(spec: Any, run_dir: Path, stage: int) -> dict[str, str | Path | dict[str, str]]:
     """Each domain's teacher of mopd stage ``stage``: a directory (an earlier stage's is
     ``RUN/stages/NAME``) or ``{"url": ...}``."""
+    from lmspec.train.stages import source_dir
+
     training = spec.training
     out: dict[str, str | Path | dict[str, str]] = {}
     for domain in training.stages[stage].teachers:
-        kind, ref = training.teacher_source(stage, domain)
-        out[domain] = {"url": ref} if kind == "url" else run_dir / "stages" / ref if kind == "stage" else ref
+        source = training.teacher_source(stage, domain)
+        out[domain] = {"url": source[1]} if source[0] == "url" else source_dir(run_dir, source)
     return out
 
 

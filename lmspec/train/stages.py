@@ -166,7 +166,7 @@ class StageEntry:
         stage = training.stages[index]
         source = training.init_source(index)
         if source is not None and not (index and source == ("stage", training.stages[index - 1].name)):
-            directory = t.run_dir / STAGES_DIR / source[1] if source[0] == "stage" else Path(source[1])
+            directory = source_dir(t.run_dir, source)
             load_weights(t.model, directory, f"training.stages.{index}.init_from", t.d)
             from lmspec.train.trainer import make_optimizer
 
@@ -181,6 +181,12 @@ class StageEntry:
                 if k is not None and before <= k < now:
                     del t.optimizer.state[p]  # a copy starts with fresh moments, like a new parameter
             t.reporter.log(f"stage {stage.name}: MTP block 0 replicated into blocks {before}..{now - 1}")
+
+
+def source_dir(run_dir: Path, source: tuple[str, str]) -> Path:
+    """The directory of a stage's `init_from` or teacher source: an earlier stage's is `RUN/stages/NAME`."""
+    kind, ref = source
+    return run_dir / STAGES_DIR / ref if kind == "stage" else Path(ref)
 
 
 def _mtp_index(name: str) -> int | None:
