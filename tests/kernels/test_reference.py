@@ -92,12 +92,12 @@ def test_backend_names_and_the_torch_alias():
         get_backend("cuda")
 
 
-def test_every_op_defaults_to_the_reference_and_cpu_overrides_only_attention_and_experts():
+def test_every_op_defaults_to_the_reference_and_cpu_overrides_only_attention_rope_and_experts():
     assert sorted(OPS) == sorted(op for ops in OP_FAMILIES.values() for op in ops)
     assert sorted(OPS) == sorted(n for n, a in vars(Backend).items() if isinstance(a, staticmethod))
     for op in OPS:
         assert getattr(ReferenceBackend(), op) is getattr(ref, op)
-        want = {"attention": cpu.attention, "moe_experts": cpu.moe_experts}.get(op, getattr(ref, op))
+        want = {"attention": cpu.attention, "rope": cpu.rope, "moe_experts": cpu.moe_experts}.get(op, getattr(ref, op))
         assert getattr(CPUBackend(), op) is want, op
 
 

@@ -622,7 +622,7 @@ def test_triton_on_a_cpu_without_the_interpreter_is_refused(tmp_path, capsys, mo
 
 
 def test_an_allocation_failure_is_one_line(tmp_path):
-    """A real allocation failure: a 100k-token stage in a process capped at 3 GB of address space."""
+    """A real allocation failure: a 1M-token stage in a process capped at 3 GB of address space."""
     import resource
     import sys
 
@@ -630,7 +630,7 @@ def test_an_allocation_failure_is_one_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     out = tmp_path / "run"
-    big = ["--set", "model.max_position_embeddings=100000", "--set", "training.stages.0.seq_len=100000"]
+    big = ["--set", "model.max_position_embeddings=1000000", "--set", "training.stages.0.seq_len=1000000"]
     proc = subprocess.run(
         [sys.executable, "-m", "lmspec", *_train(out), *big],
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
