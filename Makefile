@@ -35,11 +35,15 @@ demo: install
 	# The demo's run directory is its own: start it afresh each time.
 	lmspec train examples/mimo_v2_flash_tiny.yaml --out runs/demo --overwrite
 
+# One pytest worker per core (pytest-xdist), each test file on one worker so that a file's module-scoped
+# runs train once; every test already runs torch on one intra-op thread (tests/conftest.py).
+PYTEST := $(PYTHON) -m pytest -q --durations=25 --numprocesses auto --dist loadfile
+
 test: install
-	$(PYTHON) -m pytest -q --durations=25
+	$(PYTEST)
 
 test-slow: install
-	$(PYTHON) -m pytest -q -m slow --durations=25
+	$(PYTEST) -m slow
 
 # The checkpoint the decode benchmark reads: the demo's run directory, trained by the demo's own command
 # when it holds no checkpoint yet (a clean checkout), left as it is when it does.
