@@ -77,6 +77,10 @@ def class_name(name: str, suffix: str = "") -> Identifier:
 
 # -- the contexts ----------------------------------------------------------------------------------
 
+# How tensor parallelism splits a weight (the generated classes' TENSOR_PLAN): a linear's output features
+# (colwise) or input features (rowwise), a per-head parameter with its heads, the LM head by vocabulary.
+COLWISE, ROWWISE, HEADS, VOCAB = "colwise", "rowwise", "heads", "vocab"
+
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionPlan:
@@ -107,6 +111,12 @@ class AttentionPlan:
         """The scale is `qk_head_dim ** -0.5` (written that way, as transformers computes it)."""
         return self.scale == self.qk_head_dim**-0.5
 
+    @property
+    def tensor_plan(self) -> tuple[tuple[str, str], ...]:
+        """How tensor parallelism splits this kind's weights by head (`lmspec.train.tensor_parallel`)."""
+        split = (("q_proj", COLWISE), ("k_proj", COLWISE), ("v_proj", COLWISE), ("o_proj", ROWWISE))
+        return split + ((("sinks", HEADS),) if self.sink else ())
+
 
 @dataclass(frozen=True, kw_only=True)
 class DenseFFNPlan:
@@ -119,6 +129,11 @@ class DenseFFNPlan:
     kind: str = "dense"
     intermediate_size: int
     fused_swiglu: bool
+
+    @property
+    def tensor_plan(self) -> tuple[tuple[str, str], ...]:
+        """Tensor parallelism splits the SwiGLU's width: gate/up by output, down by input features."""
+        return SWIGLU_TENSOR_PLAN
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +162,16 @@ class MoEFFNPlan:
     fused_router: bool
     fused_swiglu: bool  # of the shared experts
 
+    @property
+    def tensor_plan(self) -> tuple[tuple[str, str], ...]:
+        """The shared experts' split under tensor parallelism (the routed experts stay whole: see scale.md)."""
+        return SWIGLU_TENSOR_PLAN
+
 
 FFNPlan = DenseFFNPlan | MoEFFNPlan
+
+# The tensor-parallel split of a SwiGLU (a dense FFN, a MoE kind's shared experts): its width.
+SWIGLU_TENSOR_PLAN = (("gate_proj", COLWISE), ("up_proj", COLWISE), ("down_proj", ROWWISE))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +234,11 @@ class Plan:
     trunk_nodes: tuple[str, ...]  # embedding and final norm (<cls>Model)
     head_nodes: tuple[str, ...]  # inputs, LM head and loss (<cls>ForCausalLM)
     kernels: tuple[KernelVariant, ...]
+
+    @property
+    def tensor_plan(self) -> tuple[tuple[str, str], ...]:
+        """The LM head split by vocabulary under tensor parallelism; a head tied to the embedding stays whole."""
+        return () if self.tie_word_embeddings else (("lm_head", VOCAB),)
 
     @property
     def class_name(self) -> Identifier:

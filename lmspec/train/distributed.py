@@ -27,6 +27,7 @@ so the trainer has one code path.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,11 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # Tensor parallelism (set by `shard`): the ranks of a tensor group are neighbours (the mesh's innermost
+    # dimension) and read the same rows, so the batch splits over world_size / tensor ranks, and
+    # `batch_group` holds one rank of each tensor group (those of this rank's tensor index).
+    tensor: int = 1
+    batch_group: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -54,15 +60,27 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def batch_ranks(self) -> int:
+        """How many ranks read different rows: the world, less the tensor ranks that share them."""
+        return self.world_size // self.tensor
+
     def rows(self, batch_size: int) -> slice:
-        """This rank's contiguous share of a global batch's rows (sizes differ by at most one)."""
-        base, extra = divmod(batch_size, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return slice(start, start + base + (1 if self.rank < extra else 0))
+        """This rank's contiguous share of a global batch's rows (sizes differ by at most one); the ranks of
+        a tensor group get the same rows."""
+        ranks, me = self.batch_ranks, self.rank // self.tensor
+        base, extra = divmod(batch_size, ranks)
+        start = me * base + min(me, extra)
+        return slice(start, start + base + (1 if me < extra else 0))
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
+        """Sum `t` over the ranks that read different rows (each tensor group counts once)."""
+        if not self.enabled:
+            return t
+        if self.tensor == 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        elif self.batch_ranks > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.batch_group)
         return t
 
     def barrier(self) -> None:
@@ -100,16 +118,11 @@ _ENTRY_METHODS = ("predict",)
 
 
 def check_layout(parallel: Parallel | None, d: Dist) -> None:
-    """Refuse, in one line, a `training.parallel` this run cannot use: a product other than the world
-    size, or the tensor dimension, which training does not split by yet."""
+    """Refuse, in one line, a `training.parallel` whose product is not the world size (the schema has
+    already checked that each size divides what it splits)."""
     problem = world_size_problem(parallel, d.world_size)
     if problem is not None:
         raise UsageError(f"training.parallel: {problem} (the processes torchrun started)")
-    if parallel is not None and parallel.tensor > 1:
-        raise UsageError(
-            f"training.parallel: expected tensor 1 (training splits ranks by data, fsdp and expert), "
-            f"got tensor {parallel.tensor}; `lmspec plan` sizes such layouts"
-        )
 
 
 @dataclass
@@ -119,6 +132,8 @@ class Meshes:
     dense: DeviceMesh | None = None  # FSDP2 of every weight but the routed experts: (data, fsdp [x expert])
     experts: DeviceMesh | None = None  # FSDP2 of the routed experts: (data, fsdp)
     expert: DeviceMesh | None = None  # the 1-D expert group the routed experts split over
+    tensor: DeviceMesh | None = None  # the 1-D tensor group heads, FFN widths and vocabulary split over
+    batch: DeviceMesh | None = None  # with `tensor`: the ranks reading other rows (data x fsdp x expert)
 
 
 def meshes(parallel: Parallel | None, d: Dist) -> Meshes:
@@ -130,6 +145,8 @@ def meshes(parallel: Parallel | None, d: Dist) -> Meshes:
     from torch.distributed.device_mesh import init_device_mesh
 
     dev = d.device.type
+    if parallel.tensor > 1:
+        return _tensor_meshes(parallel, dev)
     if parallel.expert == 1:
         return Meshes(
             dense=init_device_mesh(dev, (parallel.data, parallel.fsdp), mesh_dim_names=("data", "fsdp"))
@@ -138,6 +155,26 @@ def meshes(parallel: Parallel | None, d: Dist) -> Meshes:
     root = init_device_mesh(dev, shape, mesh_dim_names=("data", "fsdp", "expert"))
     root["fsdp", "expert"]._flatten("dense_shard")
     return Meshes(dense=root["data", "dense_shard"], experts=root["data", "fsdp"], expert=root["expert"])
+
+
+def _tensor_meshes(parallel: Parallel, dev: str) -> Meshes:
+    """A (data, fsdp, expert, tensor) mesh: `tensor` innermost, so a tensor group is neighbouring ranks
+    (one node's fast links); FSDP2 shards the dense weights over `fsdp x expert` as without it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (parallel.data, parallel.fsdp, parallel.expert, parallel.tensor)
+    root = init_device_mesh(dev, shape, mesh_dim_names=("data", "fsdp", "expert", "tensor"))
+    batch = root["data", "fsdp", "expert"]._flatten("batch")
+    if parallel.expert == 1:
+        return Meshes(dense=root["data", "fsdp"], tensor=root["tensor"], batch=batch)
+    root["fsdp", "expert"]._flatten("dense_shard")
+    return Meshes(
+        dense=root["data", "dense_shard"],
+        experts=root["data", "fsdp"],
+        expert=root["expert"],
+        tensor=root["tensor"],
+        batch=batch,
+    )
 
 
 def _moe_experts(model: nn.Module) -> list[nn.Module]:
@@ -189,6 +226,8 @@ def shard(model: nn.Module, d: Dist, parallel: Parallel | None = None) -> nn.Mod
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     m = meshes(parallel, d)
+    if m.tensor is not None:
+        _split_tensor(model, m, d)
     if m.expert is not None:
         _shard_experts(model, m, d)
 
@@ -197,14 +236,43 @@ def shard(model: nn.Module, d: Dist, parallel: Parallel | None = None) -> nn.Mod
     mtp = getattr(inner, "mtp", None)
     if mtp is not None:
         blocks.extend(mtp.layers)
-    for block in blocks:
+    for block in [*blocks, model]:
         fully_shard(block, mesh=m.dense)
+        if m.tensor is not None:
+            _divide_by_world(block, m, d)
         # MTP blocks are entered through `predict`, not `forward`; FSDP must gather their weights there too.
-        for method in _ENTRY_METHODS:
+        for method in _ENTRY_METHODS if block is not model else ():
             if callable(getattr(block, method, None)):
                 register_fsdp_forward_method(block, method)
-    fully_shard(model, mesh=m.dense)
     return model
+
+
+def _split_tensor(model: nn.Module, m: Meshes, d: Dist) -> None:
+    """Tensor parallelism over `m.tensor` (lmspec.train.tensor_parallel), before FSDP2 wraps the DTensor
+    weights; `d` learns which ranks share rows."""
+    from lmspec.train import tensor_parallel
+
+    assert m.tensor is not None and m.batch is not None
+    d.tensor, d.batch_group = m.tensor.size(), m.batch.get_group()
+    tensor_parallel.parallelize(model, m.tensor)
+    # A block's output is now the local view of a DTensor, which FSDP2 warns about because an in-place op
+    # on it would skip its backward hook; the generated blocks and the ops never write their inputs.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+
+
+def _divide_by_world(module: nn.Module, m: Meshes, d: Dist) -> None:
+    """Make FSDP2 divide `module`'s summed gradients by the world size, as it does the experts'.
+
+    The trainer scales each rank's loss by world_size (x its share of the batch) for FSDP's average; with
+    tensor parallelism FSDP's group is world / tensor ranks, and the tensor ranks of a group hold the same
+    rows, so its default average would leave every gradient `tensor` times the global mean.
+    """
+    assert m.dense is not None
+    module.set_gradient_divide_factor(float(d.world_size))
+    if m.dense.size(m.dense.ndim - 1) > 1:
+        # A plain sum and one division afterwards: gloo has no pre-multiplied sum. (On one shard rank
+        # FSDP divides while copying, and forcing the sum there would divide twice.)
+        module.set_force_sum_reduction_for_comms(True)
 
 
 def _copies(t: torch.Tensor, world_size: int) -> int:
@@ -249,8 +317,14 @@ def clip_grad_norm(model: nn.Module, max_norm: float, d: Dist) -> torch.Tensor:
 
 
 def describe_experts(model: nn.Module, d: Dist) -> list[str]:
+    """What each rank holds of the split weights, as the trainer logs it: `_expert_lines`, then
+    `describe_tensor`'s lines. A collective: every rank calls it."""
+    return _expert_lines(model, d) + describe_tensor(model, d)
+
+
+def _expert_lines(model: nn.Module, d: Dist) -> list[str]:
     """One line per rank: which routed experts it holds and the shape of its share of the first MoE layer's
-    `gate_up_proj` (empty without expert parallelism). A collective: every rank calls it."""
+    `gate_up_proj` (empty without expert parallelism)."""
     layers = _moe_experts(model)
     if not d.enabled or not layers or not hasattr(layers[0].gate_up_proj, "placements"):
         return []
@@ -264,6 +338,19 @@ def describe_experts(model: nn.Module, d: Dist) -> list[str]:
         f"rank {d.rank}: experts {me * n}-{(me + 1) * n - 1} of {w.shape[0]} in each of {len(layers)} MoE layers "
         f"(expert rank {me} of {ranks}); gate_up_proj local {tuple(w.to_local().shape)} of {tuple(w.shape)}"
     )
+    lines: list[Any] = [None] * d.world_size
+    dist.all_gather_object(lines, mine)
+    return lines
+
+
+def describe_tensor(model: nn.Module, d: Dist) -> list[str]:
+    """One line per rank: its tensor rank and the local shape of the first weight of each tensor-parallel
+    style, as FSDP2 also shards it (empty without tensor parallelism). A collective: every rank calls it."""
+    if not d.enabled or d.tensor == 1:
+        return []
+    from lmspec.train import tensor_parallel
+
+    mine = f"{tensor_parallel.describe(model, d.rank)} (tensor rank {d.rank % d.tensor} of {d.tensor})"
     lines: list[Any] = [None] * d.world_size
     dist.all_gather_object(lines, mine)
     return lines
