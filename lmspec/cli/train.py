@@ -52,7 +52,8 @@ def export_command(checkpoint: str, out_arg: str) -> int:
     issues = export_issues(model.spec)
     if issues:  # transformers' MiMo-V2-Flash could not load the folder
         raise UsageError(f"{ckpt}: the model has no transformers layout: {'; '.join(issues)}")
-    model.save_pretrained(out)
+    # The released checkpoint's names: what transformers, SGLang and vLLM each load (docs/scale.md).
+    model.save_pretrained(out, layout="hub")
     if (ckpt / TOKENIZER_FILE).is_file():
         shutil.copyfile(ckpt / TOKENIZER_FILE, out / TOKENIZER_FILE)
     kind = "sharded checkpoint" if is_sharded(ckpt) else "checkpoint"

@@ -147,8 +147,22 @@ def _attention_config(spec: Spec) -> dict[str, Any]:
         "add_full_attention_sink_bias": bool(g and g.sink),
         "add_swa_attention_sink_bias": bool(s and s.sink),
     }
-    if s is not None and s.window_convention == "previous_plus_self":
-        config["sliding_window_size"] = s.window  # transformers sets sliding_window = this + 1
+    if s is not None and s.window_keys > 1:
+        # The previous tokens a query sees besides itself: transformers sets sliding_window = this + 1, and
+        # SGLang and vLLM read only this key (the engines' code: docs/scale.md).
+        config["sliding_window_size"] = s.window_keys - 1
+    # The flat keys of the released config.json, which SGLang's and vLLM's MiMo-V2-Flash models read instead
+    # of transformers' layer_types / rope_parameters / rms_norm_eps (transformers keeps them as plain attributes).
+    swa = s or ref
+    config |= {
+        "swa_num_attention_heads": swa.num_heads,
+        "swa_head_dim": swa.qk_head_dim,
+        "swa_v_head_dim": swa.v_head_dim,
+        "rope_theta": float(ref.rope.theta),  # the global kind's, or the sliding one's without global layers
+        "swa_rope_theta": float(swa.rope.theta),
+        # one factor for both kinds in the engines; the nested rope_parameters keep each kind's own
+        "partial_rotary_factor": ref.rope.fraction,
+    }
     return config
 
 
@@ -182,6 +196,10 @@ def spec_to_config(spec: Spec, dtype: str = "float32") -> dict[str, Any]:
         "layer_types": layer_types,
         "mlp_layer_types": mlp_types,
         "num_nextn_predict_layers": m.mtp.num_blocks if m.mtp else 0,
+        # the released config's per-layer lists and norm epsilon, for SGLang and vLLM (see _attention_config)
+        "hybrid_layer_pattern": [int(t == SLIDING) for t in layer_types],
+        "moe_layer_freq": [int(t == "sparse") for t in mlp_types],
+        "layernorm_epsilon": m.norm.eps,
         "pad_token_id": None,
         "bos_token_id": None,
         "eos_token_id": None,

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -509,11 +509,12 @@ class CausalLMBase(nn.Module):
             sd.pop("lm_head.weight", None)
         return sd
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``spec.yaml``, ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+    def save_pretrained(self, directory: str | Path, *, layout: Literal["native", "hub"] = "native") -> Path:
+        """Write ``spec.yaml``, ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``;
+        ``layout="hub"`` names the weights as the released checkpoint does (``lmspec.runtime.modeling``)."""
         from lmspec.runtime.modeling import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, layout=layout)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -5,9 +5,15 @@ weights; ``from_pretrained(dir)`` reads ``spec.yaml`` (or a transformers ``confi
 ``model.safetensors`` (single file or sharded with ``model.safetensors.index.json``);
 ``save_pretrained(model, dir)`` writes ``spec.yaml``, ``config.json`` and ``model.safetensors``.
 
-Accepted on load besides our own names: ``self_attn.attention_sink_bias`` (the Hub name of ``sinks``) and
-per-expert tensors ``mlp.experts.{e}.{gate,up,down}_proj.weight`` (what transformers 5.23 writes), which are
-stacked into the fused ``mlp.experts.gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I).
+Two weight layouts, both read on load:
+
+- ``native``: the generated model's own names, which are also the modules transformers 5.23 holds in memory
+  (fused ``mlp.experts.gate_up_proj`` (E, 2I, H) / ``down_proj`` (E, H, I), ``self_attn.sinks``). Training
+  checkpoints use it: one tensor per expert matrix stack, no split or copy.
+- ``hub``: the names of the released checkpoint, which transformers' own ``save_pretrained`` writes and
+  SGLang's and vLLM's loaders read: per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight``,
+  ``self_attn.attention_sink_bias``, and ``pre_mlp_layernorm`` for an MTP block's second norm. ``lmspec
+  export`` writes it; transformers converts it to its fused modules on load.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -32,8 +39,10 @@ from lmspec.spec.loader import apply_override, validate
 
 __all__ = [
     "CheckpointError",
+    "LAYOUTS",
     "build",
     "from_pretrained",
+    "hub_state_dict",
     "load_hf_state_dict",
     "save_config",
     "save_pretrained",
@@ -100,6 +109,9 @@ def build(
 _EXPERT_RE = re.compile(
     r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
 )
+# An MTP block's pre-FFN norm: the released checkpoint (and vLLM, which reads nothing else) names it
+# pre_mlp_layernorm, where the decoder layers and our MTP module say post_attention_layernorm.
+_MTP_NORM_RE = re.compile(r"^(model\.mtp\.layers\.\d+)\.pre_mlp_layernorm\.")
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -136,6 +148,7 @@ def load_hf_state_dict(directory: str | Path) -> dict[str, Tensor]:
             continue
         if name.endswith(".self_attn.attention_sink_bias"):
             name = name[: -len("attention_sink_bias")] + "sinks"
+        name = _MTP_NORM_RE.sub(r"\1.post_attention_layernorm.", name)
         out[name] = t
     for prefix, projs in experts.items():
         n = len(projs.get("gate_proj", {}))
@@ -263,14 +276,55 @@ def _spec_with_current_rope(model: CausalLMBase) -> Spec:
     return validate(data, {}, "<save_pretrained>")
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``spec.yaml``, ``config.json`` (transformers ``mimo_v2_flash``) and ``model.safetensors``."""
+Layout = Literal["native", "hub"]
+LAYOUTS: tuple[Layout, ...] = ("native", "hub")
+
+_FUSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_MTP_POST_NORM_RE = re.compile(r"^(model\.mtp\.layers\.\d+)\.post_attention_layernorm\.")
+
+
+def hub_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A native state dict under the released checkpoint's names (the ``hub`` layout of the module docstring).
+
+    Each expert's matrices become their own tensors, as the engines' expert-parallel loaders pick experts by
+    the index in the name; the split is a view until ``save_pretrained`` makes it contiguous.
+    """
+    out: dict[str, Tensor] = {}
+    for name, t in state.items():
+        m = _FUSED_EXPERTS_RE.match(name)
+        if m and m["proj"] == "gate_up_proj":  # (E, 2I, H): gate rows first, as the loader stacks them
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{m['prefix']}.{e}.gate_proj.weight"] = t[e, :half]
+                out[f"{m['prefix']}.{e}.up_proj.weight"] = t[e, half:]
+            continue
+        if m:  # down_proj (E, H, I)
+            for e in range(t.shape[0]):
+                out[f"{m['prefix']}.{e}.down_proj.weight"] = t[e]
+            continue
+        if name.endswith(".self_attn.sinks"):
+            name = name[: -len("sinks")] + "attention_sink_bias"
+        out[_MTP_POST_NORM_RE.sub(r"\1.pre_mlp_layernorm.", name)] = t
+    return out
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, layout: Layout = "native") -> Path:
+    """Write ``spec.yaml``, ``config.json`` (transformers ``mimo_v2_flash``) and ``model.safetensors``.
+
+    ``layout`` names the weights (module docstring): ``native`` for training checkpoints, ``hub`` for a folder
+    that transformers, SGLang and vLLM all load.
+    """
 
     if not isinstance(model, CausalLMBase) or model.spec is None:
         raise ValueError("save_pretrained needs a model built by lmspec (with model.spec set)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}
+    state = model.hf_state_dict()
+    if layout == "hub":
+        state = hub_state_dict(state)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     dtype = next(iter(state.values())).dtype if state else torch.float32
     metadata = {"format": "pt", ROPE_METADATA: json.dumps(model.rope_thetas(), sort_keys=True)}
     write_atomic(directory / WEIGHTS_FILE, safetensors_save(state, metadata=metadata))
