@@ -52,7 +52,7 @@ from lmspec.train import distributed, sharded_checkpoint
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
-from lmspec.train.losses import LossParts, training_loss
+from lmspec.train.losses import LossParts, combine, loss_counts, shares, training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
 from lmspec.train.rundir import apply_plan, lock_run_dir, plan_run
 from lmspec.train.schedule import StepSchedule, plan_steps, scale_factor, scale_schedule, schedule_at
@@ -753,17 +753,20 @@ def _train_step(
 ) -> dict[str, Any]:
     """Forward and backward over this rank's micro-batches; returns the global batch's loss parts."""
     inputs, labels = data.inputs, data.labels
-    batch = inputs.shape[0]
     n_mtp = sched.mtp_blocks if spec.model.mtp else 0
-    # [total, ce, aux, mtp_1..mtp_K], summed over micro-batches weighted by their share of the global batch.
-    sums = torch.zeros(3 + n_mtp, dtype=torch.float64)
+    weights = {
+        "mtp_loss_weight": sched.mtp_loss_weight,
+        "seq_aux_coef": sched.seq_aux_coef,
+        "mtp_depth_weights": sched.mtp_depth_weights,
+    }
+    # [ce, aux, mtp_1..mtp_K]: each micro-batch's means weighted by its share of the global batch's counts
+    # (losses.shares), so their sum is the global mean however the rows are split over ranks and
+    # micro-batches, also where rows train different numbers of tokens (sft).
+    sums = torch.zeros(2 + n_mtp, dtype=torch.float64)
+    whole = loss_counts(labels, n_mtp)
     load: torch.Tensor | None = None
-    # Each micro-batch's CE is the mean over its own trained labels, so its weight is its share of the global
-    # batch's: the sum is then the global mean however the rows are split, also where rows train different
-    # numbers of tokens (sft). With every label trained this is the share of rows, bit for bit.
-    trained = int((labels != -100).sum())
-    for sl in _micro_slices(d, batch, micro):
-        share = int((labels[sl] != -100).sum()) / trained if trained else (sl.stop - sl.start) / batch
+    for sl in _micro_slices(d, inputs.shape[0], micro):
+        s_ce, s_aux, s_mtp = shares(loss_counts(labels[sl], n_mtp), whole)
         x, y = inputs[sl].to(d.device), labels[sl].to(d.device)
         with _autocast(spec, d.device):
             parts, expert_load = forward(
@@ -775,10 +778,13 @@ def _train_step(
                 sched.seq_aux_coef,
                 sched.mtp_depth_weights,
             )
-        # FSDP averages gradients over ranks; scaling by world size makes the result the global-batch mean.
-        (parts.total * (share * d.world_size)).backward()
-        vals = [parts.total, parts.ce, parts.aux, *parts.mtp]
-        sums += share * torch.tensor([float(v.detach()) for v in vals], dtype=torch.float64)
+        mtp = [m * s for m, s in zip(parts.mtp, s_mtp, strict=True)]
+        total = combine(parts.ce * s_ce, parts.aux * s_aux, mtp, **weights)
+        # FSDP averages gradients over ranks; scaling by world size makes their sum over ranks and
+        # micro-batches the gradient of the global batch's loss.
+        (total * d.world_size).backward()
+        vals = [(parts.ce, s_ce), (parts.aux, s_aux), *zip(parts.mtp, s_mtp, strict=True)]
+        sums += torch.tensor([float(v.detach()) * s for v, s in vals], dtype=torch.float64)
         if expert_load is not None:
             el = expert_load.detach().to("cpu", torch.float64)
             load = el if load is None else load + el
@@ -789,11 +795,12 @@ def _train_step(
         load = load.to(d.device)
         d.all_sum(load)
         load = load.cpu()
+    ce, aux, mtp = sums[0], sums[1], list(sums[2:])
     return {
-        "loss": sums[0].item(),
-        "ce": sums[1].item(),
-        "aux": sums[2].item(),
-        "mtp": sums[3:].tolist(),
+        "loss": combine(ce, aux, mtp, **weights).item(),
+        "ce": ce.item(),
+        "aux": aux.item(),
+        "mtp": sums[2:].tolist(),
         "expert_load": load,
     }
 

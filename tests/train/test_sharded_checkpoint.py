@@ -101,8 +101,6 @@ def test_a_killed_four_rank_run_resumes_on_two_ranks_with_the_same_metrics(tmp_p
     assert "resumed from" in log and "step 4" in log
     a, b = read_metrics(whole), read_metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 12
-    # The last step (sft) is left out: its CE and MTP losses depend on the world size with or without
-    # checkpoints (uninterrupted runs on 1, 2 and 4 ranks differ there by up to 2e-4).
     assert [r["stage"] for r in a[4:]] == ["pretrain"] * 5 + ["midtrain"] * 2 + ["sft"]
     for x, y in zip(a[4:-1], b[4:-1], strict=True):
         for key in ("loss", "ce", "max_load_ratio"):
@@ -111,6 +109,16 @@ def test_a_killed_four_rank_run_resumes_on_two_ranks_with_the_same_metrics(tmp_p
         # layout reduces in another order; they move by a few 1e-6.
         for key in ("grad_norm", "aux"):
             assert y[key] == pytest.approx(x[key], rel=1e-5), (x["step"], key)
+    # The sft step: every loss is a mean over the global batch's count, so the layout does not weigh ranks'
+    # rows differently (the MTP losses moved by 2e-3 when each rank's were weighted by its share of the CE
+    # labels). What is left, about 1e-5, is routing: fp32 sums reduced in another order flip a few top-k
+    # choices (one process run whole or in micro-batches of 4 rows differs in 35 of this step's 12k, and
+    # with one's routes replayed in the other the CE is the same), and the step's 271 trained tokens make
+    # each flip weigh 8x what it does in a pretrain step.
+    x, y = a[-1], b[-1]
+    for key in ("loss", "ce"):
+        assert y[key] == pytest.approx(x[key], rel=5e-5), key
+    assert y["mtp"] == pytest.approx(x["mtp"], rel=5e-5)
 
 
 def _export(capsys, *args: str) -> tuple[int, str, str]:
