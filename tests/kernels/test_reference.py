@@ -97,7 +97,9 @@ def test_every_op_defaults_to_the_reference_and_cpu_overrides_only_attention_rop
     assert sorted(OPS) == sorted(n for n, a in vars(Backend).items() if isinstance(a, staticmethod))
     for op in OPS:
         assert getattr(ReferenceBackend(), op) is getattr(ref, op)
-        want = {"attention": cpu.attention, "rope": cpu.rope, "moe_experts": cpu.moe_experts}.get(op, getattr(ref, op))
+        want = {"attention": cpu.attention, "rope": cpu.rope, "moe_experts": cpu.moe_experts}.get(
+            op, getattr(ref, op)
+        )
         assert getattr(CPUBackend(), op) is want, op
 
 
