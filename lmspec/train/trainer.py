@@ -52,6 +52,7 @@ from lmspec.train import distributed, sharded_checkpoint
 from lmspec.train.balancing import load_fractions, max_over_uniform, update_correction_bias
 from lmspec.train.config import DEFAULT_EVAL_TOKENS, TrainConfig
 from lmspec.train.data import Batch, Corpus, bits_per_byte, make_stream, read_documents
+from lmspec.train.footprint import state_bytes_by_rank
 from lmspec.train.losses import LossParts, combine, loss_counts, shares, training_loss
 from lmspec.train.metrics import METRICS_FILE, ConsoleReporter, MetricsWriter
 from lmspec.train.rundir import apply_plan, lock_run_dir, plan_run
@@ -524,6 +525,11 @@ class Trainer:
         grad_clip = spec.training.grad_clip
         grad_norm = distributed.clip_grad_norm(model, grad_clip if grad_clip else math.inf, self.d)
         optimizer.step()
+        # The first step of a sharded run logs each rank's state bytes, once the optimizer holds its state
+        # and before the gradients are freed: what `lmspec plan` estimates per device.
+        state_bytes = (
+            state_bytes_by_rank(model, optimizer, self.d) if self.d.enabled and not self.steps else None
+        )
         optimizer.zero_grad(set_to_none=True)
         update_correction_bias(self.moe_layers, parts["expert_load"], sched.bias_update)
         self.steps += 1
@@ -532,6 +538,8 @@ class Trainer:
         self.elapsed += dt
         row = _metrics_row(self.steps, self.tokens, sched, parts, float(grad_norm), dt, self.elapsed)
         row["num_zeros"] = num_zeros
+        if state_bytes is not None:
+            row["state_bytes"] = state_bytes
         if sched.kind != "pretrain":
             row["stage_kind"] = sched.kind
             row["target_tokens"] = int((batch.labels != -100).sum())
