@@ -923,6 +923,21 @@ def _stage_teachers(trainer: Any, stage: int) -> dict[str, Teacher]:
     return teachers
 
 
+def _enter_rope(trainer: Any, sched: Any) -> None:
+    """Set the stage's RoPE thetas on the student, as the trainer's own step does at a stage switch.
+
+    The weights a mopd stage starts from (``init_from``) come in through ``load_state_dict``, which
+    carries no theta: without this the student would decode and train at whatever theta the model held
+    before (the spec's base theta when the mopd stage is the run's first), not the one it was trained at.
+    """
+    if sched.rope_theta == trainer.theta:
+        return
+    model = trainer.model
+    model.set_rope_theta({k: t for k, t in sched.rope_theta.items() if k in model.rope_thetas()})
+    trainer.theta = dict(sched.rope_theta)
+    trainer.reporter.stage(sched)
+
+
 def run_stage(trainer: Any, stage: int) -> None:
     """Run stage ``stage`` (kind mopd) of ``trainer``'s spec from where its counters are to its end.
 
@@ -943,6 +958,7 @@ def run_stage(trainer: Any, stage: int) -> None:
     end = stage_bounds(spec)[stage][1]
     seed, grad_clip = spec.training.seed, spec.training.grad_clip
     first = schedule_at(spec, trainer.tokens)
+    _enter_rope(trainer, first)
     probe = stage_config(st, first, steps=1, seed=seed, grad_clip=grad_clip)
     info = {"teacher_exact_match": _exact_match_rows(model, teachers, evals, probe, tok, decode)[1]}
     trainer.reporter.log(

@@ -379,6 +379,30 @@ def test_a_spec_mopd_stage_runs_under_the_trainer_and_resumes_bitwise(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_mopd_stage_that_starts_a_run_decodes_at_its_own_rope_theta(tmp_path):
+    """A spec whose first stage is mopd (init_from a saved student): the student runs at the stage's RoPE
+    theta (the one its weights were trained at), not the model's base theta, from the first rollout on."""
+    spec, data = _pipeline(tmp_path)
+    student = small(0)
+    student.set_rope_theta({"global": 640000.0})
+    student.save_pretrained(tmp_path / "student")
+    spec.write_text(
+        f"extends: {TINY}\nname: mopd_first\nmodel:{SMALL_MODEL}training:\n  stages:\n"
+        "    - {name: distill, kind: mopd, init_from: student, prompts: prompts.jsonl, rollouts_per_prompt: 2,\n"
+        "       eps_low: 0.5, eps_high: 2.0,\n"
+        "       max_new_tokens: 6, tokens: 128, seq_len: 32, batch_size: {size: 4}, lr: {kind: constant, peak: 1.0e-3},\n"
+        "       overrides: {rope_theta: {global: 640000.0}},\n"
+        "       teachers: {addition: teacher_addition, reversal: teacher_reversal}}\n"
+    )  # fmt: skip
+    trainer = _trainer(spec, data, tmp_path / "run")
+    trainer.setup()
+    assert trainer.model.rope_thetas()["global"] != 640000.0  # the model's base theta before the stage
+    trainer.run()
+    assert trainer.model.rope_thetas()["global"] == 640000.0
+    saved = lmspec.from_pretrained(tmp_path / "run")
+    assert saved.rope_thetas()["global"] == 640000.0
+
+
 @pytest.mark.slow
 def test_a_mopd_stage_killed_with_sigkill_resumes_bitwise(tmp_path):
     """`lmspec train` on the pretrain -> mopd spec, SIGKILLed once the mopd stage has logged 2 steps, then
