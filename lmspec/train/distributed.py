@@ -328,6 +328,9 @@ def _expert_lines(model: nn.Module, d: Dist) -> list[str]:
     layers = _moe_experts(model)
     if not d.enabled or not layers or not hasattr(layers[0].gate_up_proj, "placements"):
         return []
+    if d.tensor > 1 and "expert_parallel" not in model.ops.name:
+        # Whole experts on every rank: FSDP2's shards of them are not an expert split.
+        return []
     w = layers[0].gate_up_proj
     spmd = w.device_mesh
     names = spmd.mesh_dim_names or ()
