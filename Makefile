@@ -35,9 +35,11 @@ demo: install
 	# The demo's run directory is its own: start it afresh each time.
 	lmspec train examples/mimo_v2_flash_tiny.yaml --out runs/demo --overwrite
 
-# One pytest worker per core (pytest-xdist), each test file on one worker so that a file's module-scoped
-# runs train once; every test already runs torch on one intra-op thread (tests/conftest.py).
-PYTEST := $(PYTHON) -m pytest -q --durations=25 --numprocesses auto --dist loadfile
+# Two pytest workers (pytest-xdist; `make test TEST_WORKERS=8` on a bigger machine), each test file on one
+# worker so that a file's module-scoped runs train once; every test already runs torch on one intra-op
+# thread (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := $(PYTHON) -m pytest -q --durations=25 --numprocesses $(TEST_WORKERS) --dist loadfile
 
 test: install
 	$(PYTEST)
