@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lmspec.compiler.plan import COLWISE, HEADS, ROWWISE, VOCAB
-from lmspec.runtime.ops.base import OPS, Backend
+from lmspec.runtime.ops.base import WrappedBackend
 from lmspec.runtime.ops.reference import _compute_dtype
 from lmspec.runtime.parallel import tensor_plan
 
@@ -153,15 +153,11 @@ def _is_vocab_split(weight: Tensor) -> bool:
     return isinstance(weight, DTensor) and weight.device_mesh.ndim == 1 and weight.placements == (Shard(0),)
 
 
-class TensorParallelBackend(Backend):
+class TensorParallelBackend(WrappedBackend):
     """`base` for every op; `lm_head_ce` with a vocabulary-split head is `vocab_parallel_ce`."""
 
-    def __init__(self, base: Backend) -> None:
-        self.base = base
-        self.name = f"{base.name}+tensor_parallel"
-        for op in OPS:
-            if op != "lm_head_ce":
-                setattr(self, op, getattr(base, op))
+    wraps = ("lm_head_ce",)
+    label = "tensor_parallel"
 
     def lm_head_ce(self, hidden: Tensor, weight: Tensor, labels: Tensor, **kwargs: Any) -> Tensor:
         if not _is_vocab_split(weight):

@@ -3,19 +3,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lmspec.train.metrics import read_metrics
 
+from .gloo import run_on_ranks
 from .test_parallel_layout import _train
 
 E, H, INTER, K = 8, 32, 16, 2
@@ -34,44 +32,33 @@ def _inputs(n: int, skew: bool) -> tuple[torch.Tensor, ...]:
     return x, w, idx, gate_up, down
 
 
-def _check_rank(rank: int, world: int, port: int, errors) -> None:  # noqa: ANN001 - a manager list
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        from lmspec.runtime.ops.cpu import moe_experts
-        from lmspec.runtime.ops.expert_parallel import dispatch_combine
+def _check_rank(rank: int, world: int) -> None:
+    from lmspec.runtime.ops.cpu import moe_experts
+    from lmspec.runtime.ops.expert_parallel import dispatch_combine
 
-        for skew in (False, True):
-            x, w, idx, gate_up, down = _inputs(12, skew)
-            # The single-process op on all tokens, every rank alike: the oracle.
-            xs, ws, gus, ds = (t.clone().requires_grad_() for t in (x, w, gate_up, down))
-            want = moe_experts(xs, ws, idx, gus, ds)
-            want.pow(2).sum().backward()
-            # This rank's half of the tokens, its half of the experts.
-            rows = slice(rank * 6, rank * 6 + 6)
-            local = slice(rank * E // world, (rank + 1) * E // world)
-            xr, wr = x[rows].clone().requires_grad_(), w[rows].clone().requires_grad_()
-            gur, dr = gate_up[local].clone().requires_grad_(), down[local].clone().requires_grad_()
-            got = dispatch_combine(moe_experts, xr, wr, idx[rows], gur, dr, dist.group.WORLD)
-            got.pow(2).sum().backward()
-            torch.testing.assert_close(got, want[rows], rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(xr.grad, xs.grad[rows], rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(wr.grad, ws.grad[rows], rtol=1e-6, atol=1e-6)
-            # The experts' gradients sum both ranks' tokens: the whole batch's, as in one process.
-            torch.testing.assert_close(gur.grad, gus.grad[local], rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(dr.grad, ds.grad[local], rtol=1e-12, atol=1e-12)
-        dist.destroy_process_group()
-    except BaseException:
-        errors.append(f"rank {rank}: {traceback.format_exc()}")
+    for skew in (False, True):
+        x, w, idx, gate_up, down = _inputs(12, skew)
+        # The single-process op on all tokens, every rank alike: the oracle.
+        xs, ws, gus, ds = (t.clone().requires_grad_() for t in (x, w, gate_up, down))
+        want = moe_experts(xs, ws, idx, gus, ds)
+        want.pow(2).sum().backward()
+        # This rank's half of the tokens, its half of the experts.
+        rows = slice(rank * 6, rank * 6 + 6)
+        local = slice(rank * E // world, (rank + 1) * E // world)
+        xr, wr = x[rows].clone().requires_grad_(), w[rows].clone().requires_grad_()
+        gur, dr = gate_up[local].clone().requires_grad_(), down[local].clone().requires_grad_()
+        got = dispatch_combine(moe_experts, xr, wr, idx[rows], gur, dr, dist.group.WORLD)
+        got.pow(2).sum().backward()
+        torch.testing.assert_close(got, want[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(xr.grad, xs.grad[rows], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(wr.grad, ws.grad[rows], rtol=1e-6, atol=1e-6)
+        # The experts' gradients sum both ranks' tokens: the whole batch's, as in one process.
+        torch.testing.assert_close(gur.grad, gus.grad[local], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dr.grad, ds.grad[local], rtol=1e-12, atol=1e-12)
 
 
 def test_dispatch_and_combine_match_one_process_forward_and_backward(tmp_path):
-    world = 2
-    port = 29500 + random.Random(str(tmp_path)).randint(801, 1200)
-    with mp.Manager() as manager:
-        errors = manager.list()
-        mp.start_processes(_check_rank, args=(world, port, errors), nprocs=world, start_method="spawn")
-        assert not list(errors), "\n".join(errors)
+    run_on_ranks(_check_rank, 2, tmp_path, ports=(801, 1200))
 
 
 # 22 steps of the tiny spec (pretrain, midtrain, long_context at batch 4: one row per rank of 4); the

@@ -4,21 +4,17 @@ process."""
 
 from __future__ import annotations
 
-import os
-import random
 import sys
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lmspec
 from lmspec.runtime.parallel import tensor_plan
 from lmspec.spec import load_spec
 from lmspec.train.distributed import Dist
 
+from .gloo import run_on_ranks
 from .test_expert_parallel import STEPS, _same_curve, _torchrun
 from .test_parallel_layout import SPEC, _train
 
@@ -48,44 +44,33 @@ def test_the_ranks_of_a_tensor_group_read_the_same_rows():
     assert Dist(world_size=4, tensor=2).batch_ranks == 2
 
 
-def _check_ce(rank: int, world: int, port: int, errors) -> None:  # noqa: ANN001 - a manager list
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
+def _check_ce(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-        from lmspec.runtime.ops.reference import lm_head_ce
-        from lmspec.train.tensor_parallel import vocab_parallel_ce
+    from lmspec.runtime.ops.reference import lm_head_ce
+    from lmspec.train.tensor_parallel import vocab_parallel_ce
 
-        mesh = init_device_mesh("cpu", (world,))
-        g = torch.Generator().manual_seed(0)
-        h = torch.randn(10, 16, generator=g, dtype=torch.float64)
-        w = torch.randn(12, 16, generator=g, dtype=torch.float64)
-        for labels in (torch.randint(12, (10,), generator=g), torch.full((10,), -100)):
-            labels[:3] = -100
-            hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
-            want = lm_head_ce(hs, ws, labels)
-            want.backward()
-            hp = h.clone().requires_grad_()
-            wp = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
-            got = vocab_parallel_ce(hp, wp, labels)
-            got.backward()
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(hp.grad, hs.grad, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(wp.grad.full_tensor(), ws.grad, rtol=1e-12, atol=1e-12)
-        dist.destroy_process_group()
-    except BaseException:
-        errors.append(f"rank {rank}: {traceback.format_exc()}")
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    for labels in (torch.randint(12, (10,), generator=g), torch.full((10,), -100)):
+        labels[:3] = -100
+        hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
+        want = lm_head_ce(hs, ws, labels)
+        want.backward()
+        hp = h.clone().requires_grad_()
+        wp = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+        got = vocab_parallel_ce(hp, wp, labels)
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hp.grad, hs.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(wp.grad.full_tensor(), ws.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_vocab_parallel_ce_matches_the_fused_op_forward_and_backward(tmp_path):
-    world = 2
-    port = 29500 + random.Random(str(tmp_path)).randint(1601, 2000)
-    with mp.Manager() as manager:
-        errors = manager.list()
-        mp.start_processes(_check_ce, args=(world, port, errors), nprocs=world, start_method="spawn")
-        assert not list(errors), "\n".join(errors)
+    run_on_ranks(_check_ce, 2, tmp_path, ports=(1601, 2000))
 
 
 @pytest.mark.slow

@@ -100,6 +100,21 @@ class Backend:
     lm_head_ce = staticmethod(reference.lm_head_ce)
 
 
+class WrappedBackend(Backend):
+    """``base`` for every op but the ones a subclass defines itself (``wraps``), which fall back to ``base``
+    where their inputs are not split: how a parallel layout adds its own ops over any backend."""
+
+    wraps: tuple[str, ...] = ()
+    label: str = ""
+
+    def __init__(self, base: Backend) -> None:
+        self.base = base
+        self.name = f"{base.name}+{self.label}"
+        for op in OPS:
+            if op not in self.wraps:
+                setattr(self, op, getattr(base, op))
+
+
 class ReferenceBackend(Backend):
     """Every op is the plain reference: exact in float64, the oracle that the other backends are tested on."""
 

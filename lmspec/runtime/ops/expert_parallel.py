@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lmspec.runtime.ops.base import OPS, Backend
+from lmspec.runtime.ops.base import WrappedBackend
 from lmspec.runtime.ops.cpu import _sum_slots, expert_offsets
 from lmspec.runtime.ops.reference import _compute_dtype
 
@@ -105,15 +105,11 @@ def dispatch_combine(
     return _sum_slots(y.to(cdt), topk_weights.to(cdt)).to(x.dtype)
 
 
-class ExpertParallelBackend(Backend):
+class ExpertParallelBackend(WrappedBackend):
     """``base`` for every op; ``moe_experts`` with expert-sharded weights dispatches over their mesh."""
 
-    def __init__(self, base: Backend) -> None:
-        self.base = base
-        self.name = f"{base.name}+expert_parallel"
-        for op in OPS:
-            if op != "moe_experts":
-                setattr(self, op, getattr(base, op))
+    wraps = ("moe_experts",)
+    label = "expert_parallel"
 
     def moe_experts(
         self, x: Tensor, topk_weights: Tensor, topk_indices: Tensor, gate_up_proj: Tensor, down_proj: Tensor
